@@ -1,0 +1,250 @@
+"""Clustering accuracy against known labels: ACC, NMI, ARI and macro-F1.
+
+Evaluation only (method doc §1.9): nothing in training or clustering imports this module,
+so labels can never steer a fit. Every function reads its inputs and never writes to them;
+the reference's ``clustering_acc`` overwrote predictions in place when the number of
+clusters differed from the number of classes (method doc §4.4), which is what this avoids.
+
+All four scores come from one contingency table, shape ``(n_classes, n_clusters)``, so
+labels may be strings, ints or any mix of hashable values, and the number of predicted
+clusters may differ from the number of true classes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
+__all__ = ["accuracy", "ari", "evaluate", "macro_f1", "match_clusters", "nmi"]
+
+log = logging.getLogger(__name__)
+
+
+def _encode(labels: ArrayLike, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return (categories, codes) for a 1-D label vector without touching the input."""
+    # np.array (not asarray) so a caller's array is never a view we could write through.
+    arr = np.array(labels, copy=True)
+    if arr.ndim != 1:
+        msg = f"{name} must be 1-D, got shape {arr.shape}. Pass one label per cell."
+        raise ValueError(msg)
+    try:
+        categories, codes = np.unique(arr, return_inverse=True)
+    except TypeError:
+        # Mixed types (for example str and None) cannot be sorted: compare their text.
+        categories, codes = np.unique(arr.astype(str), return_inverse=True)
+    return categories, codes.reshape(-1)
+
+
+def _contingency(y_true: ArrayLike, y_pred: ArrayLike) -> np.ndarray:
+    """Count cells per (true class, predicted cluster), shape ``(n_classes, n_clusters)``, int64."""
+    _, t = _encode(y_true, "y_true")
+    _, p = _encode(y_pred, "y_pred")
+    if t.size != p.size:
+        msg = f"y_true has {t.size} labels but y_pred has {p.size}. Pass one label per cell in both."
+        raise ValueError(msg)
+    if t.size == 0:
+        msg = "y_true and y_pred are empty. Pass at least one labelled cell."
+        raise ValueError(msg)
+    n_classes, n_clusters = int(t.max()) + 1, int(p.max()) + 1
+    flat = np.bincount(t * n_clusters + p, minlength=n_classes * n_clusters)
+    return flat.reshape(n_classes, n_clusters).astype(np.int64)
+
+
+def _matching(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one class/cluster pairs that maximise matched cells (Hungarian algorithm).
+
+    Returns (class_index, cluster_index), each of length ``min(n_classes, n_clusters)``.
+    """
+    return linear_sum_assignment(table, maximize=True)
+
+
+def _accuracy(table: np.ndarray) -> float:
+    rows, cols = _matching(table)
+    return float(table[rows, cols].sum() / table.sum())
+
+
+def _macro_f1(table: np.ndarray) -> float:
+    rows, cols = _matching(table)
+    class_sizes = table.sum(axis=1)
+    cluster_sizes = table.sum(axis=0)
+    f1 = np.zeros(table.shape[0], dtype=np.float64)
+    # F1 of class i against its matched cluster j: 2*TP / (|class i| + |cluster j|).
+    f1[rows] = 2.0 * table[rows, cols] / (class_sizes[rows] + cluster_sizes[cols])
+    return float(f1.mean())
+
+
+def _comb2_sum(counts: np.ndarray) -> int:
+    counts = counts.astype(np.int64)
+    return int((counts * (counts - 1) // 2).sum())
+
+
+def _ari(table: np.ndarray) -> float:
+    n = int(table.sum())
+    index = _comb2_sum(table)
+    sum_classes = _comb2_sum(table.sum(axis=1))
+    sum_clusters = _comb2_sum(table.sum(axis=0))
+    n_pairs = n * (n - 1) // 2
+    expected = sum_classes * sum_clusters / n_pairs if n_pairs else 0.0
+    maximum = (sum_classes + sum_clusters) / 2
+    if maximum == expected:
+        # Both partitions trivial in the same way (one group each, or all singletons):
+        # they agree on every pair, as sklearn scores it.
+        return 1.0
+    return float((index - expected) / (maximum - expected))
+
+
+def _entropy(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def _nmi(table: np.ndarray) -> float:
+    n_classes, n_clusters = table.shape
+    if n_classes == n_clusters == 1:
+        # No split on either side: a perfect match, as sklearn scores it.
+        return 1.0
+    n = table.sum()
+    class_sizes = table.sum(axis=1).astype(np.float64)
+    cluster_sizes = table.sum(axis=0).astype(np.float64)
+    i, j = np.nonzero(table)
+    nij = table[i, j].astype(np.float64)
+    mi = float((nij / n * (np.log(nij * n) - np.log(class_sizes[i] * cluster_sizes[j]))).sum())
+    mi = max(mi, 0.0)
+    if mi <= np.finfo(np.float64).eps:
+        return 0.0
+    normaliser = (_entropy(class_sizes) + _entropy(cluster_sizes)) / 2
+    return float(mi / normaliser)
+
+
+def accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
+    """Clustering accuracy (ACC) after the best one-to-one cluster-to-class matching.
+
+    Parameters
+    ----------
+    y_true
+        Ground-truth labels, shape ``(n_cells,)``; strings or ints.
+    y_pred
+        Cluster labels, shape ``(n_cells,)``; the names need not match ``y_true``, and the
+        number of clusters may differ from the number of classes.
+
+    Returns
+    -------
+    Fraction of cells in ``[0, 1]`` whose cluster is matched to their class. Each class is
+    matched to at most one cluster (Hungarian algorithm, ``scipy.optimize.linear_sum_assignment``);
+    cells of unmatched clusters count as wrong.
+    """
+    return _accuracy(_contingency(y_true, y_pred))
+
+
+def macro_f1(y_true: ArrayLike, y_pred: ArrayLike) -> float:
+    """Macro-averaged F1 over the true classes, after the same matching as `accuracy`.
+
+    Parameters
+    ----------
+    y_true
+        Ground-truth labels, shape ``(n_cells,)``.
+    y_pred
+        Cluster labels, shape ``(n_cells,)``.
+
+    Returns
+    -------
+    Mean over true classes of ``2 * TP / (|class| + |matched cluster|)`` in ``[0, 1]``.
+    A class left without a cluster (more classes than clusters) scores 0. Cells of
+    unmatched clusters (more clusters than classes) count as false negatives of their
+    class and as false positives of no class; the mean is over true classes only.
+    """
+    return _macro_f1(_contingency(y_true, y_pred))
+
+
+def nmi(y_true: ArrayLike, y_pred: ArrayLike) -> float:
+    """Normalised mutual information, arithmetic normalisation.
+
+    Parameters
+    ----------
+    y_true
+        Ground-truth labels, shape ``(n_cells,)``.
+    y_pred
+        Cluster labels, shape ``(n_cells,)``.
+
+    Returns
+    -------
+    ``MI / ((H(true) + H(pred)) / 2)`` in ``[0, 1]``; equals
+    ``sklearn.metrics.normalized_mutual_info_score(..., average_method="arithmetic")``,
+    including its edge cases (1.0 when both sides have a single group).
+    """
+    return _nmi(_contingency(y_true, y_pred))
+
+
+def ari(y_true: ArrayLike, y_pred: ArrayLike) -> float:
+    """Adjusted Rand index (Hubert and Arabie).
+
+    Parameters
+    ----------
+    y_true
+        Ground-truth labels, shape ``(n_cells,)``.
+    y_pred
+        Cluster labels, shape ``(n_cells,)``.
+
+    Returns
+    -------
+    ARI in ``[-0.5, 1]``, 0 in expectation for random labels; equals
+    ``sklearn.metrics.adjusted_rand_score``, including its edge cases.
+    """
+    return _ari(_contingency(y_true, y_pred))
+
+
+def match_clusters(y_true: ArrayLike, y_pred: ArrayLike) -> dict[object, object]:
+    """The cluster-to-class matching used by `accuracy` and `macro_f1`.
+
+    Parameters
+    ----------
+    y_true
+        Ground-truth labels, shape ``(n_cells,)``.
+    y_pred
+        Cluster labels, shape ``(n_cells,)``.
+
+    Returns
+    -------
+    Dict from predicted cluster label to its matched true class label, with
+    ``min(n_classes, n_clusters)`` entries; unmatched clusters are absent.
+    """
+    classes, _ = _encode(y_true, "y_true")
+    clusters, _ = _encode(y_pred, "y_pred")
+    rows, cols = _matching(_contingency(y_true, y_pred))
+    # tolist() turns numpy scalars into plain Python values and leaves objects as they are.
+    class_values, cluster_values = classes.tolist(), clusters.tolist()
+    return {cluster_values[c]: class_values[r] for r, c in zip(rows, cols, strict=True)}
+
+
+def evaluate(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float | int]:
+    """All scores at once, from a single contingency table.
+
+    Parameters
+    ----------
+    y_true
+        Ground-truth labels, shape ``(n_cells,)``.
+    y_pred
+        Cluster labels, shape ``(n_cells,)``.
+
+    Returns
+    -------
+    Dict with float keys ``"acc"``, ``"nmi"``, ``"ari"``, ``"f1"`` (as the functions of the
+    same names) and int keys ``"n_classes"``, ``"n_clusters"``.
+    """
+    table = _contingency(y_true, y_pred)
+    scores: dict[str, float | int] = {
+        "acc": _accuracy(table),
+        "nmi": _nmi(table),
+        "ari": _ari(table),
+        "f1": _macro_f1(table),
+        "n_classes": int(table.shape[0]),
+        "n_clusters": int(table.shape[1]),
+    }
+    log.debug("evaluated %d cells: %s", int(table.sum()), scores)
+    return scores
