@@ -1,0 +1,250 @@
+"""Embed and cluster new cells with an exported encoder, on ONNX Runtime only (no torch).
+
+The query is preprocessed exactly as in training (log-normalise over all its genes, align to
+the model's genes), gets its own cosine kNN graph, and is run through ONNX Runtime in batches:
+per-cell batches for the ``cell`` view; for the ``fused`` view, each batch of target cells is
+run on its two-hop neighbourhood with the exact normalised weights of the whole graph, so
+batching changes nothing in the result while memory stays bounded by the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from . import clustering, graphs
+from ._device import Device, check_session_provider, ort_providers
+from ._version import __version__
+from .data import ModelBundle, align_genes
+from .errors import ScrclError
+from .preprocessing import lognormalize, transform_query
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+ONNX_FILES = {"fused": "encoder_fused.onnx", "cell": "encoder_cell.onnx"}
+
+
+def open_session(bundle: ModelBundle, view: str, *, device: Device = "auto", threads: int = 0) -> tuple[Any, str]:
+    """An ONNX Runtime session for `view` and the provider it really uses."""
+    import onnxruntime as ort
+
+    providers = ort_providers(device)
+    opts = ort.SessionOptions()
+    if threads > 0:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if device != "cuda":
+        opts.log_severity_level = 3  # keep ORT's CUDA fallback chatter off the user's screen in auto mode
+    blob = bundle.read_bytes(ONNX_FILES[view])  # hash-checked again right before loading
+    try:
+        session = ort.InferenceSession(blob, sess_options=opts, providers=providers)
+    except Exception as exc:
+        raise ScrclError(f"ONNX Runtime could not load {ONNX_FILES[view]} ({str(exc).splitlines()[0][:120]})",
+                         "Re-export the model with scrcl-cli export, or upgrade onnxruntime") from exc
+    return session, check_session_provider(session.get_providers(), device)
+
+
+@dataclass
+class QueryData:
+    """Query cells aligned to the model: model_input and lognorm are CSR (N, G)."""
+
+    model_input: sp.csr_matrix
+    lognorm: sp.csr_matrix
+    n_genes_found: int
+
+
+def prepare_query(adata: AnnData, bundle: ModelBundle, *, min_gene_overlap: float, name: str) -> QueryData:
+    """Log-normalise over all query genes, then reorder/zero-fill to the model's genes."""
+    pre = bundle.manifest["preprocessing"]
+    x = sp.csr_matrix(adata.X, dtype=np.float32)
+    names = [str(v) for v in adata.var_names]
+    lognorm_all = lognormalize(x, pre["expression"])
+    lognorm, found = align_genes(lognorm_all, names, bundle.genes, min_overlap=min_gene_overlap, name=name)
+    raw = lognorm if pre["input_mode"] == "lognorm" else align_genes(x, names, bundle.genes, min_overlap=0.0, name=name)[0]
+    log.info("genes: %d of %d model genes found in %s (%.1f%%)", found, len(bundle.genes), name, 100 * found / len(bundle.genes))
+    return QueryData(model_input=transform_query(lognorm, raw, pre["input_mode"]), lognorm=lognorm, n_genes_found=found)
+
+
+def query_graph(lognorm: sp.csr_matrix, graph_params: dict[str, Any], progress: Progress | None = None) -> sp.csr_matrix:
+    """Normalised adjacency Â of the query's own cosine kNN graph, CSR (N, N)."""
+    n = lognorm.shape[0]
+    k = int(graph_params["n_neighbors"])
+    if n < 2:
+        raise ScrclError(f"the query has {n} cell; the fused view needs at least 2", "Use --view cell for single cells")
+    adj = graphs.cell_graph(lognorm, min(k, n), pca_threshold=int(graph_params["pca_threshold"]), progress=progress)
+    return graphs.gcn_norm(adj)
+
+
+def _two_hop_batches(a_hat: sp.csr_matrix, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield (targets, local nodes, local nbr, local w) for batches of consecutive target cells.
+
+    The rows of the targets' neighbours are complete, so two GCN layers on the local subgraph
+    give the targets exactly the embedding of the whole graph.
+    """
+    n = a_hat.shape[0]
+    for start in range(0, n, batch_size):
+        targets = np.arange(start, min(n, start + batch_size))
+        hop1 = np.union1d(targets, a_hat[targets].indices)
+        nodes = np.union1d(hop1, a_hat[hop1].indices)
+        sub = a_hat[nodes][:, nodes].tocsr()
+        # Rows of nodes beyond hop 1 are incomplete; they only feed nothing the targets use.
+        inner = np.isin(nodes, hop1)
+        sub = sp.diags(inner.astype(np.float32)) @ sub + sp.diags((~inner).astype(np.float32))
+        sub = sp.csr_matrix(sub, dtype=np.float32)
+        sub.eliminate_zeros()
+        nbr, w = graphs.padded_neighbours(sub)
+        yield targets, nodes, nbr, w
+
+
+def run_encoder(
+    session: Any, view: str, model_input: sp.csr_matrix, a_hat: sp.csr_matrix | None, graph_params: dict[str, Any],
+    *, batch_size: int = 4096, progress: Progress | None = None,
+) -> np.ndarray:
+    """Run the ONNX encoder over all cells; returns float32 (N, 2*O) for fused, (N, O) for cell."""
+    n = model_input.shape[0]
+    t0, t1 = int(graph_params["t0"]), int(graph_params["t1"])
+    if (t0 > 0 or view == "fused") and a_hat is None:
+        raise ValueError("this view needs the query graph")
+    x0 = graphs.smooth(model_input, a_hat, t0) if t0 else model_input
+    x1 = graphs.smooth(model_input, a_hat, t1) if t1 else model_input
+    x0, x1 = sp.csr_matrix(x0, dtype=np.float32), sp.csr_matrix(x1, dtype=np.float32)
+    out: np.ndarray | None = None
+    if view == "cell":
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            z = session.run(None, {"x0": x0[start:stop].toarray()})[0]
+            out = np.empty((n, z.shape[1]), dtype=np.float32) if out is None else out
+            out[start:stop] = z
+            if progress:
+                progress(stop, n)
+        assert out is not None
+        return out
+    done = 0
+    for targets, nodes, nbr, w in _two_hop_batches(a_hat, batch_size):
+        feeds = {"x0": x0[nodes].toarray(), "x1": x1[nodes].toarray(), "nbr": nbr, "w": w}
+        z = session.run(None, feeds)[0]
+        out = np.empty((n, z.shape[1]), dtype=np.float32) if out is None else out
+        out[targets] = z[np.searchsorted(nodes, targets)]
+        done += targets.size
+        if progress:
+            progress(done, n)
+    assert out is not None
+    return out
+
+
+@dataclass
+class EmbedReport:
+    """What `embed` did: provider actually used, genes matched, sizes and seconds."""
+
+    provider: str
+    view: str
+    n_cells: int
+    n_genes_found: int
+    n_genes_model: int
+    seconds: float
+    query: QueryData | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def embed(
+    adata: AnnData,
+    bundle: ModelBundle,
+    *,
+    view: str = "fused",
+    device: Device = "auto",
+    threads: int = 0,
+    batch_size: int = 4096,
+    min_gene_overlap: float = 0.5,
+    key_added: str = "X_scrcl",
+    name: str = "the query",
+    progress: Progress | None = None,
+) -> EmbedReport:
+    """Embed the cells of `adata` with the model's ONNX encoder.
+
+    Sets ``adata.obsm[key_added]`` (float32, (n_obs, 2*O) fused or (n_obs, O) cell) and
+    ``adata.uns['scrcl']`` (versions, model hash, provider, parameters).
+    """
+    t = time.perf_counter()
+    query = prepare_query(adata, bundle, min_gene_overlap=min_gene_overlap, name=name)
+    params = bundle.manifest["graph"]
+    need_graph = view == "fused" or int(params["t0"]) > 0
+    a_hat = query_graph(query.lognorm, params) if need_graph else None
+    session, provider = open_session(bundle, view, device=device, threads=threads)
+    emb = run_encoder(session, view, query.model_input, a_hat, params, batch_size=batch_size, progress=progress)
+    adata.obsm[key_added] = emb
+    adata.uns["scrcl"] = {
+        "scrcl_version": __version__,
+        "model_sha256": bundle.manifest["files"][ONNX_FILES[view]],
+        "genes_sha256": bundle.manifest["genes_sha256"],
+        "provider": provider,
+        "view": view,
+        "key_added": key_added,
+        "n_genes_found": query.n_genes_found,
+        "n_genes_model": len(bundle.genes),
+        "graph": {k: params[k] for k in ("n_neighbors", "t0", "t1")},
+    }
+    return EmbedReport(provider=provider, view=view, n_cells=adata.n_obs, n_genes_found=query.n_genes_found,
+                       n_genes_model=len(bundle.genes), seconds=time.perf_counter() - t, query=query)
+
+
+@dataclass
+class ClusterReport:
+    """`embed`'s report plus the clustering: number of clusters, method, marker rows."""
+
+    embed: EmbedReport
+    n_clusters: int
+    method: str
+    markers: list[tuple[str, int, str, float, float, float]]
+
+
+def cluster(
+    adata: AnnData,
+    bundle: ModelBundle,
+    *,
+    denovo: bool = False,
+    n_clusters: int | None = None,
+    seed: int = 0,
+    cluster_key: str = "scrcl_cluster",
+    **embed_kwargs: Any,
+) -> ClusterReport:
+    """Embed, then label every cell.
+
+    Default: the nearest training centroid by cosine similarity (ids consistent across samples),
+    with the similarity in ``obs['scrcl_confidence']``. ``denovo``: cosine k-means on the query
+    embedding with `n_clusters` or the label-free count. Sets ``obs[cluster_key]`` (categorical).
+    """
+    import pandas as pd
+
+    rep = embed(adata, bundle, **embed_kwargs)
+    key = embed_kwargs.get("key_added", "X_scrcl")
+    emb = adata.obsm[key]
+    if denovo:
+        k = n_clusters
+        method = "given"
+        if k is None:
+            k, _ = clustering.choose_n_clusters(emb, seed=seed)
+            method = "silhouette"
+        res = clustering.cosine_kmeans(emb, k, seed=seed)
+        labels = res.labels
+        conf = (clustering.unit_rows(emb) * res.centroids[labels]).sum(1).astype(np.float32)
+    else:
+        cents = np.asarray(bundle.manifest["clusters"][f"centroids_{rep.view}"], dtype=np.float64)
+        labels, conf = clustering.nearest_centroid(emb, cents)
+        method = "nearest training centroid"
+    cats = [str(i) for i in range(int(labels.max()) + 1)]
+    adata.obs[cluster_key] = pd.Categorical([str(v) for v in labels], categories=cats)
+    adata.obs["scrcl_confidence"] = conf
+    adata.uns["scrcl"]["cluster"] = {"method": method, "n_clusters": len(np.unique(labels)), "seed": seed, "key": cluster_key}
+    assert rep.query is not None
+    markers = clustering.marker_table(rep.query.lognorm, bundle.genes, labels)
+    return ClusterReport(embed=rep, n_clusters=len(np.unique(labels)), method=method, markers=markers)

@@ -1,0 +1,120 @@
+"""scRCL networks in plain torch (method doc §1.5): MLP view, GCN view, gene encoder.
+
+No torch_geometric: a GCN layer is a linear map followed by a product with a precomputed
+normalised sparse adjacency (``graphs.gcn_norm`` / ``graphs.gene_graph``), exactly PyG's
+``GCNConv`` with self loops. Randomness (initialisation, dropout) comes from an explicit
+``torch.Generator``; no global RNG state is touched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def to_torch_sparse(m: sp.spmatrix, device: torch.device | str = "cpu") -> Tensor:
+    """scipy sparse -> coalesced torch COO float32 tensor on `device`."""
+    coo = sp.coo_matrix(m)
+    idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
+    val = torch.from_numpy(coo.data.astype(np.float32))
+    return torch.sparse_coo_tensor(idx, val, coo.shape, device=device, check_invariants=False).coalesce()
+
+
+def _glorot(shape: tuple[int, int], gen: torch.Generator) -> Tensor:
+    bound = math.sqrt(6.0 / (shape[0] + shape[1]))
+    return (torch.rand(shape, generator=gen) * 2 - 1) * bound
+
+
+def _linear_uniform(shape: tuple[int, int], gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    # torch.nn.Linear's default init (kaiming-uniform with a=sqrt(5)), drawn from `gen`.
+    bound = 1.0 / math.sqrt(shape[1])
+    w = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+    b = (torch.rand(shape[0], generator=gen) * 2 - 1) * bound
+    return w, b
+
+
+def dropout(x: Tensor, p: float, gen: torch.Generator | None, *, training: bool) -> Tensor:
+    """Inverted dropout whose mask is drawn from `gen` (F.dropout only uses the global RNG)."""
+    if not training or p <= 0:
+        return x
+    keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=gen)
+    return x * keep / (1.0 - p)
+
+
+@dataclass(frozen=True)
+class ScRCLOutput:
+    """Forward pass of `ScRCL`.
+
+    h1, h2: unnormalised MLP / GCN view outputs, shape (N, H).
+    z1, z2: refined, L2-normalised embeddings, shape (N, O).
+    gene_emb: gene embedding E >= 0, shape (G, O).
+    """
+
+    h1: Tensor
+    h2: Tensor
+    z1: Tensor
+    z2: Tensor
+    gene_emb: Tensor
+
+    @property
+    def fused(self) -> Tensor:
+        """Clustering embedding concat(z1, z2), shape (N, 2*O), rows of norm sqrt(2)."""
+        return torch.cat([self.z1, self.z2], dim=1)
+
+
+class ScRCL(nn.Module):
+    """The two cell views, the shared projector and the gene encoder.
+
+    n_genes G, n_cells N (the gene encoder's input width, method doc §3.4), hidden H, out O.
+    """
+
+    def __init__(self, n_genes: int, n_cells: int, hidden_dim: int, out_dim: int, dropout: float, seed: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        g, n, h, o = n_genes, n_cells, hidden_dim, out_dim
+        self.p = dropout
+        mw, mb = _linear_uniform((h, g), gen)
+        self.mlp_w, self.mlp_b = nn.Parameter(mw), nn.Parameter(mb)
+        self.gcn1_w, self.gcn1_b = nn.Parameter(_glorot((h, g), gen)), nn.Parameter(torch.zeros(h))
+        self.gcn2_w, self.gcn2_b = nn.Parameter(_glorot((h, h), gen)), nn.Parameter(torch.zeros(h))
+        fw, fb = _linear_uniform((h, h), gen)
+        self.fc_w, self.fc_b = nn.Parameter(fw), nn.Parameter(fb)
+        pw, pb = _linear_uniform((g, h), gen)
+        self.proj_w, self.proj_b = nn.Parameter(pw), nn.Parameter(pb)
+        self.gene_w, self.gene_b = nn.Parameter(_glorot((o, n), gen)), nn.Parameter(torch.zeros(o))
+
+    # ---- pieces shared with the exported encoders (export.py)
+    def mlp_view(self, x0: Tensor) -> Tensor:
+        """MLP view, (N, G) -> (N, H): Linear + ReLU (the reference passes no dropout here)."""
+        return F.relu(F.linear(x0, self.mlp_w, self.mlp_b))
+
+    def gcn_view(self, x1: Tensor, adj: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """GCN view, (N, G) -> (N, H). adj: normalised sparse (N, N) with self loops."""
+        h = F.leaky_relu(torch.sparse.mm(adj, x1 @ self.gcn1_w.T) + self.gcn1_b, 0.01)
+        h = F.leaky_relu(torch.sparse.mm(adj, h @ self.gcn2_w.T) + self.gcn2_b, 0.01)
+        h = dropout(h, self.p, gen, training=self.training)
+        return F.leaky_relu(F.linear(h, self.fc_w, self.fc_b), 0.01)
+
+    def gene_embedding(self, x0: Tensor, gene_adj: Tensor) -> Tensor:
+        """Gene encoder, X0^T (G, N) -> E (G, O), E >= 0. gene_adj: `graphs.gene_graph` (G, G)."""
+        return F.relu(torch.sparse.mm(gene_adj, x0.T @ self.gene_w.T) + self.gene_b)
+
+    def refine(self, h: Tensor, gene_emb: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """Shared projector then the gene embedding: (N, H) -> (N, G) -> (N, O), L2-normalised."""
+        h = dropout(h, self.p, gen, training=self.training)
+        return F.normalize(F.linear(h, self.proj_w, self.proj_b) @ gene_emb, dim=1)
+
+    def forward(
+        self, x0: Tensor, x1: Tensor, adj: Tensor, gene_adj: Tensor, gen: torch.Generator | None = None
+    ) -> ScRCLOutput:
+        """x0, x1: Â^t0 X and Â^t1 X, shape (N, G). adj (N, N), gene_adj (G, G): sparse, normalised."""
+        h1 = self.mlp_view(x0)
+        h2 = self.gcn_view(x1, adj, gen)
+        e = self.gene_embedding(x0, gene_adj)
+        return ScRCLOutput(h1=h1, h2=h2, z1=self.refine(h1, e, gen), z2=self.refine(h2, e, gen), gene_emb=e)

@@ -1,0 +1,174 @@
+"""Scanpy-compatible preprocessing for scRCL's SC variant (method doc §1.1), in numpy/scipy.
+
+Hand-written so that the inference image needs no scanpy (and its numba/llvmlite weight);
+`tests/test_preprocessing.py` proves the HVG set and values match scanpy on shared datasets.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+
+from .errors import ScrclError
+
+log = logging.getLogger(__name__)
+
+InputMode = Literal["counts", "lognorm"]
+Expression = Literal["counts", "continuous", "log"]
+TARGET_SUM = 1e4
+
+
+def nonzero_masks(x: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Cells with at least one count and genes seen in at least one cell.
+
+    x: CSR, shape (n_cells, n_genes). Returns two boolean masks, shapes (n_cells,), (n_genes,).
+    """
+    x = sp.csr_matrix(x)
+    nz = x.data != 0
+    cells = np.bincount(np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))[nz], minlength=x.shape[0]) > 0
+    genes = np.bincount(x.indices[nz], minlength=x.shape[1]) > 0
+    return cells, genes
+
+
+def normalize_log1p(x: sp.csr_matrix, target_sum: float = TARGET_SUM) -> sp.csr_matrix:
+    """Scale each cell to `target_sum` total counts, then log1p (scanpy normalize_total + log1p).
+
+    x: CSR float, shape (n_cells, n_genes). Cells with zero total stay zero.
+    Returns a new CSR float32 matrix of the same shape.
+    """
+    x = sp.csr_matrix(x, dtype=np.float32, copy=True)
+    totals = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+    x.data = np.log1p(x.data * np.repeat(scale, np.diff(x.indptr)).astype(np.float32)).astype(np.float32)
+    return x
+
+
+def _mean_var(x: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and unbiased variance in float64; x: CSR (n_cells, n_genes)."""
+    n = x.shape[0]
+    mean = np.asarray(x.sum(axis=0), dtype=np.float64).ravel() / n
+    sq = x.copy()
+    sq.data = sq.data.astype(np.float64) ** 2
+    mean_sq = np.asarray(sq.sum(axis=0)).ravel() / n
+    var = mean_sq - mean**2
+    if n > 1:
+        var *= n / (n - 1)
+    return mean, var
+
+
+def highly_variable_seurat(lognorm: sp.csr_matrix, n_top_genes: int, n_bins: int = 20) -> np.ndarray:
+    """Seurat-flavour highly variable genes on log1p data (scanpy's default flavour).
+
+    lognorm: CSR, shape (n_cells, n_genes), natural-log log1p of normalised counts.
+    Returns a boolean mask, shape (n_genes,). Genes are ranked by dispersion normalised within
+    20 equal-width bins of log mean expression; ties at the cut-off are all kept, as scanpy does.
+    """
+    x = sp.csr_matrix(lognorm, dtype=np.float64, copy=True)
+    x.data = np.expm1(x.data)
+    mean, var = _mean_var(x)
+    mean[mean == 0] = 1e-12
+    with np.errstate(divide="ignore", invalid="ignore"):
+        disp = var / mean
+        disp[disp == 0] = np.nan
+        disp = np.log(disp)
+    logmean = np.log1p(mean)
+
+    # pandas.cut(bins=n) semantics: equal-width, right-closed bins, left edge moved by 0.1%.
+    lo, hi = logmean.min(), logmean.max()
+    if hi == lo:
+        edges = np.linspace(lo - 0.001 * abs(lo), hi + 0.001 * abs(hi), n_bins + 1)
+    else:
+        edges = np.linspace(lo, hi, n_bins + 1)
+        edges[0] -= (hi - lo) * 0.001
+    bins = np.clip(np.searchsorted(edges, logmean, side="left") - 1, 0, n_bins - 1)
+
+    avg = np.full(n_bins, np.nan)
+    dev = np.full(n_bins, np.nan)
+    for b in np.unique(bins):  # at most n_bins iterations
+        d = disp[bins == b]
+        d = d[~np.isnan(d)]
+        if d.size:
+            avg[b] = d.mean()
+        if d.size > 1:
+            dev[b] = d.std(ddof=1)
+    # Bins holding one gene: scanpy sets that gene's normalised dispersion to 1.
+    one = np.isnan(dev) & ~np.isnan(avg)
+    dev[one] = avg[one]
+    avg[one] = 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        norm = (disp - avg[bins]) / dev[bins]
+
+    valid = norm[~np.isnan(norm)]
+    n = min(n_top_genes, x.shape[1], valid.size)
+    if n == 0:
+        raise ScrclError("no gene varies across cells", "Check that X holds expression values")
+    cutoff = np.sort(valid)[::-1][n - 1]
+    return np.nan_to_num(norm, nan=-np.inf) >= cutoff
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Preprocessed training data.
+
+    genes: selected gene names in model order, length G.
+    cell_mask: kept cells of the input, shape (n_obs,).
+    lognorm: log-normalised HVG matrix, CSR (N, G); the cell graph is built on it.
+    model_input: the matrix fed to the model, CSR (N, G): raw HVG values ("counts") or `lognorm`.
+    """
+
+    genes: list[str]
+    cell_mask: np.ndarray
+    lognorm: sp.csr_matrix
+    model_input: sp.csr_matrix
+
+
+def lognormalize(x: sp.csr_matrix, expression: Expression) -> sp.csr_matrix:
+    """Log-normalised values: normalize+log1p for counts/continuous, unchanged for log input."""
+    if expression == "log":
+        return sp.csr_matrix(x, dtype=np.float32)
+    return normalize_log1p(x)
+
+
+def prepare(
+    x: sp.csr_matrix,
+    var_names: list[str],
+    *,
+    n_top_genes: int = 2000,
+    input_mode: InputMode = "lognorm",
+    expression: Expression = "counts",
+) -> Prepared:
+    """Filter empty cells and genes, log-normalise, select HVGs, build the model input.
+
+    x: CSR, shape (n_obs, n_vars), validated by `data.validate_adata`.
+    """
+    cells, genes = nonzero_masks(x)
+    n_cells_dropped, n_genes_dropped = int((~cells).sum()), int((~genes).sum())
+    if n_cells_dropped or n_genes_dropped:
+        log.info("dropped %d all-zero cells and %d all-zero genes", n_cells_dropped, n_genes_dropped)
+    if not cells.any() or not genes.any():
+        raise ScrclError("every cell or every gene has zero counts", "Check that X holds expression values")
+    xf = sp.csr_matrix(x[cells][:, genes])
+    names = [n for n, keep in zip(var_names, genes) if keep]
+    lognorm = lognormalize(xf, expression)
+    hvg = highly_variable_seurat(lognorm, n_top_genes)
+    idx = np.flatnonzero(hvg)
+    log.info("selected %d highly variable genes of %d", idx.size, len(names))
+    lognorm_hvg = sp.csr_matrix(lognorm[:, idx])
+    model_input = lognorm_hvg if input_mode == "lognorm" else sp.csr_matrix(xf[:, idx], dtype=np.float32)
+    return Prepared(
+        genes=[names[i] for i in idx],
+        cell_mask=cells,
+        lognorm=lognorm_hvg,
+        model_input=model_input,
+    )
+
+
+def transform_query(
+    x_aligned_lognorm: sp.csr_matrix, x_aligned_raw: sp.csr_matrix, input_mode: InputMode
+) -> sp.csr_matrix:
+    """Model input for query cells already aligned to the model genes (see `data.align_genes`)."""
+    return x_aligned_lognorm if input_mode == "lognorm" else sp.csr_matrix(x_aligned_raw, dtype=np.float32)

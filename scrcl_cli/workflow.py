@@ -1,0 +1,176 @@
+"""`scrcl-cli train` end to end: AnnData in, model files and per-cell results out.
+
+Reads arrays from the AnnData once at the top, calls preprocessing, graphs, training,
+clustering and export, and returns everything `data.write_model_dir` needs. Writes nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from . import clustering, graphs
+from ._device import Device, describe_torch_device, resolve_torch_device
+from .data import genes_hash
+from .inference import ONNX_FILES
+from .preprocessing import prepare
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from .losses import LossTerms
+    from .training import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainedModel:
+    """Everything a training run produced.
+
+    files: name -> bytes of the model directory; manifest: its JSON manifest (without hashes);
+    embedding: fused embedding for every input cell, float32 (n_obs, 2*O), NaN for dropped cells;
+    labels: cluster per input cell, int64 (n_obs,), -1 for dropped cells.
+    """
+
+    files: dict[str, bytes]
+    manifest: dict[str, Any]
+    embedding: np.ndarray
+    labels: np.ndarray
+    device: str
+    seconds: float
+    n_genes: int
+
+
+def train_model(
+    adata: AnnData,
+    config: TrainConfig,
+    *,
+    device: Device = "auto",
+    n_clusters: int | None = None,
+    export: bool = True,
+    on_epoch: Callable[[int, LossTerms], None] | None = None,
+    on_graph: Callable[[int, int], None] | None = None,
+) -> TrainedModel:
+    """Preprocess, build graphs, train, cluster the training cells and export the encoders."""
+    import torch
+
+    from .training import build_inputs, fit
+
+    dev = resolve_torch_device(device)
+    x = sp.csr_matrix(adata.X, dtype=np.float32)
+    prep = prepare(
+        x, [str(v) for v in adata.var_names], n_top_genes=config.n_top_genes,
+        input_mode=config.input_mode, expression=config.expression,  # type: ignore[arg-type]
+    )
+    n = prep.model_input.shape[0]
+    if n < config.n_neighbors + 1:
+        from .errors import ScrclError
+
+        raise ScrclError(
+            f"only {n} cells have counts, fewer than --n-neighbors + 1 = {config.n_neighbors + 1}",
+            "Use more cells or a smaller --n-neighbors",
+        )
+    inputs = build_inputs(prep.model_input, prep.lognorm, config, knn_device=dev if dev.type == "cuda" else None,
+                          progress=on_graph)
+    log.info("cell graph: %d cells, %d edges; training on %s", n, inputs.adj.nnz // 2, describe_torch_device(dev))
+    result = fit(inputs, config, device=dev, on_epoch=on_epoch)
+
+    if n_clusters is None:
+        k, scores = clustering.choose_n_clusters(result.fused, seed=config.seed)
+        k_method = "silhouette"
+    else:
+        k, scores, k_method = n_clusters, {}, "given"
+    km = clustering.cosine_kmeans(result.fused, k, seed=config.seed)
+    cent_cell = clustering.unit_rows(
+        np.vstack([result.z1[km.labels == c].mean(0) for c in range(km.centroids.shape[0])])
+    )
+
+    embedding = np.full((adata.n_obs, result.fused.shape[1]), np.nan, dtype=np.float32)
+    embedding[prep.cell_mask] = result.fused
+    labels = np.full(adata.n_obs, -1, dtype=np.int64)
+    labels[prep.cell_mask] = km.labels
+
+    manifest: dict[str, Any] = {
+        "genes": prep.genes,
+        "genes_sha256": genes_hash(prep.genes),
+        "preprocessing": {
+            "input_mode": config.input_mode, "expression": config.expression, "target_sum": 1e4,
+            "n_top_genes": config.n_top_genes, "hvg_flavor": "seurat",
+        },
+        "graph": {
+            "n_neighbors": config.n_neighbors, "metric": "cosine", "pca_threshold": graphs.PCA_THRESHOLD,
+            "t0": config.t0, "t1": config.t1, "gene_neighbors": config.gene_neighbors,
+        },
+        "model": {"hidden_dim": config.hidden_dim, "out_dim": config.out_dim, "fused_dim": 2 * config.out_dim},
+        "config": config.as_dict(),
+        "seed": config.seed,
+        "training": {
+            "n_cells": n, "n_cells_dropped": int((~prep.cell_mask).sum()), "device": describe_torch_device(dev),
+            "seconds": round(result.seconds, 3), "final_loss": [float(v) for v in result.losses[-1]],
+            "torch_version": torch.__version__,
+        },
+        "clusters": {
+            "n_clusters": int(km.centroids.shape[0]), "method": k_method,
+            "silhouette": {str(k_): round(v, 5) for k_, v in scores.items()},
+            "centroids_fused": km.centroids.tolist(), "centroids_cell": cent_cell.tolist(),
+        },
+        "onnx": dict(ONNX_FILES),
+    }
+    files = model_files(result, manifest, labels_kept=km.labels, obs_names=list(adata.obs_names[prep.cell_mask]),
+                        export=export)
+    return TrainedModel(files=files, manifest=manifest, embedding=embedding, labels=labels,
+                        device=describe_torch_device(dev), seconds=result.seconds, n_genes=len(prep.genes))
+
+
+def onnx_metadata(manifest: dict[str, Any]) -> dict[str, str]:
+    """Key manifest fields repeated in each ONNX file's metadata_props."""
+    from ._version import __version__
+
+    return {
+        "scrcl_version": __version__,
+        "genes_sha256": manifest["genes_sha256"],
+        "n_genes": str(len(manifest["genes"])),
+        "preprocessing": json.dumps(manifest["preprocessing"]),
+        "graph": json.dumps(manifest["graph"]),
+        "out_dim": str(manifest["model"]["out_dim"]),
+    }
+
+
+def export_files(state: dict[str, Any], gene_emb: np.ndarray, manifest: dict[str, Any]) -> dict[str, bytes]:
+    """ONNX bytes of both views, keyed by their file names."""
+    from .export import export_onnx
+
+    meta = onnx_metadata(manifest)
+    return {ONNX_FILES[v]: export_onnx(state, gene_emb, view=v, metadata={**meta, "view": v}) for v in ("fused", "cell")}
+
+
+def model_files(
+    result: Any, manifest: dict[str, Any], *, labels_kept: np.ndarray, obs_names: list[str], export: bool
+) -> dict[str, bytes]:
+    """Bytes of every file of the model directory except the manifest."""
+    import torch
+
+    files: dict[str, bytes] = {}
+    buf = io.BytesIO()
+    torch.save({**result.state, "gene_emb": torch.from_numpy(result.gene_emb)}, buf)
+    files["weights.pt"] = buf.getvalue()
+    files["genes.txt"] = ("\n".join(manifest["genes"]) + "\n").encode()
+    header = "epoch,total,eda,nca,cvc\n"
+    files["loss_log.csv"] = (header + "".join(
+        f"{i + 1},{r[0]:.8g},{r[1]:.8g},{r[2]:.8g},{r[3]:.8g}\n" for i, r in enumerate(result.losses))).encode()
+    emb = io.BytesIO()
+    np.save(emb, result.fused.astype(np.float32))
+    files["train_embedding.npy"] = emb.getvalue()
+    files["train_clusters.csv"] = ("cell,cluster\n" + "".join(
+        f"{c},{l}\n" for c, l in zip(obs_names, labels_kept))).encode()
+    if export:
+        files.update(export_files(result.state, result.gene_emb, manifest))
+    return files
