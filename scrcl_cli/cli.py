@@ -128,6 +128,17 @@ device_option = _opt("--device", type=click.Choice(["auto", "cpu", "cuda"]), def
                      help="Where to compute; the device actually used is reported.")
 threads_option = _opt("--threads", type=click.IntRange(min=0), default=0, help="CPU threads (0: library default).")
 seed_option = _opt("--seed", type=int, default=0, help="Random seed; same seed, same CPU result.")
+def _quiet_callback(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.ensure_object(dict)["quiet"] = True
+        for h in logging.getLogger("scrcl_cli").handlers:
+            if not isinstance(h, logging.FileHandler):
+                h.setLevel(logging.WARNING)
+    return value
+
+
+quiet_option = click.option("-q", "--quiet", "quiet_", is_flag=True, expose_value=False, callback=_quiet_callback,
+                            help="Only warnings and errors; no progress bars (same as the group's --quiet).")
 overwrite_option = _opt("--overwrite", "--force", "overwrite", is_flag=True, help="Replace existing outputs.")
 input_arg = click.argument("input_h5ad", type=click.Path(path_type=Path))
 model_option = _opt("-m", "--model", "model_dir", required=True, type=click.Path(path_type=Path),
@@ -214,6 +225,7 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 @device_option
 @threads_option
 @overwrite_option
+@quiet_option
 @click.pass_context
 def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | None, n_clusters: int | None,
           no_export: bool, seed: int, device: str, threads: int, overwrite: bool, **hyper: Any) -> None:
@@ -297,6 +309,7 @@ def _write_csv(path: Path, header: list[str], rows: Any, *, overwrite: bool) -> 
 @device_option
 @threads_option
 @overwrite_option
+@quiet_option
 @click.pass_context
 def embed(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, view: str, key_added: str,
           csv_path: Path | None, batch_size: int, min_gene_overlap: float, device: str, threads: int, overwrite: bool) -> None:
@@ -342,6 +355,7 @@ def embed(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, v
 @device_option
 @threads_option
 @overwrite_option
+@quiet_option
 @click.pass_context
 def cluster(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, markers: Path | None, denovo: bool,
             n_clusters: int | None, view: str, key_added: str, batch_size: int, min_gene_overlap: float, seed: int,
@@ -427,6 +441,7 @@ def info() -> None:
 @seed_option
 @device_option
 @overwrite_option
+@quiet_option
 @click.pass_context
 def demo(ctx: click.Context, outdir: Path, epochs: int, hidden_dim: int, seed: int, device: str, overwrite: bool) -> None:
     """Train and cluster the bundled 700-cell PBMC example (scanpy's pbmc68k_reduced, raw counts)."""
