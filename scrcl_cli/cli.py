@@ -189,6 +189,9 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and (ctx.obj or {}).get("quiet"):
+        return
     table = Table(title=title, show_header=False, title_justify="left")
     for k, v in rows:
         table.add_row(k, v)
