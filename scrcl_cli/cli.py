@@ -234,14 +234,16 @@ def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | N
           no_export: bool, seed: int, device: str, threads: int, overwrite: bool, **hyper: Any) -> None:
     """Train scRCL on the raw counts in INPUT_H5AD and write a model directory."""
     from . import data
-    from .training import TrainConfig
 
     t = time.perf_counter()
     data.check_output(output, overwrite=overwrite)
     if out_h5ad is not None:
         data.check_output(out_h5ad, overwrite=overwrite)
-    _set_threads(threads)
     adata = data.read_h5ad_checked(input_h5ad, expression=hyper["expression"])
+    # torch is imported only now, so that bad input fails in about a second instead of after its import.
+    from .training import TrainConfig
+
+    _set_threads(threads)
     config = TrainConfig(seed=seed, **hyper)
     from .workflow import train_model
 
