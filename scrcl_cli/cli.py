@@ -65,10 +65,20 @@ class _UserError(click.ClickException):
         click.echo(f"error: {self.message}", err=True)
 
 
+class _Interrupted(click.ClickException):
+    exit_code = 130
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            # Click would print "Aborted!" and exit 1; temporaries were already removed on the way here.
+            raise _Interrupted("interrupted; partial outputs were removed. Re-run the command to produce them.") from None
         except ScrclError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -100,7 +110,9 @@ def _setup_logging(verbose: int, quiet: bool, log_file: Path | None) -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    # Turn SIGTERM into an exception so that temporaries beside outputs are removed on the way out.
+    # Turn SIGTERM into an exception so that temporaries beside outputs are removed on the way out;
+    # a second SIGTERM (schedulers often repeat it) must not interrupt that cleanup.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
