@@ -337,7 +337,7 @@ def embed(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, v
     for p in filter(None, (output, csv_path)):
         data.check_output(p, overwrite=overwrite)
     bundle = data.read_bundle(model_dir)
-    adata = data.read_h5ad_checked(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"])
+    adata = data.read_h5ad_checked(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
     with _progress(not ctx.obj["quiet"]) as make:
         rep = inference.embed(adata, bundle, view=view, device=device, threads=threads, batch_size=batch_size,  # type: ignore[arg-type]
                               min_gene_overlap=min_gene_overlap, key_added=key_added, name=input_h5ad.name,
@@ -385,7 +385,7 @@ def cluster(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path,
     for p in (output, markers):
         data.check_output(p, overwrite=overwrite)
     bundle = data.read_bundle(model_dir)
-    adata = data.read_h5ad_checked(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"])
+    adata = data.read_h5ad_checked(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
     with _progress(not ctx.obj["quiet"]) as make:
         rep = inference.cluster(adata, bundle, denovo=denovo, n_clusters=n_clusters, seed=seed, view=view, device=device,
                                 threads=threads, batch_size=batch_size, min_gene_overlap=min_gene_overlap,

@@ -41,7 +41,7 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # --------------------------------------------------------------------------- input
 
 
-def read_h5ad_checked(path: Path, *, expression: Expression = "counts") -> AnnData:
+def read_h5ad_checked(path: Path, *, expression: Expression = "counts", from_model: bool = False) -> AnnData:
     """Read an `.h5ad` file and validate its `X` for scRCL.
 
     Parameters
@@ -51,6 +51,9 @@ def read_h5ad_checked(path: Path, *, expression: Expression = "counts") -> AnnDa
     expression
         What `X` holds: ``counts`` (non-negative integers), ``continuous`` (non-negative,
         non-integer allowed: TPM, RPKM) or ``log`` (already log-normalised, non-negative).
+    from_model
+        `expression` comes from a model's manifest (embed, cluster), not from ``--expression``;
+        only the suggested fix differs.
 
     Returns
     -------
@@ -79,11 +82,11 @@ def read_h5ad_checked(path: Path, *, expression: Expression = "counts") -> AnnDa
             f"{path} could not be read as AnnData ({first})",
             "The file may be truncated or corrupt; re-export it and check its size",
         ) from exc
-    validate_adata(adata, name=path.name, expression=expression)
+    validate_adata(adata, name=path.name, expression=expression, from_model=from_model)
     return adata
 
 
-def validate_adata(adata: AnnData, *, name: str, expression: Expression = "counts") -> None:
+def validate_adata(adata: AnnData, *, name: str, expression: Expression = "counts", from_model: bool = False) -> None:
     """Check `adata.X` in place of use; converts X to float32 CSR. Raises ScrclError."""
     if adata.X is None:
         raise ScrclError(f"{name} has no X matrix", "Store the expression matrix in adata.X")
@@ -124,9 +127,13 @@ def validate_adata(adata: AnnData, *, name: str, expression: Expression = "count
         frac = values - np.round(values)
         nonint = np.flatnonzero(np.abs(frac) > 1e-6)
         if nonint.size:
+            # embed/cluster have no --expression: the model fixes it, so the fix is to retrain.
+            fix = ("The model was trained on raw counts: pass raw counts, or use a model trained with "
+                   "--expression continuous (TPM/RPKM) or --expression log (log-normalised data)" if from_model else
+                   "Pass raw counts, or --expression continuous for TPM/RPKM or --expression log for log-normalised data")
             raise ScrclError(
                 f"{name} holds non-integer values in X where raw counts are expected (first: {values[nonint[0]]:.4g})",
-                "Pass raw counts, or --expression continuous for TPM/RPKM or --expression log for log-normalised data",
+                fix,
             )
     dup = adata.var_names[adata.var_names.duplicated()]
     if len(dup):
