@@ -1,0 +1,69 @@
+"""The command line: bare --version, help with examples, a complete model directory from train."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from scrcl_cli import __version__, data
+from scrcl_cli.cli import cli
+
+from conftest import FAST, shared
+
+
+def test_version_prints_only_the_version():
+    res = CliRunner().invoke(cli, ["--version"])
+    assert res.exit_code == 0
+    assert res.output.strip() == __version__
+    assert re.fullmatch(r"\d+\.\d+\.\d+", res.output.strip())
+
+
+@pytest.mark.parametrize("command", ["train", "embed", "cluster"])
+def test_help_shows_examples_and_exit_codes(command):
+    res = CliRunner().invoke(cli, [command, "--help"])
+    assert res.exit_code == 0
+    assert "Examples:" in res.output and f"scrcl-cli {command}" in res.output
+    assert "Exit codes" in res.output
+    for opt in ("--device", "--overwrite"):
+        assert opt in res.output
+
+
+@pytest.mark.needs_shared_data
+def test_train_on_pbmc4k_writes_complete_model_directory(tmp_path):
+    pytest.importorskip("torch")
+    src = shared("pbmc_10x_4k_top2000.h5ad")
+    out = tmp_path / "model"
+    res = CliRunner().invoke(cli, ["-q", "train", str(src), "-o", str(out), *FAST, "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    bundle = data.read_bundle(out)  # checks every hash
+    names = set(bundle.manifest["files"])
+    assert {"weights.pt", "encoder_fused.onnx", "encoder_cell.onnx", "genes.txt", "loss_log.csv",
+            "train_embedding.npy", "train_clusters.csv"} <= names
+    m = bundle.manifest
+    assert len(m["genes"]) == 2000 and m["seed"] == 1 and m["training"]["device"] == "cpu"
+    assert len(m["clusters"]["centroids_fused"]) == m["clusters"]["n_clusters"]
+    assert (out / "loss_log.csv").read_text().count("\n") == 3 + 1
+    import torch
+
+    state = torch.load(out / "weights.pt", weights_only=True)
+    assert state["mlp_w"].shape == (32, 2000)
+    assert json.loads((out / data.MANIFEST_NAME).read_text())["format_version"] == data.FORMAT_VERSION
+
+
+def test_export_rewrites_onnx_with_new_hashes(trained_model, tmp_path):
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(trained_model, copy)
+    res = CliRunner().invoke(cli, ["-q", "export", str(copy)])
+    assert res.exit_code == 0, res.output
+    assert data.read_bundle(copy).manifest["genes"] == data.read_bundle(trained_model).manifest["genes"]
+
+
+def test_info_reports_torch_and_onnxruntime():
+    res = CliRunner().invoke(cli, ["info"])
+    assert res.exit_code == 0
+    assert "onnxruntime providers:" in res.output and "torch" in res.output

@@ -1,0 +1,88 @@
+"""Graphs: kNN structure, GCN normalisation, gene graph as PyG's GCNConv sees it, padding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.neighbors import kneighbors_graph
+
+from scrcl_cli import graphs
+
+
+def _feats(n=120, d=20, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(4, d))
+    return centers[rng.integers(4, size=n)] + 0.3 * rng.normal(size=(n, d))
+
+
+def test_cell_graph_is_symmetric_binary_without_self_loops():
+    a = graphs.cell_graph(sp.csr_matrix(np.abs(_feats())), n_neighbors=15)
+    assert (a != a.T).nnz == 0
+    assert a.diagonal().sum() == 0
+    assert set(np.unique(a.data)) == {1.0}
+    assert np.diff(a.indptr).min() >= 14  # 14 own neighbours before the union
+
+
+def test_knn_cosine_matches_brute_force_ranking():
+    x = _feats(80)
+    got = graphs.knn_cosine(x, 6)
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = u @ u.T
+    np.fill_diagonal(sim, -np.inf)
+    want = np.argsort(-sim, axis=1)[:, :5]
+    assert np.array_equal(np.sort(got, 1), np.sort(want, 1))
+
+
+def test_knn_cosine_chunked_equals_single_chunk(monkeypatch):
+    x = _feats(200)
+    whole = graphs.knn_cosine(x, 15)
+    monkeypatch.setattr(graphs, "_CHUNK_ELEMENTS", 200 * 7)
+    assert np.array_equal(graphs.knn_cosine(x, 15), whole)
+
+
+def test_knn_cosine_keeps_self_first_with_duplicate_rows():
+    x = np.vstack([np.ones((5, 3)), _feats(20, 3)])
+    nb = graphs.knn_cosine(x, 4)
+    assert not np.any(nb == np.arange(25)[:, None])
+
+
+def test_pca_scores_match_sklearn_up_to_sign():
+    from sklearn.decomposition import PCA
+
+    x = np.abs(_feats(300, 30))
+    ours = graphs.pca_scores(sp.csr_matrix(x), 5)
+    ref = PCA(5, svd_solver="full").fit_transform(x)
+    np.testing.assert_allclose(np.abs(ours), np.abs(ref), atol=1e-4)
+
+
+def test_gcn_norm_matches_dense_formula():
+    a = graphs.knn_to_adjacency(graphs.knn_cosine(_feats(60), 5))
+    dense = a.toarray() + np.eye(60)
+    d = np.diag(1 / np.sqrt(dense.sum(1)))
+    np.testing.assert_allclose(graphs.gcn_norm(a).toarray(), d @ dense @ d, rtol=1e-6)
+
+
+def test_gene_graph_matches_pyg_gcnconv_normalisation():
+    x = np.abs(_feats(50, 30, seed=3))
+    a = kneighbors_graph(x.T, 5, mode="connectivity", include_self=True).toarray()
+    # PyG: edge i -> j for j in kNN(i); target j aggregates, both ends normalised by in-degree.
+    m = a.T
+    deg = m.sum(1)
+    want = m / np.sqrt(deg[:, None] * deg[None, :])
+    np.testing.assert_allclose(graphs.gene_graph(sp.csr_matrix(x), 5).toarray(), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("t", [0, 1, 3])
+def test_smooth_applies_a_hat_t_times(t):
+    a_hat = graphs.gcn_norm(graphs.knn_to_adjacency(graphs.knn_cosine(_feats(40), 5))).toarray()
+    x = _feats(40, 7, seed=1)
+    np.testing.assert_allclose(graphs.smooth(x, sp.csr_matrix(a_hat), t), np.linalg.matrix_power(a_hat, t) @ x, rtol=1e-5)
+
+
+def test_padded_neighbours_reproduce_a_hat_product_with_self_first():
+    a_hat = graphs.gcn_norm(graphs.knn_to_adjacency(graphs.knn_cosine(_feats(70), 6)))
+    nbr, w = graphs.padded_neighbours(a_hat)
+    h = _feats(70, 9, seed=2)
+    np.testing.assert_allclose((h[nbr] * w[..., None]).sum(1), a_hat @ h, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(nbr[:, 0], np.arange(70))
