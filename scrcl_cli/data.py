@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -75,7 +76,10 @@ def read_h5ad_checked(path: Path, *, expression: Expression = "counts", from_mod
             "Convert it with anndata (e.g. anndata.read_csv(...).write_h5ad(...)) first",
         )
     try:
-        adata = anndata.read_h5ad(path)
+        with warnings.catch_warnings():
+            # anndata warns on stderr about duplicate names; duplicate genes are an error below.
+            warnings.filterwarnings("ignore", message=r".* names are not unique", category=UserWarning)
+            adata = anndata.read_h5ad(path)
     except Exception as exc:  # h5py/anndata raise many types for damaged files
         first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise ScrclError(
@@ -83,6 +87,9 @@ def read_h5ad_checked(path: Path, *, expression: Expression = "counts", from_mod
             "The file may be truncated or corrupt; re-export it and check its size",
         ) from exc
     validate_adata(adata, name=path.name, expression=expression, from_model=from_model)
+    if adata.obs_names.has_duplicates:
+        log.warning("%s has %d duplicate cell names; outputs keep them as they are",
+                    path.name, int(adata.obs_names.duplicated().sum()))
     return adata
 
 
