@@ -671,11 +671,13 @@ def run_bash_script(script: str, workdir: Path, env: dict[str, str], timeout: fl
     """Run a rendered command the way a Nextflow task does: ``.command.sh`` in the task dir."""
     (workdir / ".command.sh").write_text("#!/bin/bash -ue\n" + script.strip("\n") + "\n")
     return subprocess.run(
-        [*BASH, ".command.sh"], cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout
+        [*BASH, ".command.sh"], cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
 def run_eval(command: str, workdir: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run an eval output the way Nextflow's wrapper does: ``bash -c "<cmd with " escaped>"``."""
     line = 'bash -c "' + command.replace('"', '\\"') + '"'
-    return subprocess.run(["bash", "-c", line], cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        ["bash", "-c", line], cwd=workdir, env=env, capture_output=True, text=True, timeout=120, check=False
+    )

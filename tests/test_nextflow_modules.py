@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from nextflow_helpers import (
     STANDARD_LABELS,
     WHEN_LINE,
@@ -309,7 +308,7 @@ def test_environment_files_are_pinned_and_sorted(name, env_file):
         for spec in block["pip"]:
             assert re.fullmatch(r"[\w.-]+(\[[\w,]+\])?==[\w.]+", spec), f"pin pip packages with ==: {spec}"
     # nf-core lint's order: conda packages sorted (pip last), then the dict blocks
-    key = lambda d: (1 if str(d).startswith("pip=") or str(d) == "pip" else 0, str(d))  # noqa: E731
+    key = lambda d: (1 if str(d).startswith("pip=") or str(d) == "pip" else 0, str(d))
     assert deps == sorted(plain, key=key) + sorted(dicts, key=str)
     pip_specs = [spec for block in dicts for spec in block["pip"]]
     assert any(spec.startswith("scrcl-cli") for spec in pip_specs)
@@ -491,7 +490,7 @@ def inferred(cli_env, trained, split_data, tmp_path_factory):
     """SCRCL_EMBED and SCRCL_CLUSTER's scripts on query quarters of the pipeline's test data,
     with the trained model and the pipeline's ext.prefix (the sample ids equal the file stems)."""
     (model_dir,) = trained.outputs()["model"]
-    outdir, written = split_data
+    _, written = split_data
     runs = {}
     for name, sample in (("embed", "pbmc_query_a"), ("cluster", "pbmc_query_b")):
         runs[name] = run_task(
