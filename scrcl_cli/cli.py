@@ -101,7 +101,11 @@ def _setup_logging(verbose: int, quiet: bool, log_file: Path | None) -> None:
     handler.setLevel(level)
     root.addHandler(handler)
     if log_file is not None:
-        fh = logging.FileHandler(log_file)
+        try:
+            fh = logging.FileHandler(log_file)
+        except OSError as exc:
+            raise ScrclError(f"cannot open --log-file {log_file} ({exc.strerror or exc})",
+                             "Choose a log file in a writable directory") from exc
         fh.setLevel(logging.DEBUG)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(fh)
@@ -248,9 +252,9 @@ def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | N
     from . import data
 
     t = time.perf_counter()
-    data.check_output(output, overwrite=overwrite)
+    data.check_output(output, overwrite=overwrite, inputs=(input_h5ad,))
     if out_h5ad is not None:
-        data.check_output(out_h5ad, overwrite=overwrite)
+        data.check_output(out_h5ad, overwrite=overwrite, inputs=(input_h5ad,))
     adata = data.read_h5ad_checked(input_h5ad, expression=hyper["expression"])
     # torch is imported only now, so that bad input fails in about a second instead of after its import.
     from .training import TrainConfig
@@ -335,7 +339,7 @@ def embed(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, v
 
     t = time.perf_counter()
     for p in filter(None, (output, csv_path)):
-        data.check_output(p, overwrite=overwrite)
+        data.check_output(p, overwrite=overwrite, inputs=(input_h5ad, model_dir))
     bundle = data.read_bundle(model_dir)
     adata = data.read_h5ad_checked(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
     with _progress(not ctx.obj["quiet"]) as make:
@@ -383,7 +387,7 @@ def cluster(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path,
     t = time.perf_counter()
     markers = markers or output.with_name(output.stem + "_markers.csv")
     for p in (output, markers):
-        data.check_output(p, overwrite=overwrite)
+        data.check_output(p, overwrite=overwrite, inputs=(input_h5ad, model_dir))
     bundle = data.read_bundle(model_dir)
     adata = data.read_h5ad_checked(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
     with _progress(not ctx.obj["quiet"]) as make:

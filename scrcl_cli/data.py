@@ -181,9 +181,18 @@ def align_genes(
 # --------------------------------------------------------------------------- outputs
 
 
-def check_output(dest: Path, *, overwrite: bool) -> None:
-    """Fail early when `dest` exists (without `overwrite`) or its folder cannot take files."""
+def check_output(dest: Path, *, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """Fail early when `dest` cannot or must not be written.
+
+    That is: `dest` is or lies inside one of `inputs`, exists (without `overwrite`), or its
+    folder cannot take files.
+    """
     dest = Path(dest)
+    target = dest.resolve()
+    for src in inputs:
+        # --overwrite must never replace an input (or a file inside an input model directory).
+        if target == Path(src).resolve() or Path(src).resolve() in target.parents:
+            raise ScrclError(f"{dest} is an input of this command", "Choose another output path; inputs are never overwritten")
     if dest.exists() and not overwrite:
         raise ScrclError(f"{dest} already exists", "Pass --overwrite or choose another output path")
     parent = dest.parent if str(dest.parent) else Path(".")
