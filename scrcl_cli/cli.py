@@ -239,6 +239,8 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 @_opt("--expression", type=click.Choice(["counts", "continuous", "log"]), default="counts",
       help="What X holds: raw counts, non-integer values (TPM/RPKM), or log-normalised data.")
 @_opt("--n-clusters", type=click.IntRange(min=1), default=None, help="Clusters for the training cells (default: chosen without labels).")
+@_opt("--batch-size", "batch_size", type=click.IntRange(min=2), default=None,
+      help="Train on mini-batches of about this many cells (default: full batch when it fits in memory).")
 @_opt("--no-export", is_flag=True, help="Skip the ONNX export (weights only).")
 @seed_option
 @device_option
@@ -247,7 +249,7 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 @quiet_option
 @click.pass_context
 def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | None, n_clusters: int | None,
-          no_export: bool, seed: int, device: str, threads: int, overwrite: bool, **hyper: Any) -> None:
+          batch_size: int | None, no_export: bool, seed: int, device: str, threads: int, overwrite: bool, **hyper: Any) -> None:
     """Train scRCL on the raw counts in INPUT_H5AD and write a model directory."""
     from . import data
 
@@ -272,7 +274,7 @@ def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | N
             if (epoch + 1) % every == 0 or epoch + 1 == config.epochs:
                 bar(epoch + 1, info=f"loss {terms.total.item():.4f}")
 
-        trained = train_model(adata, config, device=device, n_clusters=n_clusters, export=not no_export,  # type: ignore[arg-type]
+        trained = train_model(adata, config, device=device, n_clusters=n_clusters, export=not no_export, batch_size=batch_size,  # type: ignore[arg-type]
                               on_epoch=on_epoch, on_graph=lambda d, n: graph_bar(d, n))
     data.write_model_dir(output, trained.files, trained.manifest, overwrite=overwrite)
     outputs = [str(output)]
@@ -476,7 +478,7 @@ def demo(ctx: click.Context, outdir: Path, epochs: int, hidden_dim: int, seed: i
     example = Path(str(resources.files("scrcl_cli") / "data" / "pbmc68k_reduced_700.h5ad"))
     outdir.mkdir(parents=True, exist_ok=True)
     model, clustered = outdir / "model", outdir / "pbmc68k_clustered.h5ad"
-    ctx.invoke(train, input_h5ad=example, output=model, out_h5ad=None, n_clusters=None, no_export=False, seed=seed,
+    ctx.invoke(train, input_h5ad=example, output=model, out_h5ad=None, n_clusters=None, batch_size=None, no_export=False, seed=seed,
                device=device, threads=0, overwrite=overwrite, epochs=epochs, hidden_dim=hidden_dim, out_dim=16,
                dropout=0.3, lr=1e-4, weight_decay=0.1, temperature=0.1, lambda1=100.0, lambda2=1.0, t0=0, t1=0,
                n_neighbors=15, n_top_genes=2000, input_mode="lognorm", expression="counts")

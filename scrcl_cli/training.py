@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 import torch
+from torch import Tensor
 
 from . import graphs
 from .losses import LossTerms, scrcl_loss
@@ -101,20 +102,59 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def estimate_full_batch_bytes(n: int, g: int, h: int) -> int:
+    """Rough peak bytes of one full-batch step: inputs, N x G projector outputs and N x H
+    activations with their gradients and Adam state (counted from the tensors the step keeps)."""
+    return int(4 * n * (6 * g + 16 * h) + 4 * 4 * (4 * g * h + 2 * h * h + 16 * n))
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory of `device`: CUDA free memory, or available RAM on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def choose_batch_size(n: int, g: int, h: int, device: torch.device, requested: int | None) -> int | None:
+    """Mini-batch size to use: `requested`, or one that fits when full batch would not (None = full batch)."""
+    if requested is not None:
+        return None if requested >= n else requested
+    free = free_memory_bytes(device)
+    need = estimate_full_batch_bytes(n, g, h)
+    if need <= 0.7 * free:
+        return None
+    b = n
+    while b > 1024 and estimate_full_batch_bytes(b, g, h) > 0.25 * free:
+        b //= 2
+    log.info("full-batch training needs about %.1f GiB of %.1f GiB free on %s: mini-batches of %d cells",
+             need / 2**30, free / 2**30, device, b)
+    return b
+
+
 def fit(
     inputs: TrainInputs,
     config: TrainConfig,
     *,
     device: torch.device,
     on_epoch: Callable[[int, LossTerms], None] | None = None,
+    batch_size: int | None = None,
 ) -> TrainResult:
-    """Train scRCL full batch with Adam (coupled L2 weight decay) for `config.epochs` epochs.
+    """Train scRCL with Adam (coupled L2 weight decay) for `config.epochs` epochs.
 
-    The last epoch is the result: there is no selection against anything.
+    Full batch unless `batch_size` (or the memory estimate) asks for mini-batches, see
+    `_fit_minibatch`. The last epoch is the result: there is no selection against anything.
     """
     n, g = inputs.x0.shape
     if n < 2:
         raise ValueError("scRCL needs at least 2 cells")
+    b = choose_batch_size(n, g, config.hidden_dim, device, batch_size)
+    if b is not None:
+        return _fit_minibatch(inputs, config, device=device, batch_size=b, on_epoch=on_epoch)
     model = ScRCL(g, n, config.hidden_dim, config.out_dim, config.dropout, config.seed).to(device)
     gen = torch.Generator(device=device).manual_seed(config.seed + 1)
     x0 = torch.from_numpy(inputs.x0).to(device)
@@ -155,4 +195,114 @@ def fit(
         z1=out.z1.cpu().numpy(),
         gene_emb=out.gene_emb.cpu().numpy(),
         seconds=seconds,
+    )
+
+
+def _edges(adj: sp.csr_matrix, device: torch.device) -> tuple[Tensor, Tensor]:
+    coo = adj.tocoo()
+    return (torch.from_numpy(coo.row.astype(np.int64)).to(device), torch.from_numpy(coo.col.astype(np.int64)).to(device))
+
+
+def induced_subgraph(row: Tensor, col: Tensor, nodes: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Binary adjacency and its GCN normalisation restricted to `nodes` (B,), on the device.
+
+    row, col: the (E,) edge lists of the full binary adjacency. Returns two sparse (B, B) tensors:
+    A_b (no self loops) and D_b^-1/2 (A_b + I) D_b^-1/2 with the degrees of the subgraph.
+    """
+    b = nodes.shape[0]
+    pos = torch.full((n,), -1, dtype=torch.int64, device=nodes.device)
+    pos[nodes] = torch.arange(b, device=nodes.device)
+    r, c = pos[row], pos[col]
+    keep = (r >= 0) & (c >= 0)
+    r, c = r[keep], c[keep]
+    ones = torch.ones(r.shape[0], device=nodes.device)
+    adj_b = torch.sparse_coo_tensor(torch.stack([r, c]), ones, (b, b), check_invariants=False).coalesce()
+    deg = torch.bincount(r, minlength=b).float() + 1.0
+    dinv = deg.rsqrt()
+    loops = torch.arange(b, device=nodes.device)
+    idx = torch.cat([torch.stack([r, c]), torch.stack([loops, loops])], 1)
+    val = torch.cat([dinv[r] * dinv[c], dinv * dinv])
+    a_hat_b = torch.sparse_coo_tensor(idx, val, (b, b), check_invariants=False).coalesce()
+    return adj_b, a_hat_b
+
+
+def _sample_batches(indptr: Tensor, indices: Tensor, n: int, batch_size: int, avg_deg: float,
+                    gen: torch.Generator) -> list[Tensor]:
+    """Batches of random seed cells plus their graph neighbours, about `batch_size` cells each;
+    one epoch draws about N / batch_size batches, so each cell is seen about once per epoch."""
+    n_batches = max(1, round(n / batch_size))
+    n_seeds = max(1, int(batch_size / (1.0 + avg_deg)))
+    perm = torch.randperm(n, generator=gen, device=indptr.device)
+    out = []
+    for i in range(n_batches):
+        seeds = perm[(i * n_seeds) % n: (i * n_seeds) % n + n_seeds]
+        starts, lens = indptr[seeds], indptr[seeds + 1] - indptr[seeds]
+        offs = torch.repeat_interleave(starts - (torch.cumsum(lens, 0) - lens), lens)
+        nbrs = indices[offs + torch.arange(int(lens.sum()), device=indptr.device)]
+        nodes = torch.unique(torch.cat([seeds, nbrs]))
+        out.append(nodes[:batch_size] if nodes.shape[0] > batch_size else nodes)
+    return out
+
+
+def _fit_minibatch(
+    inputs: TrainInputs,
+    config: TrainConfig,
+    *,
+    device: torch.device,
+    batch_size: int,
+    on_epoch: Callable[[int, LossTerms], None] | None,
+) -> TrainResult:
+    """Mini-batch scRCL: each step trains on a batch of seed cells and their neighbours.
+
+    Batch approximations (README, "Mini-batch training"): the GCN view and both graph losses use
+    the subgraph induced by the batch, normalised with its own degrees; the EDA global softmax and
+    the NCA negatives run over the batch's cells; CVC averages over the batch's pairs; the gene
+    encoder's X0^T W is estimated from the batch scaled by N / B. The final embedding is computed
+    on the whole graph.
+    """
+    n, g = inputs.x0.shape
+    model = ScRCL(g, n, config.hidden_dim, config.out_dim, config.dropout, config.seed).to(device)
+    gen = torch.Generator(device=device).manual_seed(config.seed + 1)
+    x0 = torch.from_numpy(inputs.x0).to(device)
+    x1 = x0 if config.t0 == config.t1 else torch.from_numpy(inputs.x1).to(device)
+    row, col = _edges(inputs.adj, device)
+    csr = inputs.adj.tocsr()
+    indptr = torch.from_numpy(csr.indptr.astype(np.int64)).to(device)
+    indices = torch.from_numpy(csr.indices.astype(np.int64)).to(device)
+    gene_prop = to_torch_sparse(inputs.gene_prop, device)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    log_t = torch.zeros(config.epochs, 4, dtype=torch.float64, device=device)
+    avg_deg = csr.nnz / max(n, 1)
+    log.info("mini-batch training: about %d cells per batch, %d batches per epoch", batch_size, max(1, round(n / batch_size)))
+    t_start = time.perf_counter()
+    model.train()
+    for epoch in range(config.epochs):
+        acc = torch.zeros(4, dtype=torch.float64, device=device)
+        batches = _sample_batches(indptr, indices, n, batch_size, avg_deg, gen)
+        for nodes in batches:
+            adj_b, a_hat_b = induced_subgraph(row, col, nodes, n)
+            opt.zero_grad(set_to_none=True)
+            out = model(x0[nodes], x1[nodes], a_hat_b, gene_prop, gen, cells=nodes)
+            terms = scrcl_loss(out.h1, out.h2, out.z1, out.z2, adj_b, temperature=config.temperature,
+                               lambda1=config.lambda1, lambda2=config.lambda2)
+            terms.total.backward()
+            opt.step()
+            acc += torch.stack([terms.total, terms.eda, terms.nca, terms.cvc]).detach().double()
+        log_t[epoch] = acc / len(batches)
+        if on_epoch is not None:
+            on_epoch(epoch, terms)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t_start
+    model.eval()
+    with torch.no_grad():
+        out = model(x0, x1, to_torch_sparse(inputs.a_hat, device), gene_prop)
+    return TrainResult(
+        state={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        losses=log_t.cpu().numpy(),
+        fused=out.fused.cpu().numpy(),
+        z1=out.z1.cpu().numpy(),
+        gene_emb=out.gene_emb.cpu().numpy(),
+        seconds=seconds,
+        extra={"batch_size": batch_size},
     )

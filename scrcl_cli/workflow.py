@@ -56,6 +56,7 @@ def train_model(
     device: Device = "auto",
     n_clusters: int | None = None,
     export: bool = True,
+    batch_size: int | None = None,
     on_epoch: Callable[[int, LossTerms], None] | None = None,
     on_graph: Callable[[int, int], None] | None = None,
 ) -> TrainedModel:
@@ -81,7 +82,7 @@ def train_model(
     inputs = build_inputs(prep.model_input, prep.lognorm, config, knn_device=dev if dev.type == "cuda" else None,
                           progress=on_graph)
     log.info("cell graph: %d cells, %d edges; training on %s", n, inputs.adj.nnz // 2, describe_torch_device(dev))
-    result = fit(inputs, config, device=dev, on_epoch=on_epoch)
+    result = fit(inputs, config, device=dev, on_epoch=on_epoch, batch_size=batch_size)
 
     if n_clusters is None:
         k, scores = clustering.choose_n_clusters(result.fused, seed=config.seed)
@@ -115,7 +116,7 @@ def train_model(
         "training": {
             "n_cells": n, "n_cells_dropped": int((~prep.cell_mask).sum()), "device": describe_torch_device(dev),
             "seconds": round(result.seconds, 3), "final_loss": [float(v) for v in result.losses[-1]],
-            "torch_version": torch.__version__,
+            "torch_version": torch.__version__, "batch_size": result.extra.get("batch_size"),
         },
         "clusters": {
             "n_clusters": int(km.centroids.shape[0]), "method": k_method,
