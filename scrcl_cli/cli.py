@@ -114,10 +114,20 @@ def _setup_logging(verbose: int, quiet: bool, log_file: Path | None) -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    # Turn SIGTERM into an exception so that temporaries beside outputs are removed on the way out;
-    # a second SIGTERM (schedulers often repeat it) must not interrupt that cleanup.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Turn SIGTERM/SIGINT into an exception so that temporaries beside outputs are removed on the way
+    # out. Python drops an exception raised inside a weakref callback or __del__ ("Exception ignored
+    # in ..."), so the flag also stops every later commit of an output.
+    from . import data
+
+    data.request_stop()
     raise KeyboardInterrupt
+
+
+def _unraisable(args: Any) -> None:
+    # A KeyboardInterrupt lost in a weakref callback or __del__ is not worth a traceback on stderr:
+    # the stop flag set by _on_sigterm still ends the run with exit code 130.
+    if not isinstance(args.exc_value, KeyboardInterrupt):
+        sys.__unraisablehook__(args)
 
 
 @click.group(cls=_Group, help=MAIN_HELP, context_settings={"help_option_names": ["-h", "--help"]})
@@ -131,6 +141,9 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, log_file: Path | None, de
     ctx.obj = {"quiet": quiet, "debug": debug}
     _setup_logging(verbose, quiet, log_file)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, _on_sigterm)
+    if sys.unraisablehook is sys.__unraisablehook__:  # leave a host's hook (pytest's) alone
+        sys.unraisablehook = _unraisable
 
 
 # ---------------------------------------------------------------- shared options
@@ -271,6 +284,7 @@ def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | N
         every = max(1, config.epochs // 100)
 
         def on_epoch(epoch: int, terms: Any) -> None:
+            data.check_stop()
             if (epoch + 1) % every == 0 or epoch + 1 == config.epochs:
                 bar(epoch + 1, info=f"loss {terms.total.item():.4f}")
 

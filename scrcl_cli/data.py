@@ -209,6 +209,21 @@ def check_output(dest: Path, *, overwrite: bool, inputs: tuple[Path, ...] = ()) 
     remove_stale_temporaries(dest)
 
 
+_stop_requested = False
+
+
+def request_stop() -> None:
+    """Make every later output commit fail with KeyboardInterrupt (called by the CLI's signal handler)."""
+    global _stop_requested  # noqa: PLW0603
+    _stop_requested = True
+
+
+def check_stop() -> None:
+    """Raise KeyboardInterrupt when a stop was requested (the signal's own exception can be lost)."""
+    if _stop_requested:
+        raise KeyboardInterrupt
+
+
 def _tmp_name(dest: Path) -> Path:
     return dest.parent / f".{dest.name}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -254,6 +269,7 @@ def atomic_path(dest: Path, *, overwrite: bool, directory: bool = False) -> Iter
         tmp.mkdir()
     try:
         yield tmp
+        check_stop()  # a signal arrived while writing, even if its KeyboardInterrupt was lost
         if directory and dest.exists():
             # Directories cannot be swapped with one os.replace: move the old one aside first.
             old = _tmp_name(dest)
