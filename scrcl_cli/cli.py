@@ -246,12 +246,15 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 @_opt("--t0", type=click.IntRange(min=0), default=0, help="Graph smoothing steps for the MLP view input.")
 @_opt("--t1", type=click.IntRange(min=0), default=0, help="Graph smoothing steps for the GCN view input.")
 @_opt("--n-neighbors", type=click.IntRange(min=2), default=15, help="k of the cell kNN graph, the cell included.")
-@_opt("--n-top-genes", type=click.IntRange(min=1), default=2000, help="Highly variable genes (seurat flavour).")
+@_opt("--n-top-genes", type=click.IntRange(min=1), default=None,
+      help="Highly variable genes: 2000 (seurat flavour) by default, 3000 (seurat_v3) with --spatial.")
 @_opt("--input", "input_mode", type=click.Choice(["counts", "lognorm"]), default="lognorm",
       help="Model input: log-normalised HVGs, or raw HVG counts as the reference does.")
 @_opt("--expression", type=click.Choice(["counts", "continuous", "log"]), default="counts",
       help="What X holds: raw counts, non-integer values (TPM/RPKM), or log-normalised data.")
 @_opt("--n-clusters", type=click.IntRange(min=1), default=None, help="Clusters for the training cells (default: chosen without labels).")
+@_opt("--spatial", is_flag=True, help="Spatial mode: graph from obsm['spatial'], seurat_v3 genes, scaled input, neighbour vote.")
+@_opt("--refine-neighbours", type=click.IntRange(min=1), default=50, help="With --spatial: spots in the neighbour vote.")
 @_opt("--batch-size", "batch_size", type=click.IntRange(min=2), default=None,
       help="Train on mini-batches of about this many cells (default: full batch when it fits in memory).")
 @_opt("--no-export", is_flag=True, help="Skip the ONNX export (weights only).")
@@ -262,7 +265,7 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 @quiet_option
 @click.pass_context
 def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | None, n_clusters: int | None,
-          batch_size: int | None, no_export: bool, seed: int, device: str, threads: int, overwrite: bool, **hyper: Any) -> None:
+          spatial: bool, refine_neighbours: int, batch_size: int | None, no_export: bool, seed: int, device: str, threads: int, overwrite: bool, **hyper: Any) -> None:
     """Train scRCL on the raw counts in INPUT_H5AD and write a model directory."""
     from . import data
 
@@ -275,6 +278,10 @@ def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | N
     from .training import TrainConfig
 
     _set_threads(threads)
+    if not spatial and "spatial" in adata.obsm:
+        log.info("%s has obsm['spatial']: for spatial domains, train with --spatial", input_h5ad.name)
+    if hyper["n_top_genes"] is None:
+        hyper["n_top_genes"] = 3000 if spatial else 2000
     config = TrainConfig(seed=seed, **hyper)
     from .workflow import train_model
 
@@ -289,6 +296,7 @@ def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | N
                 bar(epoch + 1, info=f"loss {terms.total.item():.4f}")
 
         trained = train_model(adata, config, device=device, n_clusters=n_clusters, export=not no_export, batch_size=batch_size,  # type: ignore[arg-type]
+                              spatial={"refine_neighbours": refine_neighbours} if spatial else None,
                               on_epoch=on_epoch, on_graph=lambda d, n: graph_bar(d, n))
     data.write_model_dir(output, trained.files, trained.manifest, overwrite=overwrite)
     outputs = [str(output)]
@@ -313,8 +321,9 @@ def _annotate(adata: Any, trained: Any) -> None:
 
     adata.obsm["X_scrcl"] = trained.embedding
     k = int(trained.manifest["clusters"]["n_clusters"])
-    labels = [str(v) if v >= 0 else np.nan for v in trained.labels]
-    adata.obs["scrcl_cluster"] = pd.Categorical(labels, categories=[str(i) for i in range(k)])
+    for key, values in [("scrcl_cluster", trained.labels)] + [(f"scrcl_cluster_{n}", v) for n, v in trained.extra_labels.items()]:
+        labels = [str(v) if v >= 0 else np.nan for v in values]
+        adata.obs[key] = pd.Categorical(labels, categories=[str(i) for i in range(k)])
     adata.uns["scrcl"] = {"scrcl_version": __version__, "genes_sha256": trained.manifest["genes_sha256"],
                           "device": trained.device, "config": trained.manifest["config"]}
 
@@ -340,6 +349,7 @@ def _write_csv(path: Path, header: list[str], rows: Any, *, overwrite: bool) -> 
 @_opt("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .h5ad (a copy of the input plus the embedding).")
 @view_option
 @key_option
+@_opt("--spatial", is_flag=True, help="Spatial model: use the query's obsm['spatial'] graph (must match how the model was trained).")
 @_opt("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the embedding as a CSV table.")
 @batch_option
 @overlap_option
@@ -348,7 +358,7 @@ def _write_csv(path: Path, header: list[str], rows: Any, *, overwrite: bool) -> 
 @overwrite_option
 @quiet_option
 @click.pass_context
-def embed(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, view: str, key_added: str,
+def embed(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, view: str, key_added: str, spatial: bool,
           csv_path: Path | None, batch_size: int, min_gene_overlap: float, device: str, threads: int, overwrite: bool) -> None:
     """Embed the cells of INPUT_H5AD with a trained model (ONNX Runtime, no torch)."""
     from . import data, inference
@@ -357,6 +367,7 @@ def embed(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, v
     for p in filter(None, (output, csv_path)):
         data.check_output(p, overwrite=overwrite, inputs=(input_h5ad, model_dir))
     bundle = data.read_bundle(model_dir)
+    data.check_mode(bundle, spatial=spatial)
     adata = data.read_h5ad_checked(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
     with _progress(not ctx.obj["quiet"]) as make:
         rep = inference.embed(adata, bundle, view=view, device=device, threads=threads, batch_size=batch_size,  # type: ignore[arg-type]
@@ -382,10 +393,13 @@ def embed(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, v
 @_opt("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .h5ad with obs['scrcl_cluster'].")
 @_opt("--markers", type=click.Path(dir_okay=False, path_type=Path), default=None,
       help="Marker-gene table (CSV). Default: <output stem>_markers.csv.")
+@_opt("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+      help="With --spatial: write a PNG domain map (needs matplotlib, the 'plot' extra).")
 @_opt("--denovo", is_flag=True, help="Cluster the query itself (cosine k-means) instead of using training centroids.")
 @_opt("--n-clusters", type=click.IntRange(min=1), default=None, help="With --denovo: number of clusters (default: chosen without labels).")
 @view_option
 @key_option
+@_opt("--spatial", is_flag=True, help="Spatial model: use the query's obsm['spatial'] graph (must match how the model was trained).")
 @batch_option
 @overlap_option
 @seed_option
@@ -394,23 +408,32 @@ def embed(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, v
 @overwrite_option
 @quiet_option
 @click.pass_context
-def cluster(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, markers: Path | None, denovo: bool,
-            n_clusters: int | None, view: str, key_added: str, batch_size: int, min_gene_overlap: float, seed: int,
+def cluster(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, markers: Path | None, plot: Path | None, denovo: bool,
+            n_clusters: int | None, view: str, key_added: str, spatial: bool, batch_size: int, min_gene_overlap: float, seed: int,
             device: str, threads: int, overwrite: bool) -> None:
     """Embed INPUT_H5AD and assign every cell to a cluster (ONNX Runtime, no torch)."""
+    import numpy as np
+
     from . import data, inference
 
     t = time.perf_counter()
     markers = markers or output.with_name(output.stem + "_markers.csv")
-    for p in (output, markers):
+    for p in filter(None, (output, markers, plot)):
         data.check_output(p, overwrite=overwrite, inputs=(input_h5ad, model_dir))
     bundle = data.read_bundle(model_dir)
+    data.check_mode(bundle, spatial=spatial)
     adata = data.read_h5ad_checked(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
     with _progress(not ctx.obj["quiet"]) as make:
         rep = inference.cluster(adata, bundle, denovo=denovo, n_clusters=n_clusters, seed=seed, view=view, device=device,
                                 threads=threads, batch_size=batch_size, min_gene_overlap=min_gene_overlap,
                                 key_added=key_added, name=input_h5ad.name, progress=make("embedding", adata.n_obs))
     data.write_h5ad_atomic(adata, output, overwrite=overwrite)
+    if plot is not None:
+        from .spatial import plot_domains
+
+        key = "scrcl_cluster_refined" if "scrcl_cluster_refined" in adata.obs else "scrcl_cluster"
+        plot_domains(np.asarray(adata.obsm["spatial"]), adata.obs[key].to_numpy(), plot,
+                     title=f"{input_h5ad.name}: {key}")
     _write_csv(markers, ["cluster", "rank", "gene", "log2_fold_change", "mean_lognorm_in_cluster", "fraction_expressing"],
                ([c, r, g, f"{a:.4f}", f"{b:.4f}", f"{f:.4f}"] for c, r, g, a, b, f in rep.markers), overwrite=overwrite)
     _summary("scrcl-cli cluster", [
@@ -492,12 +515,12 @@ def demo(ctx: click.Context, outdir: Path, epochs: int, hidden_dim: int, seed: i
     example = Path(str(resources.files("scrcl_cli") / "data" / "pbmc68k_reduced_700.h5ad"))
     outdir.mkdir(parents=True, exist_ok=True)
     model, clustered = outdir / "model", outdir / "pbmc68k_clustered.h5ad"
-    ctx.invoke(train, input_h5ad=example, output=model, out_h5ad=None, n_clusters=None, batch_size=None, no_export=False, seed=seed,
+    ctx.invoke(train, input_h5ad=example, output=model, out_h5ad=None, n_clusters=None, spatial=False, refine_neighbours=50, batch_size=None, no_export=False, seed=seed,
                device=device, threads=0, overwrite=overwrite, epochs=epochs, hidden_dim=hidden_dim, out_dim=16,
                dropout=0.3, lr=1e-4, weight_decay=0.1, temperature=0.1, lambda1=100.0, lambda2=1.0, t0=0, t1=0,
-               n_neighbors=15, n_top_genes=2000, input_mode="lognorm", expression="counts")
+               n_neighbors=15, n_top_genes=None, input_mode="lognorm", expression="counts")
     ctx.invoke(cluster, input_h5ad=example, model_dir=model, output=clustered, markers=None, denovo=False,
-               n_clusters=None, view="fused", key_added="X_scrcl", batch_size=4096, min_gene_overlap=0.5, seed=seed,
+               n_clusters=None, view="fused", key_added="X_scrcl", spatial=False, plot=None, batch_size=4096, min_gene_overlap=0.5, seed=seed,
                device="cpu" if device == "cpu" else "auto", threads=0, overwrite=overwrite)
     truth = anndata.read_h5ad(example).obs["cell_type"].to_numpy()  # evaluation only, after clustering
     pred = anndata.read_h5ad(clustered).obs["scrcl_cluster"].to_numpy()

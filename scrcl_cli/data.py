@@ -394,3 +394,13 @@ def read_bundle(path: Path) -> ModelBundle:
     for name in files:
         bundle.read_bytes(name)  # hash check before anything is loaded
     return bundle
+
+
+def check_mode(bundle: ModelBundle, *, spatial: bool) -> None:
+    """A spatial model needs --spatial and an expression model must not get it: never switch silently."""
+    is_spatial = bundle.manifest.get("preprocessing", {}).get("mode") == "spatial"
+    if is_spatial and not spatial:
+        raise ScrclError(f"{bundle.path} was trained with --spatial", "Pass --spatial (the query needs obsm['spatial'])")
+    if spatial and not is_spatial:
+        raise ScrclError(f"--spatial was given but {bundle.path} is an expression (non-spatial) model",
+                         "Drop --spatial or use a model trained with scrcl-cli train --spatial")

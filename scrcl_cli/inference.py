@@ -70,17 +70,33 @@ def prepare_query(adata: AnnData, bundle: ModelBundle, *, min_gene_overlap: floa
     names = [str(v) for v in adata.var_names]
     lognorm_all = lognormalize(x, pre["expression"])
     lognorm, found = align_genes(lognorm_all, names, bundle.genes, min_overlap=min_gene_overlap, name=name)
-    raw = lognorm if pre["input_mode"] == "lognorm" else align_genes(x, names, bundle.genes, min_overlap=0.0, name=name)[0]
     log.info("genes: %d of %d model genes found in %s (%.1f%%)", found, len(bundle.genes), name, 100 * found / len(bundle.genes))
+    if pre.get("mode") == "spatial":
+        from .spatial import scale_with
+
+        # New sections get the training section's per-gene scaling, stored in the model.
+        model_input = scale_with(lognorm, np.asarray(pre["gene_std"]), float(pre["max_value"]))
+        return QueryData(model_input=sp.csr_matrix(model_input, dtype=np.float32), lognorm=lognorm, n_genes_found=found)
+    raw = lognorm if pre["input_mode"] == "lognorm" else align_genes(x, names, bundle.genes, min_overlap=0.0, name=name)[0]
     return QueryData(model_input=transform_query(lognorm, raw, pre["input_mode"]), lognorm=lognorm, n_genes_found=found)
 
 
-def query_graph(lognorm: sp.csr_matrix, graph_params: dict[str, Any], progress: Progress | None = None) -> sp.csr_matrix:
-    """Normalised adjacency Â of the query's own cosine kNN graph, CSR (N, N)."""
+def query_graph(
+    lognorm: sp.csr_matrix, graph_params: dict[str, Any], progress: Progress | None = None,
+    coords: np.ndarray | None = None,
+) -> sp.csr_matrix:
+    """Normalised adjacency Â of the query's own graph, CSR (N, N): cosine kNN on expression, or
+    the spatial kNN graph of `coords` for spatial models."""
     n = lognorm.shape[0]
     k = int(graph_params["n_neighbors"])
     if n < 2:
         raise ScrclError(f"the query has {n} cell; the fused view needs at least 2", "Use --view cell for single cells")
+    if graph_params.get("kind") == "spatial":
+        from .spatial import spatial_graph
+
+        if coords is None:
+            raise ScrclError("this is a spatial model and the query has no obsm['spatial']", "Pass a section with coordinates")
+        return graphs.gcn_norm(spatial_graph(coords, min(k, n - 1)))
     adj = graphs.cell_graph(lognorm, min(k, n), pca_threshold=int(graph_params["pca_threshold"]), progress=progress)
     return graphs.gcn_norm(adj)
 
@@ -178,7 +194,10 @@ def embed(
     query = prepare_query(adata, bundle, min_gene_overlap=min_gene_overlap, name=name)
     params = bundle.manifest["graph"]
     need_graph = view == "fused" or int(params["t0"]) > 0
-    a_hat = query_graph(query.lognorm, params) if need_graph else None
+    coords = np.asarray(adata.obsm["spatial"], dtype=np.float64) if "spatial" in adata.obsm else None
+    if params.get("kind") != "spatial" and coords is not None:
+        log.info("this file has obsm['spatial']; models trained with --spatial use it")
+    a_hat = query_graph(query.lognorm, params, coords=coords) if need_graph else None
     session, provider = open_session(bundle, view, device=device, threads=threads)
     emb = run_encoder(session, view, query.model_input, a_hat, params, batch_size=batch_size, progress=progress)
     adata.obsm[key_added] = emb
@@ -244,6 +263,12 @@ def cluster(
     cats = [str(i) for i in range(int(labels.max()) + 1)]
     adata.obs[cluster_key] = pd.Categorical([str(v) for v in labels], categories=cats)
     adata.obs["scrcl_confidence"] = conf
+    refine = bundle.manifest["graph"].get("refine_neighbours")
+    if refine is not None:
+        from .spatial import refine_labels
+
+        refined = refine_labels(labels, np.asarray(adata.obsm["spatial"], dtype=np.float64), int(refine))
+        adata.obs[f"{cluster_key}_refined"] = pd.Categorical([str(v) for v in refined], categories=cats)
     adata.uns["scrcl"]["cluster"] = {"method": method, "n_clusters": len(np.unique(labels)), "seed": seed, "key": cluster_key}
     assert rep.query is not None
     markers = clustering.marker_table(rep.query.lognorm, bundle.genes, labels)

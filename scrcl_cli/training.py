@@ -73,9 +73,12 @@ def build_inputs(
     *,
     knn_device: Any = None,
     progress: Callable[[int, int], None] | None = None,
+    adj: sp.csr_matrix | None = None,
 ) -> TrainInputs:
-    """Cell graph on `lognorm`, gene graph on the unsmoothed `model_input`, then smoothing."""
-    adj = graphs.cell_graph(lognorm, config.n_neighbors, device=knn_device, progress=progress)
+    """Cell graph on `lognorm` (unless `adj` is given, e.g. a spatial graph), gene graph on the
+    unsmoothed `model_input`, then smoothing."""
+    if adj is None:
+        adj = graphs.cell_graph(lognorm, config.n_neighbors, device=knn_device, progress=progress)
     a_hat = graphs.gcn_norm(adj)
     gene_prop = graphs.gene_graph(model_input, config.gene_neighbors)
     dense = model_input.toarray().astype(np.float32)

@@ -10,7 +10,7 @@ import io
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,6 +47,7 @@ class TrainedModel:
     device: str
     seconds: float
     n_genes: int
+    extra_labels: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def train_model(
@@ -57,6 +58,7 @@ def train_model(
     n_clusters: int | None = None,
     export: bool = True,
     batch_size: int | None = None,
+    spatial: dict[str, Any] | None = None,
     on_epoch: Callable[[int, LossTerms], None] | None = None,
     on_graph: Callable[[int, int], None] | None = None,
 ) -> TrainedModel:
@@ -65,22 +67,29 @@ def train_model(
 
     from .training import build_inputs, fit
 
+    from .errors import ScrclError
+
     dev = resolve_torch_device(device)
     x = sp.csr_matrix(adata.X, dtype=np.float32)
-    prep = prepare(
-        x, [str(v) for v in adata.var_names], n_top_genes=config.n_top_genes,
-        input_mode=config.input_mode, expression=config.expression,  # type: ignore[arg-type]
-    )
+    names = [str(v) for v in adata.var_names]
+    spatial_adj = None
+    if spatial is not None:
+        from . import spatial as st
+
+        coords = spatial_coords(adata)
+        prep = st.prepare_spatial(x, names, config.n_top_genes)
+        spatial_adj = st.spatial_graph(coords[prep.cell_mask], config.n_neighbors)
+    else:
+        prep = prepare(x, names, n_top_genes=config.n_top_genes, input_mode=config.input_mode,  # type: ignore[arg-type]
+                       expression=config.expression)  # type: ignore[arg-type]
     n = prep.model_input.shape[0]
     if n < config.n_neighbors + 1:
-        from .errors import ScrclError
-
         raise ScrclError(
             f"only {n} cells have counts, fewer than --n-neighbors + 1 = {config.n_neighbors + 1}",
             "Use more cells or a smaller --n-neighbors",
         )
     inputs = build_inputs(prep.model_input, prep.lognorm, config, knn_device=dev if dev.type == "cuda" else None,
-                          progress=on_graph)
+                          progress=on_graph, adj=spatial_adj)
     log.info("cell graph: %d cells, %d edges; training on %s", n, inputs.adj.nnz // 2, describe_torch_device(dev))
     result = fit(inputs, config, device=dev, on_epoch=on_epoch, batch_size=batch_size)
 
@@ -99,17 +108,30 @@ def train_model(
     labels = np.full(adata.n_obs, -1, dtype=np.int64)
     labels[prep.cell_mask] = km.labels
 
+    preprocessing: dict[str, Any] = {
+        "mode": "sc", "input_mode": config.input_mode, "expression": config.expression, "target_sum": 1e4,
+        "n_top_genes": config.n_top_genes, "hvg_flavor": "seurat",
+    }
+    graph: dict[str, Any] = {
+        "kind": "expression", "n_neighbors": config.n_neighbors, "metric": "cosine",
+        "pca_threshold": graphs.PCA_THRESHOLD, "t0": config.t0, "t1": config.t1, "gene_neighbors": config.gene_neighbors,
+    }
+    if spatial is not None:
+        from .spatial import refine_labels
+
+        preprocessing.update(mode="spatial", input_mode="scaled", expression="counts", hvg_flavor="seurat_v3",
+                             gene_std=[float(v) for v in prep.gene_std], max_value=float(prep.max_value))
+        graph.update(kind="spatial", metric="euclidean", refine_neighbours=int(spatial["refine_neighbours"]))
+        refined = np.full(adata.n_obs, -1, dtype=np.int64)
+        refined[prep.cell_mask] = refine_labels(km.labels, coords[prep.cell_mask], int(spatial["refine_neighbours"]))
+        extra_labels = {"refined": refined}
+    else:
+        extra_labels = {}
     manifest: dict[str, Any] = {
         "genes": prep.genes,
         "genes_sha256": genes_hash(prep.genes),
-        "preprocessing": {
-            "input_mode": config.input_mode, "expression": config.expression, "target_sum": 1e4,
-            "n_top_genes": config.n_top_genes, "hvg_flavor": "seurat",
-        },
-        "graph": {
-            "n_neighbors": config.n_neighbors, "metric": "cosine", "pca_threshold": graphs.PCA_THRESHOLD,
-            "t0": config.t0, "t1": config.t1, "gene_neighbors": config.gene_neighbors,
-        },
+        "preprocessing": preprocessing,
+        "graph": graph,
         "model": {"hidden_dim": config.hidden_dim, "out_dim": config.out_dim, "fused_dim": 2 * config.out_dim},
         "config": config.as_dict(),
         "seed": config.seed,
@@ -128,7 +150,18 @@ def train_model(
     files = model_files(result, manifest, labels_kept=km.labels, obs_names=list(adata.obs_names[prep.cell_mask]),
                         export=export)
     return TrainedModel(files=files, manifest=manifest, embedding=embedding, labels=labels,
-                        device=describe_torch_device(dev), seconds=result.seconds, n_genes=len(prep.genes))
+                        device=describe_torch_device(dev), seconds=result.seconds, n_genes=len(prep.genes),
+                        extra_labels=extra_labels)
+
+
+def spatial_coords(adata: AnnData) -> np.ndarray:
+    """obsm['spatial'] as float64 (n_obs, 2); a one-line error when it is missing."""
+    from .errors import ScrclError
+
+    if "spatial" not in adata.obsm:
+        raise ScrclError("--spatial needs spot coordinates in obsm['spatial'], which this file lacks",
+                         "Add them (e.g. from the Visium tissue_positions file) or drop --spatial")
+    return np.asarray(adata.obsm["spatial"], dtype=np.float64)
 
 
 def onnx_metadata(manifest: dict[str, Any]) -> dict[str, str]:
