@@ -368,6 +368,7 @@ def embed(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, v
         data.check_output(p, overwrite=overwrite, inputs=(input_h5ad, model_dir))
     bundle = data.read_bundle(model_dir)
     data.check_mode(bundle, spatial=spatial)
+    bundle.file(inference.ONNX_FILES[view])  # a model trained with --no-export fails here, before the query's graph
     adata = data.read_h5ad_checked(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
     with _progress(not ctx.obj["quiet"]) as make:
         rep = inference.embed(adata, bundle, view=view, device=device, threads=threads, batch_size=batch_size,  # type: ignore[arg-type]
@@ -422,6 +423,7 @@ def cluster(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path,
         data.check_output(p, overwrite=overwrite, inputs=(input_h5ad, model_dir))
     bundle = data.read_bundle(model_dir)
     data.check_mode(bundle, spatial=spatial)
+    bundle.file(inference.ONNX_FILES[view])  # a model trained with --no-export fails here, before the query's graph
     adata = data.read_h5ad_checked(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
     with _progress(not ctx.obj["quiet"]) as make:
         rep = inference.cluster(adata, bundle, denovo=denovo, n_clusters=n_clusters, seed=seed, view=view, device=device,
