@@ -97,31 +97,83 @@ def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, 
     return labels.astype(np.int64), sim[np.arange(sim.shape[0]), labels].astype(np.float32)
 
 
-def choose_n_clusters(
-    x: np.ndarray, *, seed: int, k_min: int = 3, k_max: int = 30, sample_size: int = 3000
-) -> tuple[int, dict[int, float]]:
-    """Label-free cluster count: the k with the best cosine silhouette of k-means on `x` (N, d).
+def louvain(adj: sp.csr_matrix, *, resolution: float = 1.0, seed: int = 0, max_levels: int = 10) -> np.ndarray:
+    """Louvain modularity communities of a symmetric weighted graph (Blondel et al. 2008).
 
-    Scores on a fixed random subsample of at most `sample_size` cells. Returns the chosen k and
-    the score for every k tried.
+    adj: CSR (N, N), symmetric, non-negative, no self loops needed. Returns labels (N,) int64.
+    The node loop is in Python, so callers pass graphs of at most some ten thousand nodes.
     """
-    from sklearn.metrics import silhouette_score
+    rng = np.random.default_rng(seed)
+    n0 = adj.shape[0]
+    member = np.arange(n0)
+    graph = sp.csr_matrix(adj, dtype=np.float64)
+    for _ in range(max_levels):
+        n = graph.shape[0]
+        k = np.asarray(graph.sum(axis=1)).ravel()
+        m2 = k.sum()
+        if m2 == 0:
+            break
+        comm = np.arange(n)
+        tot = k.copy()
+        self_w = graph.diagonal()
+        moved_any = False
+        for _pass in range(20):
+            moved = 0
+            for i in rng.permutation(n):
+                lo, hi = graph.indptr[i], graph.indptr[i + 1]
+                nbr, w = graph.indices[lo:hi], graph.data[lo:hi]
+                keep = nbr != i
+                cands, inv = np.unique(comm[nbr[keep]], return_inverse=True)
+                w_to = np.bincount(inv, weights=w[keep], minlength=cands.size)
+                ci = comm[i]
+                tot[ci] -= k[i]
+                w_own = w_to[cands == ci].sum()
+                gain = w_to - resolution * tot[cands] * k[i] / m2
+                best_gain = w_own - resolution * tot[ci] * k[i] / m2
+                best = ci
+                if cands.size:
+                    j = int(np.argmax(gain))
+                    if gain[j] > best_gain + 1e-12:
+                        best = cands[j]
+                comm[i] = best
+                tot[best] += k[i]
+                moved += int(best != ci)
+            if moved == 0:
+                break
+            moved_any = True
+        del self_w
+        uniq, comm = np.unique(comm, return_inverse=True)
+        member = comm[member]
+        if not moved_any or uniq.size == n:
+            break
+        p = sp.csr_matrix((np.ones(n), (np.arange(n), comm)), shape=(n, uniq.size))
+        graph = sp.csr_matrix(p.T @ graph @ p)
+    return member.astype(np.int64)
+
+
+def choose_n_clusters(
+    x: np.ndarray, *, seed: int, n_neighbors: int = 15, sample_size: int = 5000, min_fraction: float = 0.005
+) -> tuple[int, dict[str, float]]:
+    """Label-free cluster count from the embedding alone.
+
+    Builds the cosine kNN graph of `x` (N, d) (on a fixed random subsample of at most
+    `sample_size` cells), finds its Louvain communities at resolution 1 (the scanpy default for
+    Leiden), and returns the number of communities holding at least `min_fraction` of the cells
+    (at least 2), with a small record of how it was found.
+    """
+    from .graphs import knn_cosine, knn_to_adjacency
 
     n = x.shape[0]
     rng = np.random.default_rng(seed)
     sub = np.sort(rng.choice(n, size=min(n, sample_size), replace=False))
     xs = unit_rows(x[sub])
-    scores: dict[int, float] = {}
-    for k in range(k_min, min(k_max, xs.shape[0] - 1) + 1):
-        res = cosine_kmeans(xs, k, seed=seed, n_init=3)
-        if len(np.unique(res.labels)) < 2:
-            continue
-        scores[k] = float(silhouette_score(xs, res.labels, metric="cosine"))
-    if not scores:
-        return max(1, min(k_min, n)), scores
-    best = max(scores, key=lambda kk: (scores[kk], -kk))
-    log.info("label-free cluster count: k=%d (silhouette %.3f)", best, scores[best])
-    return best, scores
+    adj = knn_to_adjacency(knn_cosine(xs, min(n_neighbors, xs.shape[0])))
+    labels = louvain(adj, resolution=1.0, seed=seed)
+    sizes = np.bincount(labels)
+    k = int(max(2, (sizes >= max(2.0, min_fraction * sub.size)).sum()))
+    k = min(k, n)
+    log.info("label-free cluster count: k=%d (Louvain communities of the embedding kNN graph: %d)", k, sizes.size)
+    return k, {"louvain_communities": float(sizes.size), "cells_used": float(sub.size)}
 
 
 def marker_table(

@@ -252,7 +252,7 @@ def cluster(
         method = "given"
         if k is None:
             k, _ = clustering.choose_n_clusters(emb, seed=seed)
-            method = "silhouette"
+            method = "louvain-count"
         res = clustering.cosine_kmeans(emb, k, seed=seed)
         labels = res.labels
         conf = (clustering.unit_rows(emb) * res.centroids[labels]).sum(1).astype(np.float32)

@@ -95,7 +95,7 @@ def train_model(
 
     if n_clusters is None:
         k, scores = clustering.choose_n_clusters(result.fused, seed=config.seed)
-        k_method = "silhouette"
+        k_method = "louvain-count"
     else:
         k, scores, k_method = n_clusters, {}, "given"
     km = clustering.cosine_kmeans(result.fused, k, seed=config.seed)
@@ -142,7 +142,7 @@ def train_model(
         },
         "clusters": {
             "n_clusters": int(km.centroids.shape[0]), "method": k_method,
-            "silhouette": {str(k_): round(v, 5) for k_, v in scores.items()},
+            "k_selection": scores,
             "centroids_fused": km.centroids.tolist(), "centroids_cell": cent_cell.tolist(),
         },
         "onnx": dict(ONNX_FILES),

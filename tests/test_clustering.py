@@ -1,0 +1,64 @@
+"""Clustering: k-means quality and determinism, nearest centroids, label-free K, markers."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from scrcl_cli import clustering
+from scrcl_cli.graphs import knn_cosine, knn_to_adjacency
+from scrcl_cli.metrics import ari
+
+
+def _blobs(n=600, k=5, d=12, seed=0, noise=0.3):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, d)) * 3
+    y = rng.integers(k, size=n)
+    return centers[y] + noise * rng.normal(size=(n, d)), y
+
+
+def test_kmeans_same_seed_same_labels_and_recovers_blobs():
+    x, y = _blobs()
+    a = clustering.cosine_kmeans(x, 5, seed=3)
+    b = clustering.cosine_kmeans(x, 5, seed=3)
+    assert np.array_equal(a.labels, b.labels)
+    assert ari(y, a.labels) > 0.95
+    np.testing.assert_allclose(np.linalg.norm(a.centroids, axis=1), 1.0, rtol=1e-9)
+
+
+def test_kmeans_handles_more_clusters_than_distinct_points():
+    x = np.repeat(np.eye(3), 10, axis=0)
+    res = clustering.cosine_kmeans(x, 5, seed=0)
+    assert res.labels.max() < 5 and np.isfinite(res.centroids).all()
+    assert len(np.unique(res.labels)) == 5  # empty clusters were re-seeded
+
+
+def test_nearest_centroid_reproduces_converged_kmeans_labels():
+    x, _ = _blobs(seed=1)
+    res = clustering.cosine_kmeans(x, 5, seed=0)
+    labels, conf = clustering.nearest_centroid(x, res.centroids)
+    assert np.array_equal(labels, res.labels)
+    assert conf.min() > 0.5
+
+
+def test_louvain_recovers_planted_communities():
+    x, y = _blobs(n=800, k=6, noise=0.5, seed=2)
+    labels = clustering.louvain(knn_to_adjacency(knn_cosine(x, 15)), seed=0)
+    assert ari(y, labels) > 0.9
+
+
+def test_choose_n_clusters_finds_planted_k_without_labels():
+    x, _ = _blobs(n=900, k=7, noise=0.4, seed=4)
+    k, info = clustering.choose_n_clusters(x, seed=0)
+    assert k == 7 and info["cells_used"] == 900
+
+
+def test_marker_table_ranks_the_gene_specific_to_each_cluster_first():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 50)
+    x = rng.poisson(0.2, size=(150, 6)).astype(float)
+    for c in range(3):
+        x[labels == c, c] += 5
+    rows = clustering.marker_table(sp.csr_matrix(np.log1p(x)), [f"g{i}" for i in range(6)], labels, n_top=2)
+    firsts = {r[0]: r[2] for r in rows if r[1] == 1}
+    assert firsts == {"0": "g0", "1": "g1", "2": "g2"}
