@@ -1,0 +1,53 @@
+"""`--spatial` end to end on a real section: refined labels, stored scaling, modes never switch silently."""
+
+from __future__ import annotations
+
+import anndata
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from scrcl_cli import data
+from scrcl_cli.cli import cli
+
+from conftest import shared
+
+
+@pytest.fixture(scope="module")
+def section(tmp_path_factory):
+    """A contiguous 800-spot window of the osmFISH section (labels dropped)."""
+    a = anndata.read_h5ad(shared("osmfish_sscortex.h5ad"))
+    xy = np.asarray(a.obsm["spatial"])
+    keep = np.argsort(xy[:, 1])[:800]
+    sub = a[np.sort(keep)].copy()
+    sub.obs = sub.obs[[]]
+    path = tmp_path_factory.mktemp("spatial") / "osmfish_window.h5ad"
+    sub.write_h5ad(path)
+    return path
+
+
+@pytest.mark.needs_shared_data
+def test_spatial_train_then_cluster_writes_refined_domains(section, tmp_path):
+    pytest.importorskip("torch")
+    runner = CliRunner()
+    model = tmp_path / "m"
+    res = runner.invoke(cli, ["-q", "train", "--spatial", str(section), "-o", str(model), "--epochs", "3",
+                              "--hidden-dim", "32", "--out-dim", "6", "--n-clusters", "5", "--refine-neighbours", "10",
+                              "--out-h5ad", str(tmp_path / "train.h5ad")])
+    assert res.exit_code == 0, res.output
+    m = data.read_bundle(model).manifest
+    assert m["preprocessing"]["mode"] == "spatial" and len(m["preprocessing"]["gene_std"]) == len(m["genes"]) == 33
+    assert m["graph"]["kind"] == "spatial" and m["graph"]["refine_neighbours"] == 10
+    trained = anndata.read_h5ad(tmp_path / "train.h5ad")
+    assert {"scrcl_cluster", "scrcl_cluster_refined"} <= set(trained.obs.columns)
+
+    out = tmp_path / "c.h5ad"
+    res = runner.invoke(cli, ["-q", "cluster", "--spatial", str(section), "-m", str(model), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    c = anndata.read_h5ad(out)
+    assert c.obs["scrcl_cluster_refined"].dtype == "category"
+    # Same section: the exported encoder reproduces the training labels.
+    assert (c.obs["scrcl_cluster"].to_numpy() == trained.obs["scrcl_cluster"].to_numpy()).mean() > 0.99
+
+    res = runner.invoke(cli, ["cluster", str(section), "-m", str(model), "-o", str(tmp_path / "x.h5ad")])
+    assert res.exit_code == 1 and "was trained with --spatial" in res.output
