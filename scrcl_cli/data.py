@@ -196,6 +196,9 @@ def check_output(dest: Path, *, overwrite: bool, inputs: tuple[Path, ...] = ()) 
     if dest.exists() and not overwrite:
         raise ScrclError(f"{dest} already exists", "Pass --overwrite or choose another output path")
     parent = dest.parent if str(dest.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():  # mkdir would only say "File exists"
+        raise ScrclError(f"cannot write into {parent}: it is a file, not a directory",
+                         "Choose an output path in a writable directory")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         probe = parent / f".{dest.name}{TMP_TAG}probe-{uuid.uuid4().hex[:8]}"
