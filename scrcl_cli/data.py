@@ -217,7 +217,7 @@ _stop_requested = False
 
 def request_stop() -> None:
     """Make every later output commit fail with KeyboardInterrupt (called by the CLI's signal handler)."""
-    global _stop_requested  # noqa: PLW0603
+    global _stop_requested
     _stop_requested = True
 
 
