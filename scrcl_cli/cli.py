@@ -455,6 +455,7 @@ def cluster(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path,
 def export(model_dir: Path) -> None:
     """Re-export the ONNX encoders of MODEL_DIR from its torch weights."""
     import io
+    import pickle
 
     import torch
 
@@ -462,7 +463,11 @@ def export(model_dir: Path) -> None:
     from .workflow import export_files
 
     bundle = data.read_bundle(model_dir)
-    state = torch.load(io.BytesIO(bundle.read_bytes("weights.pt")), weights_only=True)
+    try:
+        state = torch.load(io.BytesIO(bundle.read_bytes("weights.pt")), weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refuses anything but tensors: never unpickle code
+        raise ScrclError(f"weights.pt in {model_dir} holds objects other than tensors, which are never unpickled",
+                         "Use a model directory written by scrcl-cli train, from a trusted source") from exc
     gene_emb = state.pop("gene_emb").numpy()
     files = {name: bundle.read_bytes(name) for name in bundle.manifest["files"]}
     files.update(export_files(state, gene_emb, bundle.manifest))
