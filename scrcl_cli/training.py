@@ -158,16 +158,9 @@ def fit(
     b = choose_batch_size(n, g, config.hidden_dim, device, batch_size)
     if b is not None:
         return _fit_minibatch(inputs, config, device=device, batch_size=b, on_epoch=on_epoch)
-    model = ScRCL(g, n, config.hidden_dim, config.out_dim, config.dropout, config.seed).to(device)
-    gen = torch.Generator(device=device).manual_seed(config.seed + 1)
-    x0 = torch.from_numpy(inputs.x0).to(device)
-    x1 = x0 if config.t0 == config.t1 else torch.from_numpy(inputs.x1).to(device)
+    model, gen, x0, x1, gene_prop, opt, log_t = _setup(inputs, config, device)
     a_hat = to_torch_sparse(inputs.a_hat, device)
     adj = to_torch_sparse(inputs.adj, device)
-    gene_prop = to_torch_sparse(inputs.gene_prop, device)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    # The loss log stays on the device; one copy to the host after the loop.
-    log_t = torch.zeros(config.epochs, 4, dtype=torch.float64, device=device)
     t_start = time.perf_counter()
     model.train()
     for epoch in range(config.epochs):
@@ -182,6 +175,26 @@ def fit(
         log_t[epoch] = torch.stack([terms.total, terms.eda, terms.nca, terms.cvc]).detach().double()
         if on_epoch is not None:
             on_epoch(epoch, terms)
+    return _finish(model, x0, x1, a_hat, gene_prop, log_t, t_start, device)
+
+
+def _setup(inputs: TrainInputs, config: TrainConfig, device: torch.device) -> tuple[Any, ...]:
+    """Model, dropout generator, inputs on the device, gene graph, optimiser and loss log."""
+    n, g = inputs.x0.shape
+    model = ScRCL(g, n, config.hidden_dim, config.out_dim, config.dropout, config.seed).to(device)
+    gen = torch.Generator(device=device).manual_seed(config.seed + 1)
+    x0 = torch.from_numpy(inputs.x0).to(device)
+    x1 = x0 if config.t0 == config.t1 else torch.from_numpy(inputs.x1).to(device)
+    gene_prop = to_torch_sparse(inputs.gene_prop, device)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # The loss log stays on the device; one copy to the host after the loop.
+    log_t = torch.zeros(config.epochs, 4, dtype=torch.float64, device=device)
+    return model, gen, x0, x1, gene_prop, opt, log_t
+
+
+def _finish(model: ScRCL, x0: Tensor, x1: Tensor, a_hat: Tensor, gene_prop: Tensor, log_t: Tensor, t_start: float,
+            device: torch.device, extra: dict[str, Any] | None = None) -> TrainResult:
+    """Eval-mode embedding of every cell on the whole graph, and the result record."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t_start
@@ -198,6 +211,7 @@ def fit(
         z1=out.z1.cpu().numpy(),
         gene_emb=out.gene_emb.cpu().numpy(),
         seconds=seconds,
+        extra=extra or {},
     )
 
 
@@ -263,18 +277,12 @@ def _fit_minibatch(
     encoder's X0^T W is estimated from the batch scaled by N / B. The final embedding is computed
     on the whole graph.
     """
-    n, g = inputs.x0.shape
-    model = ScRCL(g, n, config.hidden_dim, config.out_dim, config.dropout, config.seed).to(device)
-    gen = torch.Generator(device=device).manual_seed(config.seed + 1)
-    x0 = torch.from_numpy(inputs.x0).to(device)
-    x1 = x0 if config.t0 == config.t1 else torch.from_numpy(inputs.x1).to(device)
+    n = inputs.x0.shape[0]
+    model, gen, x0, x1, gene_prop, opt, log_t = _setup(inputs, config, device)
     row, col = _edges(inputs.adj, device)
     csr = inputs.adj.tocsr()
     indptr = torch.from_numpy(csr.indptr.astype(np.int64)).to(device)
     indices = torch.from_numpy(csr.indices.astype(np.int64)).to(device)
-    gene_prop = to_torch_sparse(inputs.gene_prop, device)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    log_t = torch.zeros(config.epochs, 4, dtype=torch.float64, device=device)
     avg_deg = csr.nnz / max(n, 1)
     log.info("mini-batch training: about %d cells per batch, %d batches per epoch", batch_size, max(1, round(n / batch_size)))
     t_start = time.perf_counter()
@@ -294,18 +302,5 @@ def _fit_minibatch(
         log_t[epoch] = acc / len(batches)
         if on_epoch is not None:
             on_epoch(epoch, terms)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t_start
-    model.eval()
-    with torch.no_grad():
-        out = model(x0, x1, to_torch_sparse(inputs.a_hat, device), gene_prop)
-    return TrainResult(
-        state={k: v.detach().cpu() for k, v in model.state_dict().items()},
-        losses=log_t.cpu().numpy(),
-        fused=out.fused.cpu().numpy(),
-        z1=out.z1.cpu().numpy(),
-        gene_emb=out.gene_emb.cpu().numpy(),
-        seconds=seconds,
-        extra={"batch_size": batch_size},
-    )
+    return _finish(model, x0, x1, to_torch_sparse(inputs.a_hat, device), gene_prop, log_t, t_start, device,
+                   extra={"batch_size": batch_size})
