@@ -156,7 +156,7 @@ build_image() {
     log "building $tag from $dockerfile on $base"
     local t0=$SECONDS
     buildah bud \
-        --format docker --isolation chroot --network host --layers \
+        --format docker --isolation chroot --network host --layers --force-rm \
         "${ca_mount[@]}" \
         --build-arg BASE="$base" \
         --build-arg VERSION="$version" \

@@ -125,8 +125,11 @@ for name in ("onnxruntime", "onnxruntime-gpu"):
         pass
 print(f"onnxruntime {ort.__version__} ({', '.join(dists)}), device {ort.get_device()}")
 print(f"available providers: {ort.get_available_providers()}")
-if "onnxruntime" in [d.split()[0] for d in dists]:
-    sys.exit("FAIL ORT: plain onnxruntime is installed next to onnxruntime-gpu")
+names = [d.split()[0] for d in dists]
+if "onnxruntime-gpu" not in names:
+    sys.exit("FAIL ORT: onnxruntime-gpu is not installed")
+if "onnxruntime" in names:
+    sys.exit("FAIL ORT: plain onnxruntime is installed next to onnxruntime-gpu and hides its CUDA provider")
 
 x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 256])
 y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 64])
