@@ -243,8 +243,8 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 @_opt("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.1)
 @_opt("--lambda1", type=click.FloatRange(min=0), default=100.0, help="Weight of the NCA loss.")
 @_opt("--lambda2", type=click.FloatRange(min=0), default=1.0, help="Weight of the CVC loss.")
-@_opt("--t0", type=click.IntRange(min=0), default=0, help="Graph smoothing steps for the MLP view input.")
-@_opt("--t1", type=click.IntRange(min=0), default=0, help="Graph smoothing steps for the GCN view input.")
+@_opt("--t0", type=click.IntRange(min=0), default=4, help="Graph smoothing steps for the MLP view input (Â^t0 X).")
+@_opt("--t1", type=click.IntRange(min=0), default=2, help="Graph smoothing steps for the GCN view input (Â^t1 X).")
 @_opt("--n-neighbors", type=click.IntRange(min=2), default=15, help="k of the cell kNN graph, the cell included.")
 @_opt("--n-top-genes", type=click.IntRange(min=1), default=None,
       help="Highly variable genes: 2000 (seurat flavour) by default, 3000 (seurat_v3) with --spatial.")
@@ -524,7 +524,7 @@ def demo(ctx: click.Context, outdir: Path, epochs: int, hidden_dim: int, seed: i
     model, clustered = outdir / "model", outdir / "pbmc68k_clustered.h5ad"
     ctx.invoke(train, input_h5ad=example, output=model, out_h5ad=None, n_clusters=None, spatial=False, refine_neighbours=50, batch_size=None, no_export=False, seed=seed,
                device=device, threads=0, overwrite=overwrite, epochs=epochs, hidden_dim=hidden_dim, out_dim=16,
-               dropout=0.3, lr=1e-4, weight_decay=0.1, temperature=0.1, lambda1=100.0, lambda2=1.0, t0=0, t1=0,
+               dropout=0.3, lr=1e-4, weight_decay=0.1, temperature=0.1, lambda1=100.0, lambda2=1.0, t0=4, t1=2,
                n_neighbors=15, n_top_genes=None, input_mode="lognorm", expression="counts")
     ctx.invoke(cluster, input_h5ad=example, model_dir=model, output=clustered, markers=None, denovo=False,
                n_clusters=None, view="fused", key_added="X_scrcl", spatial=False, plot=None, batch_size=4096, min_gene_overlap=0.5, seed=seed,

@@ -38,8 +38,8 @@ class TrainConfig:
     temperature: float = 0.1
     lambda1: float = 100.0
     lambda2: float = 1.0
-    t0: int = 0
-    t1: int = 0
+    t0: int = 4
+    t1: int = 2
     n_neighbors: int = 15
     gene_neighbors: int = 5
     n_top_genes: int = 2000
