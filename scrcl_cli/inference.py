@@ -39,6 +39,12 @@ def open_session(bundle: ModelBundle, view: str, *, device: Device = "auto", thr
     import onnxruntime as ort
 
     providers = ort_providers(device)
+    if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
+        # Load CUDA/cuDNN from the nvidia wheels before the session looks for them (ecosystem §4).
+        ort.preload_dlls()
+    if device != "cuda":
+        # In auto mode a missing GPU is expected; ORT's provider errors would only alarm users.
+        ort.set_default_logger_severity(3)
     opts = ort.SessionOptions()
     if threads > 0:
         opts.intra_op_num_threads = threads
