@@ -107,32 +107,48 @@ def query_graph(
     return graphs.gcn_norm(adj)
 
 
-def _two_hop_batches(a_hat: sp.csr_matrix, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+def _two_hop_batches(
+    a_hat: sp.csr_matrix, batch_size: int, max_slots: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Yield (targets, local nodes, local nbr, local w) for batches of consecutive target cells.
 
     The rows of the targets' neighbours are complete, so two GCN layers on the local subgraph
-    give the targets exactly the embedding of the whole graph.
+    give the targets exactly the embedding of the whole graph. The encoder gathers a
+    (nodes, K, H) tensor, so a batch is halved until nodes * K <= `max_slots`: memory stays
+    bounded whatever the degree distribution of the graph.
     """
     n = a_hat.shape[0]
-    for start in range(0, n, batch_size):
-        targets = np.arange(start, min(n, start + batch_size))
-        hop1 = np.union1d(targets, a_hat[targets].indices)
-        nodes = np.union1d(hop1, a_hat[hop1].indices)
-        sub = a_hat[nodes][:, nodes].tocsr()
-        # Rows of nodes beyond hop 1 are incomplete; they only feed nothing the targets use.
-        inner = np.isin(nodes, hop1)
-        sub = sp.diags(inner.astype(np.float32)) @ sub + sp.diags((~inner).astype(np.float32))
-        sub = sp.csr_matrix(sub, dtype=np.float32)
-        sub.eliminate_zeros()
+    start = 0
+    size = batch_size
+    while start < n:
+        while True:
+            targets = np.arange(start, min(n, start + size))
+            hop1 = np.union1d(targets, a_hat[targets].indices)
+            nodes = np.union1d(hop1, a_hat[hop1].indices)
+            sub = a_hat[nodes][:, nodes].tocsr()
+            # Rows of nodes beyond hop 1 are incomplete; the targets never read them.
+            inner = np.isin(nodes, hop1)
+            sub = sp.diags(inner.astype(np.float32)) @ sub + sp.diags((~inner).astype(np.float32))
+            sub = sp.csr_matrix(sub, dtype=np.float32)
+            sub.eliminate_zeros()
+            k = int(np.diff(sub.indptr).max())
+            if nodes.size * k <= max_slots or size == 1:
+                break
+            size = max(1, size // 2)
         nbr, w = graphs.padded_neighbours(sub)
         yield targets, nodes, nbr, w
+        start += targets.size
 
 
 def run_encoder(
     session: Any, view: str, model_input: sp.csr_matrix, a_hat: sp.csr_matrix | None, graph_params: dict[str, Any],
-    *, batch_size: int = 4096, progress: Progress | None = None,
+    *, batch_size: int = 4096, progress: Progress | None = None, hidden_dim: int = 1500,
+    gather_bytes: int = 256 << 20,
 ) -> np.ndarray:
-    """Run the ONNX encoder over all cells; returns float32 (N, 2*O) for fused, (N, O) for cell."""
+    """Run the ONNX encoder over all cells; returns float32 (N, 2*O) for fused, (N, O) for cell.
+
+    gather_bytes bounds the fused view's largest intermediate, a (nodes, K, hidden_dim) float32 gather.
+    """
     n = model_input.shape[0]
     t0, t1 = int(graph_params["t0"]), int(graph_params["t1"])
     if (t0 > 0 or view == "fused") and a_hat is None:
@@ -152,7 +168,7 @@ def run_encoder(
         assert out is not None
         return out
     done = 0
-    for targets, nodes, nbr, w in _two_hop_batches(a_hat, batch_size):
+    for targets, nodes, nbr, w in _two_hop_batches(a_hat, batch_size, max(1, gather_bytes // (4 * hidden_dim))):
         feeds = {"x0": x0[nodes].toarray(), "x1": x1[nodes].toarray(), "nbr": nbr, "w": w}
         z = session.run(None, feeds)[0]
         out = np.empty((n, z.shape[1]), dtype=np.float32) if out is None else out
@@ -205,7 +221,8 @@ def embed(
         log.info("this file has obsm['spatial']; models trained with --spatial use it")
     a_hat = query_graph(query.lognorm, params, coords=coords) if need_graph else None
     session, provider = open_session(bundle, view, device=device, threads=threads)
-    emb = run_encoder(session, view, query.model_input, a_hat, params, batch_size=batch_size, progress=progress)
+    emb = run_encoder(session, view, query.model_input, a_hat, params, batch_size=batch_size, progress=progress,
+                      hidden_dim=int(bundle.manifest["model"]["hidden_dim"]))
     adata.obsm[key_added] = emb
     adata.uns["scrcl"] = {
         "scrcl_version": __version__,

@@ -108,3 +108,19 @@ def test_real_query_half_clustered_with_model_trained_on_other_half(tmp_path):
     score = ari(truth, pred)
     print(f"\nheld-out half of pbmc_10x_4k (K=8 from the reference half): ARI = {score:.3f}")
     assert score > 0.3  # far above chance (0); the accuracy benchmark measures the full setting
+
+
+def test_fused_batches_bounded_by_gather_budget_give_same_embedding(trained_model):
+    """A tiny gather budget forces many small two-hop batches; the result must not change."""
+    bundle = data.read_bundle(trained_model)
+    q = _query()
+    query = inference.prepare_query(q, bundle, min_gene_overlap=0.5, name="q")
+    a_hat = inference.query_graph(query.lognorm, bundle.manifest["graph"])
+    session, _ = inference.open_session(bundle, "fused")
+    params = bundle.manifest["graph"]
+    whole = inference.run_encoder(session, "fused", query.model_input, a_hat, params, batch_size=100000, hidden_dim=64)
+    calls = []
+    small = inference.run_encoder(session, "fused", query.model_input, a_hat, params, batch_size=100000, hidden_dim=64,
+                                  gather_bytes=64 * 4 * 2000, progress=lambda d, n: calls.append(d))
+    assert len(calls) > 5  # the budget split the work
+    assert np.abs(whole - small).max() <= 1e-5
