@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# GPU benchmark suite for scrcl-cli: one prepared script that a CUDA host runs unchanged.
+#
+#   bash benchmarks/gpu_suite.sh [RESULTS_DIR]        # SUITE=quick (default) or SUITE=full
+#
+# It runs, on the GPU, writing everything to RESULTS_DIR (default $OUT, else /tmp/scrcl_gpu_suite):
+#   1. benchmarks/train_memory.py --device cuda: time and peak GPU memory of one training step
+#      (forward + backward + Adam) against N, linear losses vs the dense N x N form in the same
+#      run, H = 1500 (the reference width), G = 2000; the dense form runs until it is out of memory.
+#   2. Full default training (500 epochs, every default) of scrcl-cli on pbmc_10x_4k_top2000 on
+#      CUDA, wall time and s/epoch, next to a 3-epoch CPU run on the same host for the CPU s/epoch.
+#   3. benchmarks/inference.py --device cuda: embed cells/s and peak memory, ONNX Runtime (CUDA
+#      provider, verified) vs torch on CUDA, reusing the model trained in 2.
+# Installs nothing except `pip install -e .[train,gpu]` when scrcl_cli, torch or onnxruntime-gpu
+# is missing. Generated data and models go to $SCRCL_BENCH_DIR (default /tmp/scrcl_bench_gpu).
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+RESULTS=${1:-${OUT:-/tmp/scrcl_gpu_suite}}
+SUITE=${SUITE:-quick}
+export SCRCL_BENCH_DIR=${SCRCL_BENCH_DIR:-/tmp/scrcl_bench_gpu}
+mkdir -p "$RESULTS" "$SCRCL_BENCH_DIR"
+SUMMARY="$RESULTS/summary.md"
+PY=${PYTHON:-python}
+
+say() { echo "[gpu_suite $(date +%H:%M:%S)] $*" | tee -a "$RESULTS/suite.log"; }
+
+# ---- data: ../shared/data beside the checkout, or shared/data inside it
+DATA=${SCRCL_DATA:-}
+for d in ../shared/data shared/data; do
+  if [ -z "$DATA" ] && [ -f "$d/pbmc_10x_4k_top2000.h5ad" ]; then DATA=$d; fi
+done
+if [ -z "$DATA" ]; then say "error: pbmc_10x_4k_top2000.h5ad not found (set SCRCL_DATA)"; exit 1; fi
+SRC="$DATA/pbmc_10x_4k_top2000.h5ad"
+
+# ---- environment
+if ! $PY -c "import scrcl_cli, torch, onnxruntime" 2>/dev/null; then
+  say "installing the project: pip install -e .[train,gpu]"
+  $PY -m pip install -q -e ".[train,gpu]" || { say "error: pip install failed"; exit 1; }
+fi
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  say "error: torch sees no CUDA device; this suite needs a GPU"; exit 1
+fi
+{ nvidia-smi || true; } > "$RESULTS/nvidia-smi.txt" 2>&1
+scrcl-cli info > "$RESULTS/env.txt" 2>&1
+nproc >> "$RESULTS/env.txt"; free -g >> "$RESULTS/env.txt"
+git rev-parse HEAD >> "$RESULTS/env.txt" 2>/dev/null || true
+say "suite=$SUITE results=$RESULTS data=$SRC"
+
+if [ "$SUITE" = full ]; then
+  TRAIN_SIZES=5000,10000,20000,30000,40000,50000,80000,160000,320000,640000,1000000
+  INF_SIZES=10000,50000,200000,1000000
+  CHILD_TIMEOUT=900
+else
+  TRAIN_SIZES=5000,10000,20000,40000,80000,160000
+  INF_SIZES=10000,50000,200000
+  CHILD_TIMEOUT=420
+fi
+
+{
+  echo "# scrcl-cli GPU suite ($SUITE), $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  echo '```'; cat "$RESULTS/env.txt"; echo '```'
+} > "$SUMMARY"
+
+# ---- 1. training step: linear vs dense, on the GPU
+say "1/3 training step memory and time (train_memory.py --device cuda)"
+$PY benchmarks/train_memory.py --device cuda --hidden-dim 1500 --out-dim 16 --sizes "$TRAIN_SIZES" \
+  --dense-max 60000 --steps 3 --child-timeout "$CHILD_TIMEOUT" --source "$SRC" \
+  --json "$RESULTS/train_memory_cuda.jsonl" --md "$RESULTS/train_memory_cuda.md" \
+  2>&1 | tee "$RESULTS/train_memory_cuda.log"
+{ echo; echo "## 1. Training step, CUDA"; echo; cat "$RESULTS/train_memory_cuda.md" 2>/dev/null || echo "(failed, see train_memory_cuda.log)"; } >> "$SUMMARY"
+
+# ---- 2. full default training on CUDA, and the CPU s/epoch on the same host
+say "2/3 full default training (500 epochs) on CUDA"
+MODEL="$SCRCL_BENCH_DIR/model_pbmc4k_default_cuda"
+rm -rf "$MODEL"
+$PY benchmarks/benchutil.py --json "$RESULTS/train_full_cuda.json" -- scrcl-cli train "$SRC" -o "$MODEL" \
+  --device cuda --seed 0 -q > "$RESULTS/train_full_cuda.log" 2>&1 || say "CUDA training failed"
+say "2/3 CPU reference on this host: 3 epochs, default architecture"
+rm -rf "$SCRCL_BENCH_DIR/model_pbmc4k_cpu3"
+$PY benchmarks/benchutil.py --json "$RESULTS/train_cpu3.json" -- scrcl-cli train "$SRC" \
+  -o "$SCRCL_BENCH_DIR/model_pbmc4k_cpu3" --device cpu --epochs 3 --seed 0 --no-export -q \
+  > "$RESULTS/train_cpu3.log" 2>&1 || say "CPU training failed"
+$PY - "$MODEL" "$SCRCL_BENCH_DIR/model_pbmc4k_cpu3" "$RESULTS" >> "$SUMMARY" <<'EOF'
+import json, sys
+from pathlib import Path
+gpu, cpu, res = map(Path, sys.argv[1:4])
+print("\n## 2. Full default training, pbmc_10x_4k_top2000 (4,271 cells, 2,000 genes, H 1500, 500 epochs)\n")
+print("| run | device | epochs | training s | s/epoch | command wall s | peak host RSS |")
+print("|---|---|---|---|---|---|---|")
+for model, tfile, label in ((gpu, res / "train_full_cuda.json", "default"), (cpu, res / "train_cpu3.json", "--epochs 3")):
+    try:
+        run = json.loads(tfile.read_text())
+        m = json.loads((model / "scrcl_model.json").read_text())
+        t = m["training"]; e = m["config"]["epochs"]
+        print(f"| scrcl-cli train {label} | {t['device']} | {e} | {t['seconds']:.1f} | {t['seconds'] / e:.4f} | "
+              f"{run['wall_s']:.1f} | {run['peak_rss'] / 2**30:.2f} GiB |")
+    except Exception as exc:  # keep the suite going; the log has the details
+        print(f"| scrcl-cli train {label} | failed ({type(exc).__name__}: {exc}) | | | | | |")
+EOF
+
+# ---- 3. inference on the GPU: ONNX Runtime CUDA provider vs torch CUDA
+say "3/3 inference (inference.py --device cuda)"
+INF_MODEL="$MODEL"
+[ -f "$MODEL/scrcl_model.json" ] || INF_MODEL=""
+$PY benchmarks/inference.py --device cuda --sizes "$INF_SIZES" ${INF_MODEL:+--model "$INF_MODEL"} \
+  --child-timeout "$CHILD_TIMEOUT" --source "$SRC" \
+  --json "$RESULTS/inference_cuda.jsonl" --md "$RESULTS/inference_cuda.md" 2>&1 | tee "$RESULTS/inference_cuda.log"
+{ echo; echo "## 3. Inference, CUDA"; echo; cat "$RESULTS/inference_cuda.md" 2>/dev/null || echo "(failed, see inference_cuda.log)"; } >> "$SUMMARY"
+
+say "done: $SUMMARY"
