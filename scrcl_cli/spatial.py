@@ -178,6 +178,8 @@ def highly_variable_seurat_v3(counts: sp.csr_matrix, n_top_genes: int, *, span: 
     """
     x = sp.csr_matrix(counts)
     n, g = x.shape
+    if x.nnz and not np.array_equal(x.data, np.round(x.data)):
+        log.warning("seurat_v3 expects raw counts, but X holds non-integer values")
     if n_top_genes >= g:
         return np.ones(g, dtype=bool)
     mean, var = _mean_var(x)
