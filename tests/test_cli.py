@@ -67,3 +67,12 @@ def test_info_reports_torch_and_onnxruntime():
     res = CliRunner().invoke(cli, ["info"])
     assert res.exit_code == 0
     assert "onnxruntime providers:" in res.output and "torch" in res.output
+
+
+def test_demo_trains_clusters_and_scores_the_bundled_example(tmp_path):
+    pytest.importorskip("torch")
+    res = CliRunner().invoke(cli, ["-q", "demo", "-o", str(tmp_path / "d"), "--epochs", "2", "--hidden-dim", "16"])
+    assert res.exit_code == 0, res.output
+    assert re.search(r"demo: ARI against the published PBMC annotation = -?\d\.\d{3}", res.output)
+    assert (tmp_path / "d" / "pbmc68k_clustered.h5ad").exists()
+    assert data.read_bundle(tmp_path / "d" / "model").manifest["training"]["n_cells"] == 700
