@@ -153,9 +153,10 @@ def run_encoder(
     t0, t1 = int(graph_params["t0"]), int(graph_params["t1"])
     if (t0 > 0 or view == "fused") and a_hat is None:
         raise ValueError("this view needs the query graph")
-    x0 = graphs.smooth(model_input, a_hat, t0) if t0 else model_input
-    x1 = graphs.smooth(model_input, a_hat, t1) if t1 else model_input
-    x0, x1 = sp.csr_matrix(x0, dtype=np.float32), sp.csr_matrix(x1, dtype=np.float32)
+    x0 = sp.csr_matrix(graphs.smooth(model_input, a_hat, t0) if t0 else model_input, dtype=np.float32)
+    # Only the fused view reads the GCN input; the per-cell view skips its smoothing.
+    x1 = x0 if view == "cell" or t1 == t0 else sp.csr_matrix(
+        graphs.smooth(model_input, a_hat, t1) if t1 else model_input, dtype=np.float32)
     out: np.ndarray | None = None
     if view == "cell":
         for start in range(0, n, batch_size):
