@@ -253,7 +253,9 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 @_opt("--expression", type=click.Choice(["counts", "continuous", "log"]), default="counts",
       help="What X holds: raw counts, non-integer values (TPM/RPKM), or log-normalised data.")
 @_opt("--n-clusters", type=click.IntRange(min=1), default=None, help="Clusters for the training cells (default: chosen without labels).")
-@_opt("--spatial", is_flag=True, help="Spatial mode: graph from obsm['spatial'], seurat_v3 genes, scaled input, neighbour vote.")
+@_opt("--spatial", is_flag=True, help="Spatial mode: graph from obsm['spatial'], seurat_v3 genes, scaled input, neighbour vote. "
+      "Options not given take the spatial defaults: --epochs 200 --hidden-dim 256 --out-dim 32 --temperature 1 "
+      "--lambda1 10 --t0 5 --t1 5 --n-top-genes 3000, no gene-graph mixing (docs/spatial.md).")
 @_opt("--refine-neighbours", type=click.IntRange(min=1), default=50, help="With --spatial: spots in the neighbour vote.")
 @_opt("--batch-size", "batch_size", type=click.IntRange(min=2), default=None,
       help="Train on mini-batches of about this many cells (default: full batch when it fits in memory).")
@@ -275,13 +277,20 @@ def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | N
         data.check_output(out_h5ad, overwrite=overwrite, inputs=(input_h5ad,))
     adata = data.read_h5ad_checked(input_h5ad, expression=hyper["expression"])
     # torch is imported only now, so that bad input fails in about a second instead of after its import.
-    from .training import TrainConfig
+    from .training import SPATIAL_DEFAULTS, TrainConfig
 
     _set_threads(threads)
     if not spatial and "spatial" in adata.obsm:
         log.info("%s has obsm['spatial']: for spatial domains, train with --spatial", input_h5ad.name)
-    if hyper["n_top_genes"] is None:
-        hyper["n_top_genes"] = 3000 if spatial else 2000
+    if spatial:
+        # Spatial defaults replace only the options the user did not set (docs/spatial.md).
+        from click.core import ParameterSource
+
+        for key, value in SPATIAL_DEFAULTS.items():
+            if key not in hyper or ctx.get_parameter_source(key) is ParameterSource.DEFAULT:
+                hyper[key] = value
+    elif hyper["n_top_genes"] is None:
+        hyper["n_top_genes"] = 2000
     config = TrainConfig(seed=seed, **hyper)
     from .workflow import train_model
 

@@ -51,6 +51,22 @@ class TrainConfig:
         return asdict(self)
 
 
+# `--spatial` defaults (docs/spatial.md, "Recommended settings"): the fields of TrainConfig that
+# differ in spatial mode. One setting for every section, chosen without labels deciding anything
+# but the comparison between settings on the two shared sections (the caveat is in that page).
+SPATIAL_DEFAULTS: dict[str, Any] = {
+    "epochs": 200,
+    "hidden_dim": 256,
+    "out_dim": 32,
+    "temperature": 1.0,
+    "lambda1": 10.0,
+    "t0": 5,
+    "t1": 5,
+    "gene_neighbors": 1,
+    "n_top_genes": 3000,
+}
+
+
 @dataclass(frozen=True)
 class TrainInputs:
     """Arrays for `fit`.
