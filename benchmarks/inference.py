@@ -69,7 +69,7 @@ class TorchSession:
         cls = CellEncoder if view == "cell" else FusedEncoder
         self.dev = torch.device(device)
         self.module = cls(state, gene_emb).eval().to(self.dev)
-        self.names = ["x0"] if view == "cell" else ["x0", "x1", "nbr", "w"]
+        self.names = ["x0"] if view == "cell" else ["x0", "xs", "nbr", "w"]
         self.torch = torch
 
     def run(self, _outputs: Any, feeds: dict[str, Any]) -> list[Any]:
@@ -159,6 +159,11 @@ def ensure_model(args: argparse.Namespace) -> Path:
                "--seed", str(args.seed), "--device", "cpu" if args.device == "cpu" else "auto", "-q", *extra]
         print("training the benchmark model:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
+    from scrcl_cli.data import FORMAT_VERSION
+
+    if json.loads((model / "scrcl_model.json").read_text())["format_version"] < FORMAT_VERSION:
+        # A cached model from an older scrcl-cli: same weights, encoders of the current format.
+        subprocess.run(["scrcl-cli", "-q", "export", str(model)], check=True)
     return model
 
 

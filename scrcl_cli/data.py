@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 Expression = Literal["counts", "continuous", "log"]
 TMP_TAG = ".scrcl-tmp-"
 MANIFEST_NAME = "scrcl_model.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 2 changed the fused encoder's inputs (x1 -> xs = Â^(t1+1) X, targets vs neighbourhood);
+# older directories still load (for `scrcl-cli export`), but their encoders are not run.
+MIN_ENCODER_FORMAT = 2
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 

@@ -1,12 +1,17 @@
 """Export the trained cell encoder to ONNX (method doc §3.4: freeze the gene embedding).
 
-Two graphs, both with a dynamic number of cells N:
-- ``fused``: inputs x0 (N, G) = Â^t0 X, x1 (N, G) = Â^t1 X, nbr (N, K) int64 and w (N, K) float32,
-  the padded neighbour list of Â (``graphs.padded_neighbours``); output concat(z1, z2) (N, 2*O).
-  Aggregation is Gather -> Mul -> ReduceSum, with no scatter op, so it is deterministic.
+Two graphs, both with a dynamic number of cells:
+- ``fused``: the embedding concat(z1, z2) (B, 2*O) of B target cells. Inputs: x0 (B, G) =
+  Â^t0 X of the targets; xs (M, G) = Â^(t1+1) X of the M cells of their one-hop neighbourhood;
+  nbr (B, K) int64 and w (B, K) float32, the targets' rows of Â as a padded neighbour list into
+  those M cells (``graphs.padded_neighbours``). The GCN view's first aggregation is folded into
+  the smoothing outside the graph, exactly: Â (Â^t1 X W1ᵀ) = (Â^(t1+1) X) W1ᵀ. The second one
+  is Gather -> Mul -> ReduceSum, with no scatter op, so it is deterministic, and the gathered
+  tensor is (B, K, H): memory is set by the batch, not by the neighbourhood.
 - ``cell``: input x0 (N, G); output z1 (N, O). Purely per cell, for streaming.
-The gene embedding E (G, O) is a constant of both graphs, so they no longer depend on the
-number of training cells.
+The gene embedding E (G, O) is frozen into both graphs, folded into the shared projector
+(proj_w^T E, (H, O), computed in float64), so they no longer depend on the number of
+training cells and skip the (N, G) projection the training graph computes.
 """
 
 from __future__ import annotations
@@ -30,17 +35,20 @@ class _Frozen(nn.Module):
     def __init__(self, state: dict[str, Tensor], gene_emb: np.ndarray) -> None:
         super().__init__()
         for name, value in state.items():
-            if name.startswith("gene_"):
-                continue  # the gene encoder is replaced by its output E
+            if name.startswith(("gene_", "proj_")):
+                continue  # the gene encoder is replaced by its output E, folded into the projector
             self.register_buffer(name, value.detach().clone().float())
-        self.register_buffer("gene_emb", torch.from_numpy(np.asarray(gene_emb, dtype=np.float32)))
+        e = torch.from_numpy(np.asarray(gene_emb, dtype=np.float64))
+        # (h W_pᵀ + b_p) E = h (W_pᵀ E) + b_p E: an (H, O) map instead of (H, G) then (G, O).
+        self.register_buffer("refine_w", (state["proj_w"].detach().double().T @ e).float())
+        self.register_buffer("refine_b", (state["proj_b"].detach().double() @ e).float())
 
     def z1(self, x0: Tensor) -> Tensor:
         h = F.relu(F.linear(x0, self.mlp_w, self.mlp_b))
         return self._refine(h)
 
     def _refine(self, h: Tensor) -> Tensor:
-        z = F.linear(h, self.proj_w, self.proj_b) @ self.gene_emb
+        z = h @ self.refine_w + self.refine_b
         return z / torch.clamp(torch.sqrt((z * z).sum(1, keepdim=True)), min=1e-12)
 
 
@@ -52,29 +60,24 @@ class CellEncoder(_Frozen):
 
 
 class FusedEncoder(_Frozen):
-    """(x0, x1, nbr, w) -> concat(z1, z2) (N, 2*O), the embedding scRCL clusters on."""
+    """(x0, xs, nbr, w) -> concat(z1, z2) (B, 2*O), the embedding scRCL clusters on."""
 
-    @staticmethod
-    def _aggregate(h: Tensor, nbr: Tensor, w: Tensor) -> Tensor:
-        # Gather + weighted sum over the padded neighbours equals Â @ h without any scatter.
-        return (h[nbr] * w.unsqueeze(-1)).sum(1)
-
-    def forward(self, x0: Tensor, x1: Tensor, nbr: Tensor, w: Tensor) -> Tensor:
-        h = F.leaky_relu(self._aggregate(x1 @ self.gcn1_w.T, nbr, w) + self.gcn1_b, 0.01)
-        h = F.leaky_relu(self._aggregate(h @ self.gcn2_w.T, nbr, w) + self.gcn2_b, 0.01)
+    def forward(self, x0: Tensor, xs: Tensor, nbr: Tensor, w: Tensor) -> Tensor:
+        # First GCN layer on the M neighbourhood cells (its aggregation is inside xs) ...
+        u = F.leaky_relu(F.linear(xs, self.gcn1_w, self.gcn1_b), 0.01) @ self.gcn2_w.T
+        # ... second layer for the B targets: gather + weighted sum = their rows of Â @ u.
+        h = F.leaky_relu((u[nbr] * w.unsqueeze(-1)).sum(1) + self.gcn2_b, 0.01)
         h = F.leaky_relu(F.linear(h, self.fc_w, self.fc_b), 0.01)
         return torch.cat([self.z1(x0), self._refine(h)], dim=1)
 
 
-def _example(g: int, n: int = 5, k: int = 3) -> dict[str, Tensor]:
+def _example(g: int, b: int = 5, m: int = 9, k: int = 3) -> dict[str, Tensor]:
     gen = torch.Generator().manual_seed(0)
-    nbr = torch.randint(0, n, (n, k), generator=gen)
-    nbr[:, 0] = torch.arange(n)
     return {
-        "x0": torch.rand(n, g, generator=gen),
-        "x1": torch.rand(n, g, generator=gen),
-        "nbr": nbr,
-        "w": torch.rand(n, k, generator=gen),
+        "x0": torch.rand(b, g, generator=gen),
+        "xs": torch.rand(m, g, generator=gen),
+        "nbr": torch.randint(0, m, (b, k), generator=gen),
+        "w": torch.rand(b, k, generator=gen),
     }
 
 
@@ -94,11 +97,12 @@ def export_onnx(
         shapes: Any = {"x0": {0: cells}}
     elif view == "fused":
         module = FusedEncoder(state, gene_emb).eval()
-        args = (ex["x0"], ex["x1"], ex["nbr"], ex["w"])
-        names, out_name = ["x0", "x1", "nbr", "w"], "embedding"
+        args = (ex["x0"], ex["xs"], ex["nbr"], ex["w"])
+        names, out_name = ["x0", "xs", "nbr", "w"], "embedding"
         cells = torch.export.Dim("num_cells", min=1)
+        nodes = torch.export.Dim("num_nodes", min=1)
         kdim = torch.export.Dim("max_degree", min=1)
-        shapes = {"x0": {0: cells}, "x1": {0: cells}, "nbr": {0: cells, 1: kdim}, "w": {0: cells, 1: kdim}}
+        shapes = {"x0": {0: cells}, "xs": {0: nodes}, "nbr": {0: cells, 1: kdim}, "w": {0: cells, 1: kdim}}
     else:
         raise ValueError(f"unknown view {view!r}")
     # The exporter logs registry warnings (torchvision absent) that mean nothing to users.

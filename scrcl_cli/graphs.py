@@ -176,23 +176,51 @@ def smooth(x: sp.csr_matrix | np.ndarray, a_hat: sp.csr_matrix, t: int) -> sp.cs
     return x
 
 
-def padded_neighbours(a_hat: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+def smooth_powers(
+    x: sp.spmatrix | np.ndarray, a_hat: sp.csr_matrix, powers: list[int] | tuple[int, ...], *, block: int = 256
+) -> dict[int, np.ndarray]:
+    """Â^t x for every t in `powers`, from one chain of max(powers) sparse products.
+
+    x: (N, G), sparse or dense. a_hat: `gcn_norm` output (N, N). Returns float32 dense (N, G) per
+    power. Columns are smoothed in blocks of `block`, so besides the outputs only two (N, block)
+    arrays are alive; each column's sums run in the same order as in `smooth`, so the values
+    equal ``smooth(x, a_hat, t)`` cast to float32.
+    """
+    n, g = x.shape
+    wanted = sorted(set(int(t) for t in powers))
+    out = {t: np.empty((n, g), dtype=np.float32) for t in wanted}
+    for c0 in range(0, g, block):
+        c1 = min(g, c0 + block)
+        y = x[:, c0:c1]
+        y = y.toarray() if sp.issparse(y) else np.array(y)
+        for step in range(wanted[-1] + 1):
+            if step:
+                y = a_hat @ y
+            if step in out:
+                out[step][:, c0:c1] = y
+    return out
+
+
+def padded_neighbours(a_hat: sp.csr_matrix, self_cols: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Padded neighbour list of a normalised adjacency for gather-based aggregation.
 
-    a_hat: CSR (N, N) with self loops. Returns nbr int64 (N, K) and w float32 (N, K), K the
-    largest row length; row i lists its neighbours (itself first) and pads with i and weight 0,
-    so that ``(h[nbr] * w[..., None]).sum(1) == a_hat @ h``.
+    a_hat: CSR (B, M) with self loops: the whole graph (B = M), or the rows of B target cells
+    over the M columns of their one-hop neighbourhood, where self_cols (B,) gives each target's
+    own column (default: row i is column i). Returns nbr int64 (B, K) and w float32 (B, K), K
+    the largest row length; row i lists its neighbours (itself first) and pads with itself and
+    weight 0, so that ``(h[nbr] * w[..., None]).sum(1) == a_hat @ h`` for h of shape (M, H).
     """
     a = sp.csr_matrix(a_hat)
     n = a.shape[0]
+    own = np.arange(n, dtype=np.int64) if self_cols is None else np.asarray(self_cols, dtype=np.int64)
     lengths = np.diff(a.indptr)
     k = int(lengths.max()) if n else 0
     rows = np.repeat(np.arange(n), lengths)
-    # Put the diagonal first in each row: sort by (row, col != row, col).
-    order = np.lexsort((a.indices, a.indices != rows, rows))
+    # Put the cell itself first in each row: sort by (row, col != own col, col).
+    order = np.lexsort((a.indices, a.indices != own[rows], rows))
     cols, vals = a.indices[order], a.data[order]
     pos = np.arange(rows.size) - np.repeat(a.indptr[:-1], lengths)
-    nbr = np.repeat(np.arange(n, dtype=np.int64)[:, None], k, axis=1)
+    nbr = np.repeat(own[:, None], k, axis=1)
     w = np.zeros((n, k), dtype=np.float32)
     nbr[rows, pos] = cols
     w[rows, pos] = vals

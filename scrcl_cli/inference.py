@@ -3,8 +3,8 @@
 The query is preprocessed exactly as in training (log-normalise over all its genes, align to
 the model's genes), gets its own cosine kNN graph, and is run through ONNX Runtime in batches:
 per-cell batches for the ``cell`` view; for the ``fused`` view, each batch of target cells is
-run on its two-hop neighbourhood with the exact normalised weights of the whole graph, so
-batching changes nothing in the result while memory stays bounded by the batch.
+run with its one-hop neighbourhood and the exact normalised weights of the whole graph, so
+batching changes nothing in the result while the encoder's memory stays bounded by the batch.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import scipy.sparse as sp
 from . import clustering, graphs
 from ._device import Device, check_session_provider, ort_providers
 from ._version import __version__
-from .data import ModelBundle, align_genes
+from .data import MIN_ENCODER_FORMAT, ModelBundle, align_genes
 from .errors import ScrclError
 from .preprocessing import lognormalize, transform_query
 
@@ -51,6 +51,10 @@ def open_session(bundle: ModelBundle, view: str, *, device: Device = "auto", thr
         opts.inter_op_num_threads = 1
     if device != "cuda":
         opts.log_severity_level = 3  # keep ORT's CUDA fallback chatter off the user's screen in auto mode
+    version = int(bundle.manifest["format_version"])
+    if version < MIN_ENCODER_FORMAT:
+        raise ScrclError(f"{bundle.path} holds encoders of model format {version}, which this scrcl-cli no longer runs",
+                         f"Re-export them with: scrcl-cli export {bundle.path}")
     blob = bundle.read_bytes(ONNX_FILES[view])  # hash-checked again right before loading
     try:
         session = ort.InferenceSession(blob, sess_options=opts, providers=providers)
@@ -107,35 +111,36 @@ def query_graph(
     return graphs.gcn_norm(adj)
 
 
-def _two_hop_batches(
+def _one_hop_batches(
     a_hat: sp.csr_matrix, batch_size: int, max_slots: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield (targets, local nodes, local nbr, local w) for batches of consecutive target cells.
+    """Yield (targets, nodes, nbr, w): batches of target cells with their one-hop neighbourhoods.
 
-    The rows of the targets' neighbours are complete, so two GCN layers on the local subgraph
-    give the targets exactly the embedding of the whole graph. The encoder gathers a
-    (nodes, K, H) tensor, so a batch is halved until nodes * K <= `max_slots`: memory stays
-    bounded whatever the degree distribution of the graph.
+    targets (B,) and nodes (M,) are sorted cell indices (nodes includes the targets); nbr, w
+    (B, K) are the targets' full rows of Â as a padded list into `nodes`, so every target gets
+    exactly the embedding of the whole graph. Targets are consecutive in a reverse
+    Cuthill-McKee order of the graph, which keeps neighbours in the same batch, so the
+    neighbourhoods (whose first GCN layer is recomputed per batch) stay small. A batch is halved
+    until B * K <= `max_slots`, bounding the encoder's (B, K, H) gather whatever the degrees.
     """
+    from scipy.sparse.csgraph import reverse_cuthill_mckee
+
     n = a_hat.shape[0]
+    order = reverse_cuthill_mckee(sp.csr_matrix(a_hat), symmetric_mode=True)
     start = 0
-    size = batch_size
     while start < n:
+        size = batch_size
         while True:
-            targets = np.arange(start, min(n, start + size))
-            hop1 = np.union1d(targets, a_hat[targets].indices)
-            nodes = np.union1d(hop1, a_hat[hop1].indices)
-            sub = a_hat[nodes][:, nodes].tocsr()
-            # Rows of nodes beyond hop 1 are incomplete; the targets never read them.
-            inner = np.isin(nodes, hop1)
-            sub = sp.diags(inner.astype(np.float32)) @ sub + sp.diags((~inner).astype(np.float32))
-            sub = sp.csr_matrix(sub, dtype=np.float32)
-            sub.eliminate_zeros()
-            k = int(np.diff(sub.indptr).max())
-            if nodes.size * k <= max_slots or size == 1:
+            targets = np.sort(order[start:start + size]).astype(np.int64)
+            rows = a_hat[targets]
+            k = int(np.diff(rows.indptr).max())
+            if targets.size * k <= max_slots or size == 1:
                 break
             size = max(1, size // 2)
-        nbr, w = graphs.padded_neighbours(sub)
+        nodes = np.unique(rows.indices).astype(np.int64)
+        local = sp.csr_matrix((rows.data, np.searchsorted(nodes, rows.indices), rows.indptr),
+                              shape=(targets.size, nodes.size))
+        nbr, w = graphs.padded_neighbours(local, np.searchsorted(nodes, targets))
         yield targets, nodes, nbr, w
         start += targets.size
 
@@ -147,33 +152,44 @@ def run_encoder(
 ) -> np.ndarray:
     """Run the ONNX encoder over all cells; returns float32 (N, 2*O) for fused, (N, O) for cell.
 
-    gather_bytes bounds the fused view's largest intermediate, a (nodes, K, hidden_dim) float32 gather.
+    Smoothed inputs are float32 (N, G) arrays, the one large allocation besides the output
+    (`graphs.smooth_powers`). gather_bytes bounds the fused view's (B, K, hidden_dim) float32
+    gather.
     """
     n = model_input.shape[0]
     t0, t1 = int(graph_params["t0"]), int(graph_params["t1"])
     if (t0 > 0 or view == "fused") and a_hat is None:
         raise ValueError("this view needs the query graph")
-    x0 = sp.csr_matrix(graphs.smooth(model_input, a_hat, t0) if t0 else model_input, dtype=np.float32)
-    # Only the fused view reads the GCN input; the per-cell view skips its smoothing.
-    x1 = x0 if view == "cell" or t1 == t0 else sp.csr_matrix(
-        graphs.smooth(model_input, a_hat, t1) if t1 else model_input, dtype=np.float32)
     out: np.ndarray | None = None
     if view == "cell":
+        x0 = graphs.smooth_powers(model_input, a_hat, (t0,))[t0] if t0 else model_input
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
-            z = session.run(None, {"x0": x0[start:stop].toarray()})[0]
+            rows = x0[start:stop]
+            z = session.run(None, {"x0": rows.toarray() if sp.issparse(rows) else rows})[0]
             out = np.empty((n, z.shape[1]), dtype=np.float32) if out is None else out
             out[start:stop] = z
             if progress:
                 progress(stop, n)
         assert out is not None
         return out
+    assert a_hat is not None
+    ts = t1 + 1  # the GCN view's first aggregation, folded into the smoothing (export.py)
+    # x0 rows come from Â^ts X itself when t0 is ts or ts + 1 (the defaults: 4 = 3 + 1), so only
+    # one (N, G) array is kept; otherwise both are.
+    smoothed = graphs.smooth_powers(model_input, a_hat, (ts,) if t0 - ts in (0, 1) else (ts, t0))
+    xs = smoothed[ts]
     done = 0
-    for targets, nodes, nbr, w in _two_hop_batches(a_hat, batch_size, max(1, gather_bytes // (4 * hidden_dim))):
-        feeds = {"x0": x0[nodes].toarray(), "x1": x1[nodes].toarray(), "nbr": nbr, "w": w}
-        z = session.run(None, feeds)[0]
+    for targets, nodes, nbr, w in _one_hop_batches(a_hat, batch_size, max(1, gather_bytes // (4 * hidden_dim))):
+        if t0 == ts:
+            x0 = xs[targets]
+        elif t0 == ts + 1:
+            x0 = np.asarray(a_hat[targets] @ xs, dtype=np.float32)
+        else:
+            x0 = smoothed[t0][targets]
+        z = session.run(None, {"x0": x0, "xs": xs[nodes], "nbr": nbr, "w": w})[0]
         out = np.empty((n, z.shape[1]), dtype=np.float32) if out is None else out
-        out[targets] = z[np.searchsorted(nodes, targets)]
+        out[targets] = z
         done += targets.size
         if progress:
             progress(done, n)

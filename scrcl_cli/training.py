@@ -97,10 +97,8 @@ def build_inputs(
         adj = graphs.cell_graph(lognorm, config.n_neighbors, device=knn_device, progress=progress)
     a_hat = graphs.gcn_norm(adj)
     gene_prop = graphs.gene_graph(model_input, config.gene_neighbors)
-    dense = model_input.toarray().astype(np.float32)
-    x0 = np.asarray(graphs.smooth(dense, a_hat, config.t0), dtype=np.float32)
-    x1 = np.asarray(graphs.smooth(dense, a_hat, config.t1), dtype=np.float32)
-    return TrainInputs(x0=x0, x1=x1, adj=adj, a_hat=a_hat, gene_prop=gene_prop)
+    smoothed = graphs.smooth_powers(sp.csr_matrix(model_input, dtype=np.float32), a_hat, (config.t0, config.t1))
+    return TrainInputs(x0=smoothed[config.t0], x1=smoothed[config.t1], adj=adj, a_hat=a_hat, gene_prop=gene_prop)
 
 
 @dataclass

@@ -169,6 +169,10 @@ def _newer_format(m: Path) -> None:
     _edit_manifest(m, lambda d: d.update(format_version=data.FORMAT_VERSION + 1))
 
 
+def _older_format(m: Path) -> None:
+    _edit_manifest(m, lambda d: d.update(format_version=1))
+
+
 def _path_outside(m: Path) -> None:
     (m.parent / "outside.bin").write_bytes(b"x")
     _edit_manifest(m, lambda d: d["files"].update({"../outside.bin": data.sha256_bytes(b"x")}))
@@ -193,6 +197,7 @@ MODEL_CASES = [
     ("tampered_onnx_hash_mismatch", _tamper_onnx, ("encoder_fused.onnx", "does not match the sha256", "restore")),
     ("tampered_gene_list", _tamper_genes, ("gene list", "does not match its hash", "restore")),
     ("newer_format", _newer_format, ("newer than this scrcl-cli supports", "upgrade scrcl-cli")),
+    ("older_format_encoders", _older_format, ("model format 1", "no longer runs", "scrcl-cli export")),
     ("path_outside_model_dir", _path_outside, ("outside the model directory", "trusted model directory")),
     ("listed_file_missing", _missing_listed_file, ("is missing encoder_cell.onnx", "restore")),
     ("no_manifest", _no_manifest, ("has no scrcl_model.json", "scrcl-cli train")),
@@ -213,6 +218,17 @@ def test_bad_model_directory_exits_1_with_one_line_error(command: str, damage: C
     res = run_cli("-q", command, EXAMPLE, "-m", model, "-o", tmp_path / "out.h5ad")
     assert_one_line_error(res.stderr, res.returncode, *needles)
     assert not (tmp_path / "out.h5ad").exists()
+
+
+def test_export_upgrades_an_older_format_directory(trained_model: Path, tmp_path: Path):
+    pytest.importorskip("torch")
+    model = _copy_model(trained_model, tmp_path)
+    _older_format(model)
+    res = run_cli("-q", "export", model)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((model / data.MANIFEST_NAME).read_text())["format_version"] == data.FORMAT_VERSION
+    res = run_cli("-q", "embed", EXAMPLE, "-m", model, "-o", tmp_path / "out.h5ad")
+    assert res.returncode == 0, res.stderr
 
 
 def _rehash(model: Path, name: str, blob: bytes) -> None:

@@ -48,7 +48,8 @@ def test_exported_encoders_match_torch(exported, n):
     nbr, w = graphs.padded_neighbours(a_hat)
     fused = ort.InferenceSession(blobs["fused"], providers=["CPUExecutionProvider"])
     cell = ort.InferenceSession(blobs["cell"], providers=["CPUExecutionProvider"])
-    feeds = {"x0": x, "x1": x, "nbr": nbr, "w": w}
+    # The first GCN aggregation is folded into the smoothing: xs = Â x (export.py).
+    feeds = {"x0": x, "xs": np.asarray(a_hat @ x, dtype=np.float32), "nbr": nbr, "w": w}
     runs = [fused.run(None, feeds)[0] for _ in range(5)]
     want = torch.cat([z1, z2], 1).numpy()
     assert np.abs(runs[0] - want).max() <= 1e-5
@@ -65,3 +66,23 @@ def test_exported_graph_passes_checker_has_no_scatter_and_carries_metadata(expor
         ops = {node.op_type for node in proto.graph.node}
         assert not any(op.startswith("Scatter") for op in ops)
         assert {p.key: p.value for p in proto.metadata_props}["k"] == "v"
+
+
+def test_fused_encoder_on_one_hop_batches_matches_whole_graph_torch(exported):
+    """Targets in small batches with only their one-hop neighbourhoods get the whole-graph embedding."""
+    from scrcl_cli.inference import _one_hop_batches
+
+    model, e, blobs = exported
+    x, a_hat = _cells(700, 11)
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        want = torch.cat([model.refine(model.mlp_view(xt), e), model.refine(model.gcn_view(xt, to_torch_sparse(a_hat)), e)], 1)
+    fused = ort.InferenceSession(blobs["fused"], providers=["CPUExecutionProvider"])
+    xs = np.asarray(a_hat @ x, dtype=np.float32)
+    got = np.full((700, 2 * O), np.nan, dtype=np.float32)
+    sizes = []
+    for targets, nodes, nbr, w in _one_hop_batches(a_hat, batch_size=50, max_slots=50 * 40):
+        got[targets] = fused.run(None, {"x0": x[targets], "xs": xs[nodes], "nbr": nbr, "w": w})[0]
+        sizes.append((targets.size, nodes.size))
+    assert len(sizes) >= 14 and all(m < 700 for _, m in sizes)  # real batches, not the whole graph
+    assert np.abs(got - want.numpy()).max() <= 1e-5

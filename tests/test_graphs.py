@@ -86,3 +86,26 @@ def test_padded_neighbours_reproduce_a_hat_product_with_self_first():
     h = _feats(70, 9, seed=2)
     np.testing.assert_allclose((h[nbr] * w[..., None]).sum(1), a_hat @ h, rtol=1e-5, atol=1e-6)
     assert np.array_equal(nbr[:, 0], np.arange(70))
+
+
+def test_padded_neighbours_of_target_rows_over_their_neighbourhood():
+    a_hat = graphs.gcn_norm(graphs.knn_to_adjacency(graphs.knn_cosine(_feats(70), 6)))
+    targets = np.array([3, 10, 11, 40])
+    rows = a_hat[targets]
+    nodes = np.unique(rows.indices)
+    local = sp.csr_matrix((rows.data, np.searchsorted(nodes, rows.indices), rows.indptr), shape=(4, nodes.size))
+    nbr, w = graphs.padded_neighbours(local, np.searchsorted(nodes, targets))
+    h = _feats(70, 9, seed=2)
+    np.testing.assert_allclose((h[nodes][nbr] * w[..., None]).sum(1), (a_hat @ h)[targets], rtol=1e-5, atol=1e-6)
+    assert np.array_equal(nodes[nbr[:, 0]], targets)  # each target first in its own row
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_smooth_powers_equal_repeated_smoothing_bitwise(dense):
+    x = sp.random(90, 300, density=0.1, format="csr", dtype=np.float32, random_state=3)
+    a_hat = graphs.gcn_norm(graphs.knn_to_adjacency(graphs.knn_cosine(x.toarray(), 5)))
+    got = graphs.smooth_powers(x.toarray() if dense else x, a_hat, (3, 0, 1), block=64)
+    assert sorted(got) == [0, 1, 3]
+    for t, arr in got.items():
+        want = graphs.smooth(x.toarray(), a_hat, t)
+        assert arr.dtype == np.float32 and np.array_equal(arr, np.asarray(want, dtype=np.float32))
