@@ -2,7 +2,7 @@
 
 Issue 4 / issue 5 benchmark 3. One small model is trained once (``scrcl-cli train`` on
 pbmc_10x_4k_top2000 with the package's default options, H = 1500, O = 16, and reduced epochs,
-20 by default: the weights' values do not change the cost of inference; ``--train-extra``
+5 by default: the weights' values do not change the cost of inference; ``--train-extra``
 passes more train options, e.g. ``"--t0 0 --t1 0"`` for a model whose per-cell view needs no
 graph) and reused (cached in the work folder; ``--model DIR`` uses an existing one). Query
 files of N cells are resampled from the same real dataset (benchmarks/make_large.py, cached).
@@ -154,14 +154,25 @@ def ensure_model(args: argparse.Namespace) -> Path:
     extra = shlex.split(args.train_extra)
     slug = "".join(c if c.isalnum() else "_" for c in "".join(extra))
     model = WORKDIR / f"model_{Path(args.source).stem}_e{args.train_epochs}_s{args.seed}{'_' + slug if slug else ''}"
-    if not (model / "scrcl_model.json").exists():
+    manifest_path = model / "scrcl_model.json"
+    if manifest_path.exists() and not extra:
+        # A cache from an older scrcl-cli may hold other defaults (e.g. t0 = 0): retrain then.
+        from dataclasses import asdict
+
+        from scrcl_cli.training import TrainConfig
+
+        want = asdict(TrainConfig(epochs=args.train_epochs, seed=args.seed))
+        if json.loads(manifest_path.read_text()).get("config") != want:
+            print(f"cached {model.name} was trained with other defaults; retraining", flush=True)
+            shutil.rmtree(model)
+    if not manifest_path.exists():
         cmd = ["scrcl-cli", "train", str(args.source), "-o", str(model), "--epochs", str(args.train_epochs),
                "--seed", str(args.seed), "--device", "cpu" if args.device == "cpu" else "auto", "-q", *extra]
         print("training the benchmark model:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     from scrcl_cli.data import FORMAT_VERSION
 
-    if json.loads((model / "scrcl_model.json").read_text())["format_version"] < FORMAT_VERSION:
+    if json.loads(manifest_path.read_text())["format_version"] < FORMAT_VERSION:
         # A cached model from an older scrcl-cli: same weights, encoders of the current format.
         subprocess.run(["scrcl-cli", "-q", "export", str(model)], check=True)
     return model
@@ -267,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backends", default="ort,torch")
     ap.add_argument("--cli", choices=["yes", "no"], default="yes", help="also time the real scrcl-cli embed command")
     ap.add_argument("--model", default=None, help="model directory (default: train one, cached in the work folder)")
-    ap.add_argument("--train-epochs", type=int, default=20)
+    ap.add_argument("--train-epochs", type=int, default=5)
     ap.add_argument("--train-extra", default="", help='more scrcl-cli train options, e.g. "--t0 0 --t1 0"')
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=0)

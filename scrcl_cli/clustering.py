@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from .errors import ScrclError
+
 log = logging.getLogger(__name__)
 
 
@@ -64,6 +66,13 @@ def _lloyd(x: np.ndarray, c: np.ndarray, max_iter: int) -> KMeansResult:
         c = unit_rows(sums)
     sim = (x * c[labels]).sum(1)
     return KMeansResult(labels=labels.astype(np.int64), centroids=c, inertia=float((1.0 - sim).sum()))
+
+
+def check_n_clusters(k: int | None, n_cells: int) -> None:
+    """A requested cluster count must not exceed the cells it partitions (a user error, not a clip)."""
+    if k is not None and k > n_cells:
+        raise ScrclError(f"--n-clusters {k} is more than the {n_cells} cells to cluster",
+                         f"Pass --n-clusters between 1 and {n_cells}, or leave it out to choose it from the data")
 
 
 def cosine_kmeans(x: np.ndarray, k: int, *, seed: int, n_init: int = 10, max_iter: int = 300) -> KMeansResult:

@@ -284,6 +284,8 @@ def cluster(
     """
     import pandas as pd
 
+    if denovo:
+        clustering.check_n_clusters(n_clusters, adata.n_obs)
     rep = embed(adata, bundle, **embed_kwargs)
     key = embed_kwargs.get("key_added", "X_scrcl")
     emb = adata.obsm[key]

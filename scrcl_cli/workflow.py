@@ -83,6 +83,7 @@ def train_model(
         prep = prepare(x, names, n_top_genes=config.n_top_genes, input_mode=config.input_mode,  # type: ignore[arg-type]
                        expression=config.expression)  # type: ignore[arg-type]
     n = prep.model_input.shape[0]
+    clustering.check_n_clusters(n_clusters, n)
     if n < config.n_neighbors + 1:
         raise ScrclError(
             f"only {n} cells have counts, fewer than --n-neighbors + 1 = {config.n_neighbors + 1}",

@@ -123,6 +123,18 @@ def test_cluster_single_cell_fused_view_exits_1_with_one_line_error(tmp_path: Pa
     assert_one_line_error(res.stderr, res.returncode, "1 cell", "--view cell")
 
 
+@pytest.mark.parametrize("command", ["train", "cluster"])
+def test_more_clusters_than_cells_exits_1_with_one_line_error(command: str, tmp_path: Path, trained_model: Path):
+    import anndata as ad
+
+    n = ad.read_h5ad(EXAMPLE, backed="r").n_obs
+    extra = ["--epochs", "1", "--hidden-dim", "8"] if command == "train" else ["-m", trained_model, "--denovo"]
+    out = tmp_path / ("m" if command == "train" else "out.h5ad")
+    res = run_cli("-q", command, EXAMPLE, "-o", out, "--n-clusters", str(n + 1), *extra)
+    assert_one_line_error(res.stderr, res.returncode, f"--n-clusters {n + 1}", f"{n} cells")
+    assert not out.exists()
+
+
 def test_train_drops_all_zero_cells_and_genes_with_a_count_in_the_log(bad: Path, tmp_path: Path):
     # A success case, so in-process (CliRunner): a subprocess would pay the torch import again.
     from click.testing import CliRunner
