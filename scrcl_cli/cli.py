@@ -246,6 +246,8 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 @_opt("--t0", type=click.IntRange(min=0), default=4, help="Graph smoothing steps for the MLP view input (Â^t0 X).")
 @_opt("--t1", type=click.IntRange(min=0), default=2, help="Graph smoothing steps for the GCN view input (Â^t1 X).")
 @_opt("--n-neighbors", type=click.IntRange(min=2), default=15, help="k of the cell kNN graph, the cell included.")
+@_opt("--gene-neighbors", type=click.IntRange(min=1), default=5,
+      help="k of the gene kNN graph that mixes gene embeddings, the gene included (1: no mixing).")
 @_opt("--n-top-genes", type=click.IntRange(min=1), default=None,
       help="Highly variable genes: 2000 (seurat flavour) by default, 3000 (seurat_v3) with --spatial.")
 @_opt("--input", "input_mode", type=click.Choice(["counts", "lognorm"]), default="lognorm",
@@ -254,7 +256,7 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
       help="What X holds: raw counts, non-integer values (TPM/RPKM), or log-normalised data.")
 @_opt("--n-clusters", type=click.IntRange(min=1), default=None, help="Clusters for the training cells (default: chosen without labels).")
 @_opt("--spatial", is_flag=True, help="Spatial mode: graph from obsm['spatial'], seurat_v3 genes, scaled input, neighbour vote. "
-      "Options not given take the spatial defaults: --epochs 200 --hidden-dim 256 --out-dim 32 --temperature 1 "
+      "Options not given take the spatial defaults: --epochs 100 --hidden-dim 128 --out-dim 32 --temperature 1 "
       "--lambda1 10 --t0 5 --t1 5 --n-top-genes 3000, no gene-graph mixing (docs/spatial.md).")
 @_opt("--refine-neighbours", type=click.IntRange(min=1), default=50, help="With --spatial: spots in the neighbour vote.")
 @_opt("--batch-size", "batch_size", type=click.IntRange(min=2), default=None,

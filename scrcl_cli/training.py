@@ -55,8 +55,8 @@ class TrainConfig:
 # differ in spatial mode. One setting for every section, chosen without labels deciding anything
 # but the comparison between settings on the two shared sections (the caveat is in that page).
 SPATIAL_DEFAULTS: dict[str, Any] = {
-    "epochs": 200,
-    "hidden_dim": 256,
+    "epochs": 100,
+    "hidden_dim": 128,
     "out_dim": 32,
     "temperature": 1.0,
     "lambda1": 10.0,
