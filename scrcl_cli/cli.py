@@ -446,7 +446,7 @@ def cluster(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path,
 
         key = "scrcl_cluster_refined" if "scrcl_cluster_refined" in adata.obs else "scrcl_cluster"
         plot_domains(np.asarray(adata.obsm["spatial"]), adata.obs[key].to_numpy(), plot,
-                     title=f"{input_h5ad.name}: {key}")
+                     title=f"{input_h5ad.name}: {key}", overwrite=overwrite)
     _write_csv(markers, ["cluster", "rank", "gene", "log2_fold_change", "mean_lognorm_in_cluster", "fraction_expressing"],
                ([c, r, g, f"{a:.4f}", f"{b:.4f}", f"{f:.4f}"] for c, r, g, a, b, f in rep.markers), overwrite=overwrite)
     _summary("scrcl-cli cluster", [
@@ -455,7 +455,7 @@ def cluster(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path,
         ("clusters", f"{rep.n_clusters} ({rep.method})"),
         ("view", rep.embed.view), ("provider", rep.embed.provider),
         ("time", f"{time.perf_counter() - t:.1f} s"),
-        ("written", f"{output}, {markers}"),
+        ("written", ", ".join(str(p) for p in (output, markers, plot) if p is not None)),
     ])
 
 

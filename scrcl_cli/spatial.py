@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -379,6 +378,7 @@ def plot_domains(
     *,
     point_size: float | None = None,
     dpi: int = 100,
+    overwrite: bool = True,
 ) -> Path:
     """Draw the spots at their coordinates, coloured by label, and write a PNG to `path`.
 
@@ -414,14 +414,11 @@ def plot_domains(
               frameon=False)
     fig.tight_layout()
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
+    from .data import atomic_path  # the package's one atomic-write path (permissions, signals, clean-up)
+
     try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         plt.close(fig)
     return path

@@ -239,6 +239,9 @@ def test_plot_domains_writes_a_small_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) < 300_000
     assert list(tmp_path.iterdir()) == [path]
+    # Permissions follow the umask like any other output (a mkstemp temporary would leave 0600).
+    (tmp_path / "plain").write_bytes(b"")
+    assert path.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
 
 
 def test_spatial_module_does_not_import_torch():
