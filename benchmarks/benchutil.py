@@ -129,6 +129,17 @@ def run_guarded(cmd: list[str], *, timeout: float, rss_limit: int, poll_s: float
                        wall, usage.ru_maxrss * 1024, killed)
 
 
+def emit_markdown(md: str, path: os.PathLike[str] | None) -> None:
+    """Print a benchmark's markdown report and, when `path` is given, write it there too."""
+    print()
+    print(md)
+    if path:
+        from pathlib import Path
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(md)
+
+
 def python_cmd(script: str, *argv: str) -> list[str]:
     return [sys.executable, script, *argv]
 

@@ -47,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import make_large  # noqa: E402
-from benchutil import cpu_name, default_rss_limit, loadavg, rss_now, rss_peak, run_guarded  # noqa: E402
+from benchutil import cpu_name, default_rss_limit, emit_markdown, loadavg, rss_now, rss_peak, run_guarded  # noqa: E402
 
 WORKDIR = Path(os.environ.get("SCRCL_BENCH_DIR", "/tmp/scrcl_bench"))
 
@@ -378,11 +378,7 @@ def main(argv: list[str] | None = None) -> None:
         jf.close()
     meta["load_min"], meta["load_max"] = min(loads), max(loads)
     md = render(rows, meta, args) + f"\nTotal wall time of this run: {time.perf_counter() - t_all:.0f} s.\n"
-    print()
-    print(md)
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(md)
+    emit_markdown(md, args.md)
 
 
 if __name__ == "__main__":

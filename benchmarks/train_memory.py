@@ -59,7 +59,7 @@ sys.path.insert(0, str(HERE))
 
 import make_large  # noqa: E402
 from scrcl_cli.training import TrainConfig  # noqa: E402  (its defaults are the benchmark's defaults)
-from benchutil import cpu_name, default_rss_limit, loadavg, mem_available, rss_now, rss_peak, run_guarded  # noqa: E402
+from benchutil import cpu_name, default_rss_limit, emit_markdown, loadavg, mem_available, rss_now, rss_peak, run_guarded  # noqa: E402
 
 WORKDIR = Path(os.environ.get("SCRCL_BENCH_DIR", "/tmp/scrcl_bench"))
 
@@ -489,11 +489,7 @@ def main(argv: list[str] | None = None) -> None:
         jf.close()
     md = render(results, preps, args, meta)
     md += f"\nTotal wall time of this run: {time.perf_counter() - t_all:.0f} s.\n"
-    print()
-    print(md)
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(md)
+    emit_markdown(md, args.md)
 
 
 if __name__ == "__main__":
