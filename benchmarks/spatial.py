@@ -120,19 +120,15 @@ def scrcl_runs(ds: Dataset, cfg: dict[str, Any], seeds: list[int], device: str,
     prep = spatial.prepare_spatial(ds.counts, ds.var_names, cfg["n_top_genes"])
     coords = ds.coords[prep.cell_mask]
     adj = spatial.spatial_graph(coords, cfg["n_neighbors"])
-    a_hat = graphs.gcn_norm(adj)
-    x = prep.model_input.toarray().astype(np.float32)
-    inputs = training.TrainInputs(
-        x0=np.asarray(graphs.smooth(x, a_hat, cfg["t0"]), dtype=np.float32),
-        x1=np.asarray(graphs.smooth(x, a_hat, cfg["t1"]), dtype=np.float32),
-        adj=adj, a_hat=a_hat, gene_prop=graphs.gene_graph(prep.model_input, cfg["gene_neighbors"]),
-    )
+    keys = set(training.TrainConfig.__dataclass_fields__)
+    base = training.TrainConfig(**{k: v for k, v in cfg.items() if k in keys})
+    # The same smoothing and gene graph as `train --spatial` (the inputs do not depend on the seed).
+    inputs = training.build_inputs(prep.model_input, prep.lognorm, base, adj=adj)
     info = {"genes": len(prep.genes), "spots": int(prep.cell_mask.sum()), "edges": int(adj.nnz),
             "seconds_prep": time.perf_counter() - t_prep}
-    keys = set(training.TrainConfig.__dataclass_fields__)
     runs: list[Run] = []
     for seed in seeds:
-        config = training.TrainConfig(**{k: v for k, v in cfg.items() if k in keys}, seed=seed)
+        config = replace(base, seed=seed)
         t0 = time.perf_counter()
         res = training.fit(inputs, config, device=torch.device(device))
         t_fit = time.perf_counter() - t0

@@ -163,16 +163,16 @@ def do_child(args: argparse.Namespace, n: int, impl: str, part: str) -> dict[str
         return a
 
     if part == "step":
-        from scrcl_cli.graphs import smooth
+        from scrcl_cli.graphs import smooth_powers
 
         x = sp.load_npz(d / "model_input.npz")
         g = x.shape[1]
         a_hat_sp = sp.load_npz(d / "a_hat.npz").tocsr()
-        dense = x.toarray().astype(np.float32)  # smoothing as training.build_inputs does, x1 = x0 when t0 == t1
-        x0 = torch.from_numpy(np.asarray(smooth(dense, a_hat_sp, args.t0), dtype=np.float32)).to(dev)
-        x1 = x0 if args.t0 == args.t1 else torch.from_numpy(
-            np.asarray(smooth(dense, a_hat_sp, args.t1), dtype=np.float32)).to(dev)
-        del x, dense
+        # Smoothing as training.build_inputs does; x1 is x0 when t0 == t1.
+        smoothed = smooth_powers(sp.csr_matrix(x, dtype=np.float32), a_hat_sp, (args.t0, args.t1))
+        x0 = torch.from_numpy(smoothed[args.t0]).to(dev)
+        x1 = x0 if args.t0 == args.t1 else torch.from_numpy(smoothed[args.t1]).to(dev)
+        del x, smoothed
         a_hat = to_torch_sparse(a_hat_sp, dev)
         gene_prop = to_torch_sparse(sp.load_npz(d / "gene_prop.npz"), dev)
         model = ScRCL(g, n, args.hidden_dim, args.out_dim, 0.3, args.seed).to(dev)
