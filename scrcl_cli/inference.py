@@ -293,7 +293,9 @@ def cluster(
         k = n_clusters
         method = "given"
         if k is None:
-            k, _ = clustering.choose_n_clusters(emb, seed=seed)
+            assert rep.query is not None
+            k, _ = clustering.choose_n_clusters(rep.query.lognorm, seed=seed,
+                                                n_neighbors=int(bundle.manifest["graph"]["n_neighbors"]))
             method = "louvain-count"
         res = clustering.cosine_kmeans(emb, k, seed=seed)
         labels = res.labels

@@ -51,6 +51,23 @@ def test_choose_n_clusters_finds_planted_k_without_labels():
     x, _ = _blobs(n=900, k=7, noise=0.4, seed=4)
     k, info = clustering.choose_n_clusters(x, seed=0)
     assert k == 7 and info["cells_used"] == 900
+    # Above sample_size the count comes from a fixed subsample's graph, and agrees here.
+    k_sub, info_sub = clustering.choose_n_clusters(x, seed=0, sample_size=400)
+    assert k_sub == 7 and info_sub["cells_used"] == 400
+
+
+def test_choose_n_clusters_on_real_cells_is_near_the_annotated_count():
+    """pbmc68k_reduced (700 cells, 10 annotated types): the label-free count lands within ±30 %."""
+    import anndata
+    from conftest import EXAMPLE
+
+    from scrcl_cli.preprocessing import prepare
+
+    a = anndata.read_h5ad(EXAMPLE)
+    prep = prepare(sp.csr_matrix(a.X), list(a.var_names))
+    k, _ = clustering.choose_n_clusters(prep.lognorm, seed=0)
+    n_types = a.obs["cell_type"].nunique()  # evaluation only
+    assert abs(k - n_types) <= 0.3 * n_types
 
 
 def test_marker_table_ranks_the_gene_specific_to_each_cluster_first():
