@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -312,51 +313,58 @@ def run_scrcl(cli: ScrclCli, ds: Dataset, labels: np.ndarray, seeds: list[int], 
     """Per seed: one ``train`` (label-free protocol: its own K), then ``cluster --denovo`` with the
     true K on the same cells and model (K-given protocol). Training never sees K or labels, so
     both protocols score the same trained network and differ only in the cluster count."""
+    runs: list[Run] = []
+    for seed in seeds:
+        runs += run_scrcl_seed(cli, ds, labels, seed, args, workdir)
+    return runs
+
+
+def run_scrcl_seed(cli: ScrclCli, ds: Dataset, labels: np.ndarray, seed: int, args: argparse.Namespace,
+                   workdir: Path) -> list[Run]:
+    """One seed of `run_scrcl`: both protocols' runs (or their failures)."""
     import anndata as ad
 
     runs: list[Run] = []
-    for seed in seeds:
-        tag = f"{ds.name}_s{seed}"
-        model = workdir / "models" / tag
-        outs = {LABEL_FREE: workdir / "outputs" / f"{tag}_free.h5ad", K_GIVEN: workdir / "outputs" / f"{tag}_k.h5ad"}
-        model.parent.mkdir(parents=True, exist_ok=True)
-        outs[LABEL_FREE].parent.mkdir(parents=True, exist_ok=True)
-        train_cmd = scrcl_command(cli, ds, seed, model, outs[LABEL_FREE], args)
-        proc, train_s = _run_cli(train_cmd, args.scrcl_timeout)
-        if proc is None or proc.returncode != 0 or not outs[LABEL_FREE].exists():
-            err = _failure(proc, args.scrcl_timeout)
-            log.warning("%s failed: %s", tag, err)
-            runs += [Run(ds.name, "scrcl", p, seed, train_s, error=err) for p in (K_GIVEN, LABEL_FREE)]
+    tag = f"{ds.name}_s{seed}"
+    model = workdir / "models" / tag
+    outs = {LABEL_FREE: workdir / "outputs" / f"{tag}_free.h5ad", K_GIVEN: workdir / "outputs" / f"{tag}_k.h5ad"}
+    model.parent.mkdir(parents=True, exist_ok=True)
+    outs[LABEL_FREE].parent.mkdir(parents=True, exist_ok=True)
+    train_cmd = scrcl_command(cli, ds, seed, model, outs[LABEL_FREE], args)
+    proc, train_s = _run_cli(train_cmd, args.scrcl_timeout)
+    if proc is None or proc.returncode != 0 or not outs[LABEL_FREE].exists():
+        err = _failure(proc, args.scrcl_timeout)
+        log.warning("%s failed: %s", tag, err)
+        return [Run(ds.name, "scrcl", p, seed, train_s, error=err) for p in (K_GIVEN, LABEL_FREE)]
+    cluster_cmd = cluster_command(cli, ds, seed, ds.n_types, model, outs[K_GIVEN], args)
+    cproc, cluster_s = _run_cli(cluster_cmd, args.scrcl_timeout)
+    train_info: dict[str, Any] = {}
+    for protocol, cmd, seconds in ((LABEL_FREE, shlex.join(train_cmd), train_s),
+                                   (K_GIVEN, shlex.join(train_cmd) + " && " + shlex.join(cluster_cmd), train_s + cluster_s)):
+        out = outs[protocol]
+        if protocol == K_GIVEN and (cproc is None or cproc.returncode != 0 or not out.exists()):
+            err = _failure(cproc, args.scrcl_timeout)
+            log.warning("%s cluster failed: %s", tag, err)
+            runs.append(Run(ds.name, "scrcl", protocol, seed, seconds, error=err))
             continue
-        cluster_cmd = cluster_command(cli, ds, seed, ds.n_types, model, outs[K_GIVEN], args)
-        cproc, cluster_s = _run_cli(cluster_cmd, args.scrcl_timeout)
-        train_info: dict[str, Any] = {}
-        for protocol, cmd, seconds in ((LABEL_FREE, shlex.join(train_cmd), train_s),
-                                       (K_GIVEN, shlex.join(train_cmd) + " && " + shlex.join(cluster_cmd), train_s + cluster_s)):
-            out = outs[protocol]
-            if protocol == K_GIVEN and (cproc is None or cproc.returncode != 0 or not out.exists()):
-                err = _failure(cproc, args.scrcl_timeout)
-                log.warning("%s cluster failed: %s", tag, err)
-                runs.append(Run(ds.name, "scrcl", protocol, seed, seconds, error=err))
-                continue
-            res = ad.read_h5ad(out)
-            # Same cells in the same order as the labels, whatever order the output keeps.
-            clusters = res.obs["scrcl_cluster"].astype(object).reindex(ds_obs_names(ds)).to_numpy()
-            unassigned = np.array([v is None or (isinstance(v, float) and np.isnan(v)) for v in clusters])
-            # Cells scrcl-cli dropped (all-zero) count against it: one extra cluster of their own.
-            pred = np.where(unassigned, "__unassigned__", clusters.astype(str))
-            # The training config and device are in train's output (read first); cluster adds its provider.
-            train_info = train_info or dict(res.uns.get("scrcl", {}))
-            extra = {"n_unassigned": int(unassigned.sum()), "device": str(train_info.get("device", "?")),
-                     "config": _plain(train_info.get("config", {})), "command": cmd}
-            run = _scored(ds, "scrcl", protocol, seed, seconds, pred, labels, extra)
-            run.n_clusters = int(len(np.unique(clusters[~unassigned])))
-            runs.append(run)
-            log.info("%s %s: ARI %.3f, K %d, %.1f s", tag, protocol, run.scores["ari"], run.n_clusters, seconds)
-        if not args.keep:
-            shutil.rmtree(model, ignore_errors=True)
-            for out in outs.values():
-                out.unlink(missing_ok=True)
+        res = ad.read_h5ad(out)
+        # Same cells in the same order as the labels, whatever order the output keeps.
+        clusters = res.obs["scrcl_cluster"].astype(object).reindex(ds_obs_names(ds)).to_numpy()
+        unassigned = np.array([v is None or (isinstance(v, float) and np.isnan(v)) for v in clusters])
+        # Cells scrcl-cli dropped (all-zero) count against it: one extra cluster of their own.
+        pred = np.where(unassigned, "__unassigned__", clusters.astype(str))
+        # The training config and device are in train's output (read first); cluster adds its provider.
+        train_info = train_info or dict(res.uns.get("scrcl", {}))
+        extra = {"n_unassigned": int(unassigned.sum()), "device": str(train_info.get("device", "?")),
+                 "config": _plain(train_info.get("config", {})), "command": cmd}
+        run = _scored(ds, "scrcl", protocol, seed, seconds, pred, labels, extra)
+        run.n_clusters = int(len(np.unique(clusters[~unassigned])))
+        runs.append(run)
+        log.info("%s %s: ARI %.3f, K %d, %.1f s", tag, protocol, run.scores["ari"], run.n_clusters, seconds)
+    if not args.keep:
+        shutil.rmtree(model, ignore_errors=True)
+        for out in outs.values():
+            out.unlink(missing_ok=True)
     return runs
 
 
@@ -739,6 +747,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden-dim", type=int, default=None, help="scrcl-cli --hidden-dim (default: its own)")
     p.add_argument("--device", default=None, help="scrcl-cli --device (default: its own, auto)")
     p.add_argument("--threads", type=int, default=None, help="scrcl-cli --threads")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="scrcl-cli runs at once (default 1); with 2 cores use --jobs 2 --threads 1")
     p.add_argument("--scrcl-args", default="", help="extra arguments for scrcl-cli train, e.g. '--input counts'")
     p.add_argument("--scrcl-timeout", type=float, default=None, help="seconds per scrcl-cli run (default: none)")
     p.add_argument("--output", default=str(DEFAULT_OUTPUT), help="report path (default: docs/accuracy.md)")
@@ -788,14 +798,29 @@ def main(argv: list[str] | None = None) -> int:
     baselines.knn_connectivities(np.random.default_rng(0).normal(size=(64, 5)).astype(np.float32))
     datasets: list[Dataset] = []
     runs: list[Run] = []
+    # scrcl-cli runs are subprocesses: with --jobs > 1 they run beside each other and beside the
+    # baselines (in this process), one job per (dataset, seed).
+    pool = ThreadPoolExecutor(max_workers=args.jobs) if cli is not None and args.jobs > 1 else None
+    pending: list[Future[list[Run]]] = []
     for name in names:
         ds, labels = load_dataset(name, data_dir, workdir)
         datasets.append(ds)
         log.info("%s: %d cells, %d genes, %d types, X: %s", name, ds.n_obs, ds.n_vars, ds.n_types, ds.expression)
         runs += run_baselines(ds, labels, args.seeds)
-        if cli is not None:
+        if pool is not None:
+            assert cli is not None
+            pending += [pool.submit(run_scrcl_seed, cli, ds, labels, s, args, workdir) for s in args.seeds]
+            runs += [r for f in [f for f in pending if f.done()] for r in f.result()]
+            pending = [f for f in pending if not f.done()]
+        elif cli is not None:
             runs += run_scrcl(cli, ds, labels, args.seeds, args, workdir)
         # Rewrite after every dataset, so an interrupted run still leaves a report.
+        write_report(Path(args.output), datasets, runs, args, cli, command, started, time.perf_counter() - t0)
+    if pool is not None:
+        for f in as_completed(pending):
+            runs += f.result()
+        pool.shutdown()
+        runs.sort(key=lambda r: (names.index(r.dataset), r.method, r.protocol, r.seed))
         write_report(Path(args.output), datasets, runs, args, cli, command, started, time.perf_counter() - t0)
     if args.json:
         Path(args.json).write_text(json.dumps({"command": command, "datasets": [
