@@ -11,11 +11,13 @@
 #      CUDA, wall time and s/epoch, next to a 3-epoch CPU run on the same host for the CPU s/epoch.
 #   3. benchmarks/inference.py --device cuda: embed cells/s and peak memory, ONNX Runtime (CUDA
 #      provider, verified) vs torch on CUDA, reusing the model trained in 2.
+#   4. benchmarks/end_to_end.py --device cuda: `scrcl-cli train` (every default) + `cluster`
+#      wall time and peak RSS against N (full suite: up to 1,000,000 cells), with log-log slopes.
 # Installs nothing except `pip install -e .[train,gpu]` when scrcl_cli, torch or onnxruntime-gpu
 # is missing. Generated data and models go to $SCRCL_BENCH_DIR (default /tmp/scrcl_bench_gpu).
 set -uo pipefail
 
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 RESULTS=${1:-${OUT:-/tmp/scrcl_gpu_suite}}
 SUITE=${SUITE:-quick}
 export SCRCL_BENCH_DIR=${SCRCL_BENCH_DIR:-/tmp/scrcl_bench_gpu}
@@ -51,10 +53,14 @@ if [ "$SUITE" = full ]; then
   TRAIN_SIZES=5000,10000,20000,30000,40000,50000,80000,160000,320000,640000,1000000
   INF_SIZES=10000,50000,200000,1000000
   CHILD_TIMEOUT=900
+  E2E_SIZES=5000,20000,80000,320000,1000000
+  E2E_TIMEOUT=3600
 else
   TRAIN_SIZES=5000,10000,20000,40000,80000,160000
   INF_SIZES=10000,50000,200000
   CHILD_TIMEOUT=420
+  E2E_SIZES=5000,20000,80000
+  E2E_TIMEOUT=1200
 fi
 
 {
@@ -64,7 +70,7 @@ fi
 } > "$SUMMARY"
 
 # ---- 1. training step: linear vs dense, on the GPU
-say "1/3 training step memory and time (train_memory.py --device cuda)"
+say "1/4 training step memory and time (train_memory.py --device cuda)"
 $PY benchmarks/train_memory.py --device cuda --hidden-dim 1500 --out-dim 16 --sizes "$TRAIN_SIZES" \
   --dense-max 60000 --steps 3 --child-timeout "$CHILD_TIMEOUT" --source "$SRC" \
   --json "$RESULTS/train_memory_cuda.jsonl" --md "$RESULTS/train_memory_cuda.md" \
@@ -72,12 +78,12 @@ $PY benchmarks/train_memory.py --device cuda --hidden-dim 1500 --out-dim 16 --si
 { echo; echo "## 1. Training step, CUDA"; echo; cat "$RESULTS/train_memory_cuda.md" 2>/dev/null || echo "(failed, see train_memory_cuda.log)"; } >> "$SUMMARY"
 
 # ---- 2. full default training on CUDA, and the CPU s/epoch on the same host
-say "2/3 full default training (500 epochs) on CUDA"
+say "2/4 full default training (500 epochs) on CUDA"
 MODEL="$SCRCL_BENCH_DIR/model_pbmc4k_default_cuda"
 rm -rf "$MODEL"
 $PY benchmarks/benchutil.py --json "$RESULTS/train_full_cuda.json" -- scrcl-cli train "$SRC" -o "$MODEL" \
   --device cuda --seed 0 -q > "$RESULTS/train_full_cuda.log" 2>&1 || say "CUDA training failed"
-say "2/3 CPU reference on this host: 3 epochs, default architecture"
+say "2/4 CPU reference on this host: 3 epochs, default architecture"
 rm -rf "$SCRCL_BENCH_DIR/model_pbmc4k_cpu3"
 $PY benchmarks/benchutil.py --json "$RESULTS/train_cpu3.json" -- scrcl-cli train "$SRC" \
   -o "$SCRCL_BENCH_DIR/model_pbmc4k_cpu3" --device cpu --epochs 3 --seed 0 --no-export -q \
@@ -101,12 +107,18 @@ for model, tfile, label in ((gpu, res / "train_full_cuda.json", "default"), (cpu
 EOF
 
 # ---- 3. inference on the GPU: ONNX Runtime CUDA provider vs torch CUDA
-say "3/3 inference (inference.py --device cuda)"
+say "3/4 inference (inference.py --device cuda)"
 INF_MODEL="$MODEL"
 [ -f "$MODEL/scrcl_model.json" ] || INF_MODEL=""
 $PY benchmarks/inference.py --device cuda --sizes "$INF_SIZES" ${INF_MODEL:+--model "$INF_MODEL"} \
   --child-timeout "$CHILD_TIMEOUT" --source "$SRC" \
   --json "$RESULTS/inference_cuda.jsonl" --md "$RESULTS/inference_cuda.md" 2>&1 | tee "$RESULTS/inference_cuda.log"
 { echo; echo "## 3. Inference, CUDA"; echo; cat "$RESULTS/inference_cuda.md" 2>/dev/null || echo "(failed, see inference_cuda.log)"; } >> "$SUMMARY"
+
+# ---- 4. end to end: train (every default) + cluster against N on the GPU
+say "4/4 end to end (end_to_end.py --device cuda, CLI defaults)"
+$PY benchmarks/end_to_end.py --device cuda --sizes "$E2E_SIZES" --source "$SRC" --timeout "$E2E_TIMEOUT" \
+  --json "$RESULTS/end_to_end_cuda.json" --md "$RESULTS/end_to_end_cuda.md" 2>&1 | tee "$RESULTS/end_to_end_cuda.log"
+{ echo; echo "## 4. End to end, CUDA"; echo; cat "$RESULTS/end_to_end_cuda.md" 2>/dev/null || echo "(failed, see end_to_end_cuda.log)"; } >> "$SUMMARY"
 
 say "done: $SUMMARY"

@@ -1,0 +1,140 @@
+"""End to end against N (issue 5, benchmark 2): `scrcl-cli train` then `scrcl-cli cluster`.
+
+For each N, cells of a real dataset are resampled to N (`make_large.py`: every cell a real cell
+with fresh multinomial noise at its own library size), then the two CLI commands run as child
+processes exactly as a user types them, each timed and with its peak RSS read by the runner.
+The label-free clusters of `train` are scored against the resampled cells' source labels
+(evaluation only; nothing reaches the CLI but X). The log-log slope of time and memory against N
+is fitted over the sizes that finished.
+
+Usage:
+    python benchmarks/end_to_end.py                                   # CLI defaults (500 epochs, H 1500)
+    python benchmarks/end_to_end.py --sizes 1000,2000,4000,8000 --epochs 100 --hidden-dim 256 \\
+        --threads 1 --md /tmp/bench/e2e.md                            # what this CPU can do
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import benchutil  # noqa: E402
+import make_large  # noqa: E402
+
+
+def run_size(n: int, src: make_large.Source, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Resample to n cells, train, cluster; one result row."""
+    data = work / f"cells_{n}.h5ad"
+    make_large.write_resampled(src, n, data, seed=args.seed)
+    model, train_out, clustered = work / f"model_{n}", work / f"train_{n}.h5ad", work / f"cluster_{n}.h5ad"
+    common = ["--seed", str(args.seed), "--device", args.device, "--threads", str(args.threads), "-q"]
+    train = ["scrcl-cli", "train", str(data), "-o", str(model), "--out-h5ad", str(train_out), *common]
+    if args.epochs:
+        train += ["--epochs", str(args.epochs)]
+    if args.hidden_dim:
+        train += ["--hidden-dim", str(args.hidden_dim)]
+    cluster = ["scrcl-cli", "cluster", str(data), "-m", str(model), "-o", str(clustered), *common]
+    row: dict[str, Any] = {"n": n, "train_cmd": " ".join(train[1:]), "cluster_cmd": " ".join(cluster[1:])}
+    for name, cmd in (("train", train), ("cluster", cluster)):
+        g = benchutil.run_guarded(cmd, timeout=args.timeout, rss_limit=args.rss_limit, poll_s=0.2)
+        row[f"{name}_status"] = g.status()
+        row[f"{name}_s"] = round(g.wall_s, 2)
+        row[f"{name}_peak_rss"] = g.peak_rss
+        if g.status() != "ok":
+            row[f"{name}_error"] = g.error_line()
+            break
+    if row.get("train_status") == "ok":
+        row.update(score(data, train_out, model))
+    shutil.rmtree(model, ignore_errors=True)
+    for f in (data, train_out, clustered):
+        f.unlink(missing_ok=True)
+    return row
+
+
+def score(data: Path, out: Path, model: Path) -> dict[str, Any]:
+    """ARI/NMI of train's label-free clusters against the source labels, and the K it chose."""
+    import anndata as ad
+
+    sys.path.insert(0, str(HERE.parent))
+    from scrcl_cli.metrics import evaluate
+
+    truth = ad.read_h5ad(data, backed="r").obs["cell_type"].astype(str).to_numpy()
+    pred = ad.read_h5ad(out, backed="r").obs["scrcl_cluster"].astype(str).to_numpy()
+    m = evaluate(truth, pred)
+    manifest = json.loads((model / "scrcl_model.json").read_text())
+    return {"ari": round(m["ari"], 4), "nmi": round(m["nmi"], 4), "k": int(manifest["clusters"]["n_clusters"]),
+            "true_k": len(set(truth)), "epochs": manifest["config"]["epochs"],
+            "hidden_dim": manifest["config"]["hidden_dim"], "device": manifest["training"]["device"]}
+
+
+def slope(rows: list[dict[str, Any]], key: str) -> float | None:
+    pts = [(r["n"], r[key]) for r in rows if r.get(key) and r.get("cluster_status") == "ok"]
+    if len(pts) < 2:
+        return None
+    return float(np.polyfit(np.log([p[0] for p in pts]), np.log([p[1] for p in pts]), 1)[0])
+
+
+def markdown(rows: list[dict[str, Any]], command: str, args: argparse.Namespace) -> str:
+    first = next((r for r in rows if "epochs" in r), {})
+    L = [f"Command: `{command}`", "",
+         f"Source {args.source.name} resampled to N, seed {args.seed}; scrcl-cli {first.get('epochs', '?')} epochs, "
+         f"H {first.get('hidden_dim', '?')}, device {first.get('device', args.device)}, threads {args.threads}; "
+         f"load average {benchutil.loadavg():.1f} at the end; {benchutil.cpu_name()}.", "",
+         "| N | train s | train peak RSS MiB | cluster s | cluster peak RSS MiB | train + cluster s | K (true) | ARI | NMI |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("cluster_status") != "ok":
+            L.append(f"| {r['n']:,} | {r.get('train_status')} {r.get('train_error', '')} | | {r.get('cluster_status', '')} | | | | | |")
+            continue
+        L.append(f"| {r['n']:,} | {r['train_s']:.1f} | {r['train_peak_rss'] / 2**20:,.0f} | {r['cluster_s']:.1f} | "
+                 f"{r['cluster_peak_rss'] / 2**20:,.0f} | {r['train_s'] + r['cluster_s']:.1f} | {r['k']} ({r['true_k']}) | "
+                 f"{r['ari']:.3f} | {r['nmi']:.3f} |")
+    fits = {k: slope(rows, k) for k in ("train_s", "train_peak_rss", "cluster_s", "cluster_peak_rss")}
+    L += ["", "Log-log slope against N (time or memory ∝ N^slope): "
+          + ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} –" for k, v in fits.items()) + "."]
+    return "\n".join(L) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="2000,4000,8000,16000", help="comma-separated N")
+    ap.add_argument("--source", type=Path, default=make_large.DEFAULT_SOURCE)
+    ap.add_argument("--epochs", type=int, default=None, help="scrcl-cli --epochs (default: its own, 500)")
+    ap.add_argument("--hidden-dim", type=int, default=None, help="scrcl-cli --hidden-dim (default: its own, 1500)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds per command")
+    ap.add_argument("--rss-limit", type=int, default=None, help="bytes (default: half the available memory)")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--md", type=Path, default=None)
+    args = ap.parse_args(argv)
+    args.rss_limit = args.rss_limit or benchutil.default_rss_limit()
+    command = "python benchmarks/end_to_end.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    src = make_large.load_source(args.source)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="scrcl-e2e-") as tmp:
+        for n in (int(s) for s in args.sizes.split(",")):
+            t = time.perf_counter()
+            rows.append(run_size(n, src, args, Path(tmp)))
+            print(json.dumps(rows[-1]), flush=True)
+            print(f"N={n}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+            if args.json:
+                args.json.write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    benchutil.emit_markdown(markdown(rows, command, args), args.md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
