@@ -81,10 +81,13 @@ def test_induced_subgraph_matches_scipy_normalisation():
 
 
 def test_minibatch_training_learns_on_real_cells():
-    """Mini-batches of ~256 of the 700 real cells: finite, decreasing loss and clusters far above chance.
+    """Mini-batches of ~256 of the 700 real cells vs full batch, six seeds each (one thread).
 
-    The gap to full batch at this tiny setting is printed, not asserted: issue 5's target (within
-    0.05 ARI) is not met yet, see docs/benchmarks.md.
+    Single seeds differ by up to ±0.1 ARI here, so the comparison is of means over seeds.
+    Measured on the development machine: full 0.450, mini-batch 0.413 over these six seeds
+    (over eight: 0.454 vs 0.432, difference -0.022 ± 0.048; `benchmarks/minibatch.py`,
+    docs/benchmarks.md §3). The bound asserted is 0.1, twice issue 5's 0.05, because the
+    trajectories depend on the CPU's float kernels and the difference's standard error is ~0.04.
     """
     from scrcl_cli.clustering import cosine_kmeans
     from scrcl_cli.metrics import ari
@@ -93,13 +96,21 @@ def test_minibatch_training_learns_on_real_cells():
     ad = _example()
     truth = ad.obs["cell_type"].to_numpy()  # evaluation only
     prep = prepare(ad.X, list(ad.var_names), n_top_genes=300)
-    cfg = TrainConfig(**{**CFG.as_dict(), "epochs": 25, "lr": 1e-3})
-    inputs = build_inputs(prep.model_input, prep.lognorm, cfg)
-    mb = fit(inputs, cfg, device=torch.device("cpu"), batch_size=256)
-    full = fit(inputs, cfg, device=torch.device("cpu"))
-    assert mb.extra["batch_size"] == 256
-    assert np.all(np.isfinite(mb.losses)) and mb.losses[-5:, 0].mean() < mb.losses[:5, 0].mean()
-    a_mb = ari(truth, cosine_kmeans(mb.fused, 10, seed=0).labels)
-    a_full = ari(truth, cosine_kmeans(full.fused, 10, seed=0).labels)
-    print(f"\nmini-batch ARI {a_mb:.3f} vs full batch {a_full:.3f}")
-    assert a_mb > 0.2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        full, mini = [], []
+        inputs = None
+        for seed in range(6):
+            cfg = TrainConfig(**{**CFG.as_dict(), "epochs": 25, "lr": 1e-3, "seed": seed})
+            inputs = inputs or build_inputs(prep.model_input, prep.lognorm, cfg)
+            mb = fit(inputs, cfg, device=torch.device("cpu"), batch_size=256)
+            assert mb.extra["batch_size"] == 256
+            assert np.all(np.isfinite(mb.losses)) and mb.losses[-5:, 0].mean() < mb.losses[:5, 0].mean()
+            mini.append(ari(truth, cosine_kmeans(mb.fused, 10, seed=0).labels))
+            full.append(ari(truth, cosine_kmeans(fit(inputs, cfg, device=torch.device("cpu")).fused, 10, seed=0).labels))
+    finally:
+        torch.set_num_threads(threads)
+    print(f"\nmini-batch ARI {np.mean(mini):.3f} vs full batch {np.mean(full):.3f} over 6 seeds")
+    assert np.mean(mini) > 0.3
+    assert np.mean(mini) >= np.mean(full) - 0.1

@@ -1,0 +1,104 @@
+"""Mini-batch vs full-batch training: ARI of the same seeds on shared datasets (issue 5).
+
+For each dataset and seed, `training.fit` runs twice on the same inputs, once full batch and once
+with `--batch-size`-style mini-batches; both fused embeddings are clustered with cosine k-means
+at the annotated K (labels read only to score). Single seeds differ by up to ±0.1 ARI on small
+data, so the comparison is over many seeds: mean, sd and the mean paired difference.
+
+Usage:
+    python benchmarks/minibatch.py --datasets pbmc68k_reduced_700 --seeds 8 --epochs 25 \\
+        --hidden-dim 48 --out-dim 6 --lr 1e-3 --n-top-genes 300 --batch-size 256
+    python benchmarks/minibatch.py --datasets pbmc_10x_4k_top2000 --seeds 3 --epochs 100 \\
+        --hidden-dim 256 --batch-size 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+import benchutil  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="pbmc68k_reduced_700")
+    ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--hidden-dim", type=int, default=256)
+    ap.add_argument("--out-dim", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--n-top-genes", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--md", type=Path, default=None)
+    args = ap.parse_args(argv)
+    import anndata
+    import scipy.sparse as sp
+    import torch
+
+    from scrcl_cli.clustering import cosine_kmeans
+    from scrcl_cli.metrics import ari
+    from scrcl_cli.preprocessing import prepare
+    from scrcl_cli.training import TrainConfig, build_inputs, fit
+
+    torch.set_num_threads(args.threads)
+    command = "python benchmarks/minibatch.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    rows = []
+    for name in args.datasets.split(","):
+        path = DATA / f"{name}.h5ad"
+        if not path.exists():
+            print(f"skip {name}: {path} missing (../shared/data beside the checkout)", file=sys.stderr)
+            continue
+        a = anndata.read_h5ad(path)
+        expression = {"pollen_log_simlr": "log", "yan_rpkm": "continuous"}.get(name, "counts")
+        prep = prepare(sp.csr_matrix(a.X, dtype=np.float32), [str(v) for v in a.var_names],
+                       n_top_genes=args.n_top_genes, expression=expression)
+        truth = a.obs["cell_type"].astype(str).to_numpy()[prep.cell_mask]  # scoring only
+        k = len(set(truth))
+        inputs = None
+        scores: dict[str, list[float]] = {"full": [], "mini": []}
+        secs: dict[str, list[float]] = {"full": [], "mini": []}
+        for seed in range(args.seeds):
+            cfg = TrainConfig(epochs=args.epochs, hidden_dim=args.hidden_dim, out_dim=args.out_dim, lr=args.lr,
+                              n_top_genes=args.n_top_genes, expression=expression, seed=seed)
+            inputs = inputs or build_inputs(prep.model_input, prep.lognorm, cfg)
+            for mode, b in (("full", None), ("mini", args.batch_size)):
+                t = time.perf_counter()
+                res = fit(inputs, cfg, device=torch.device("cpu"), batch_size=b)
+                secs[mode].append(time.perf_counter() - t)
+                scores[mode].append(ari(truth, cosine_kmeans(res.fused, k, seed=0).labels))
+            print(json.dumps({"dataset": name, "seed": seed, "full": scores["full"][-1], "mini": scores["mini"][-1]}),
+                  flush=True)
+        diff = np.array(scores["mini"]) - np.array(scores["full"])
+        rows.append((name, prep.model_input.shape[0], scores, secs, diff))
+    L = [f"Command: `{command}`", "",
+         f"{args.epochs} epochs, H {args.hidden_dim}, out {args.out_dim}, lr {args.lr}, {args.n_top_genes} HVGs, "
+         f"mini-batches of about {args.batch_size} cells, torch threads {args.threads}, CPU; load average "
+         f"{benchutil.loadavg():.1f} at the end.", "",
+         "| dataset | cells | seeds | full batch ARI | mini-batch ARI | mini − full (mean ± se) | s per fit full / mini |",
+         "|---|---|---|---|---|---|---|"]
+    for name, n, sc, se, d in rows:
+        f, m = np.array(sc["full"]), np.array(sc["mini"])
+        L.append(f"| {name} | {n:,} | {len(f)} | {f.mean():.3f} ± {f.std(ddof=1) if len(f) > 1 else 0:.3f} | "
+                 f"{m.mean():.3f} ± {m.std(ddof=1) if len(m) > 1 else 0:.3f} | "
+                 f"{d.mean():+.3f} ± {d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0:.3f} | "
+                 f"{np.mean(se['full']):.1f} / {np.mean(se['mini']):.1f} |")
+    benchutil.emit_markdown("\n".join(L) + "\n", args.md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
