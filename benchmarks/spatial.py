@@ -8,7 +8,7 @@ Regenerates docs/spatial.md and one domain-map PNG per dataset. For each spatial
   seurat_v3 HVGs -> normalize 1e4 -> log1p -> scale without centring (clip 10); spatial kNN
   graph on obsm['spatial']; x0 = Â^t0 X, x1 = Â^t1 X; training.fit; cosine k-means on
   concat(z1, z2) with K = the true number of domains, and with K chosen without labels
-  (clustering.choose_n_clusters); then the 50-neighbour vote (spatial.refine_labels).
+  (clustering.choose_n_clusters: Louvain count of the expression graph); then the 50-neighbour vote (spatial.refine_labels).
 - PCA + k-means on expression (scanpy standard pipeline: normalize, log1p, scale, PCA 50),
   before and after the same neighbour vote;
 - Leiden at resolution 1.0 on the 15-NN graph of that PCA (label-free), before and after the vote;
@@ -139,7 +139,7 @@ def scrcl_runs(ds: Dataset, cfg: dict[str, Any], seeds: list[int], device: str,
                         spatial.refine_labels(km.labels, coords, REFINE_NEIGHBOURS), t_fit,
                         {"finite_loss": finite, "final_loss": float(res.losses[-1, 0]) if len(res.losses) else None}))
         t1 = time.perf_counter()
-        k_free, _ = clustering.choose_n_clusters(emb, seed=seed)
+        k_free, _ = clustering.choose_n_clusters(prep.lognorm, seed=seed, n_neighbors=base.n_neighbors)
         km = clustering.cosine_kmeans(emb, k_free, seed=seed)
         runs.append(Run("scrcl_free" + tag, seed, k_free, km.labels,
                         spatial.refine_labels(km.labels, coords, REFINE_NEIGHBOURS),
