@@ -260,7 +260,7 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
       "--lambda1 10 --t0 5 --t1 5 --n-top-genes 3000, no gene-graph mixing (docs/spatial.md).")
 @_opt("--refine-neighbours", type=click.IntRange(min=1), default=50, help="With --spatial: spots in the neighbour vote.")
 @_opt("--batch-size", "batch_size", type=click.IntRange(min=2), default=None,
-      help="Train on mini-batches of about this many cells (default: full batch when it fits in memory).")
+      help="Train on mini-batches of about this many cells, one batch per epoch (default: full batch when it fits in memory).")
 @_opt("--no-export", is_flag=True, help="Skip the ONNX export (weights only).")
 @seed_option
 @device_option
