@@ -167,6 +167,7 @@ def choose_n_clusters(
     n_neighbors: int = 15,
     sample_size: int = 20_000,
     min_fraction: float = 0.005,
+    adj: sp.csr_matrix | None = None,
 ) -> tuple[int, dict[str, float]]:
     """Label-free cluster count from the expression graph, the count scanpy users would get.
 
@@ -179,14 +180,17 @@ def choose_n_clusters(
     Why not the embedding's own graph: the 2*O-dimensional scRCL embedding resolves finer
     structure than annotated types, and its communities over-split (pbmc_10x_4k: 20 for 8 types;
     docs/defaults.md), while the embedding still separates best once K is fixed.
+
+    adj: that cell graph of all N cells when the caller already has it (training), so it is not
+    searched twice; ignored above `sample_size`.
     """
     from .graphs import cell_graph
 
     n = lognorm.shape[0]
     rng = np.random.default_rng(seed)
     sub = np.sort(rng.choice(n, size=min(n, sample_size), replace=False))
-    feats = lognorm[sub] if sub.size < n else lognorm
-    adj = cell_graph(feats, min(n_neighbors, sub.size), pca_threshold=0)
+    if adj is None or sub.size < n:
+        adj = cell_graph(lognorm[sub] if sub.size < n else lognorm, min(n_neighbors, sub.size), pca_threshold=0)
     labels = louvain(adj, resolution=1.0, seed=seed)
     sizes = np.bincount(labels)
     k = int(max(2, (sizes >= max(2.0, min_fraction * sub.size)).sum()))

@@ -95,7 +95,8 @@ def train_model(
     result = fit(inputs, config, device=dev, on_epoch=on_epoch, batch_size=batch_size)
 
     if n_clusters is None:
-        k, scores = clustering.choose_n_clusters(prep.lognorm, seed=config.seed, n_neighbors=config.n_neighbors)
+        k, scores = clustering.choose_n_clusters(prep.lognorm, seed=config.seed, n_neighbors=config.n_neighbors,
+                                                 adj=inputs.adj if spatial is None else None)
         k_method = "louvain-count"
     else:
         k, scores, k_method = n_clusters, {}, "given"

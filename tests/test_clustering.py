@@ -68,6 +68,10 @@ def test_choose_n_clusters_on_real_cells_is_near_the_annotated_count():
     k, _ = clustering.choose_n_clusters(prep.lognorm, seed=0)
     n_types = a.obs["cell_type"].nunique()  # evaluation only
     assert abs(k - n_types) <= 0.3 * n_types
+    # Training passes its own cell graph instead of searching it again: same count.
+    from scrcl_cli.graphs import cell_graph
+
+    assert clustering.choose_n_clusters(prep.lognorm, seed=0, adj=cell_graph(prep.lognorm, 15))[0] == k
 
 
 def test_marker_table_ranks_the_gene_specific_to_each_cluster_first():
