@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import benchutil  # noqa: E402
@@ -66,7 +67,6 @@ def score(data: Path, out: Path, model: Path) -> dict[str, Any]:
     """ARI/NMI of train's label-free clusters against the source labels, and the K it chose."""
     import anndata as ad
 
-    sys.path.insert(0, str(HERE.parent))
     from scrcl_cli.metrics import evaluate
 
     truth = ad.read_h5ad(data, backed="r").obs["cell_type"].astype(str).to_numpy()
