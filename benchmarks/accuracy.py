@@ -18,6 +18,8 @@ Usage (from the repository root)::
     python benchmarks/accuracy.py                      # everything, 3 seeds, full scrcl-cli
     python benchmarks/accuracy.py --quick              # CPU: fewer epochs, narrower model
     python benchmarks/accuracy.py --skip-scrcl         # baselines only
+    python benchmarks/accuracy.py --skip-scrcl --json base.json   # baselines once (CPU) ...
+    python benchmarks/accuracy.py --baselines-from base.json      # ... then scrcl-cli alone (GPU)
     python benchmarks/accuracy.py --datasets worm_neuron yan_rpkm --seeds 0 1
 
 Needs the ``bench`` extra (scanpy, leidenalg, igraph). scrcl-cli is optional: when it is not
@@ -213,6 +215,18 @@ def run_baselines(ds: Dataset, labels: np.ndarray, seeds: list[int]) -> list[Run
         log.info("%s seed %d: baselines ARI leiden_r1 %.3f, leiden_k %.3f, kmeans_k %.3f", ds.name, seed,
                  *(r.scores["ari"] for r in runs[-3:]))
     return runs
+
+
+def load_baselines(path: Path, names: list[str], seeds: list[int]) -> tuple[list[Run], str]:
+    """Baseline runs of `names` x `seeds` from an earlier run's --json, and the command that made them."""
+    saved = json.loads(path.read_text())
+    runs = [Run(**r) for r in saved["runs"] if r["method"] != "scrcl" and r["dataset"] in names and r["seed"] in seeds]
+    have = {(r.dataset, r.seed) for r in runs}
+    missing = [f"{n} seed {s}" for n in names for s in seeds if (n, s) not in have]
+    if missing:
+        raise SystemExit(f"{path} has no baseline runs for {', '.join(missing)}; rerun it with those "
+                         "datasets and seeds (--skip-scrcl --json)")
+    return runs, saved.get("command", "?")
 
 
 def _scored(ds: Dataset, method: str, protocol: str, seed: int, seconds: float, pred: np.ndarray,
@@ -516,6 +530,9 @@ def write_report(path: Path, datasets: list[Dataset], runs: list[Run], args: arg
           "and passes no label. One `scrcl-cli train` per seed (no `--n-clusters`) gives the label-free result; "
           "\"K given\" is `scrcl-cli cluster --denovo --n-clusters K` (K the true number of types) with that "
           "model on the same cells, so both protocols score the same trained network.")
+    if getattr(args, "baselines_command", None):
+        a(f"- Baselines: not recomputed in this run; taken from `{args.baselines_from}`, written by "
+          f"`{args.baselines_command}` (the same CPU code, datasets and seeds).")
     L.extend(environment(cli))
     if set(names) != set(manifest_datasets(Path(args.data_dir))):
         a(f"- **Partial run**: {len(names)} of the {len(manifest_datasets(Path(args.data_dir)))} datasets.")
@@ -734,6 +751,18 @@ BASELINE_NOTE = """\
 # ------------------------------------------------------------------ main
 
 
+def write_json(path: str | None, command: str, datasets: list[Dataset], runs: list[Run]) -> None:
+    """Every run with its scores and predicted labels (the labels give seed stability when the
+    baselines are reused through --baselines-from)."""
+    if not path:
+        return
+    text = json.dumps({"command": command, "datasets": [{**asdict(d), "path": str(d.path)} for d in datasets],
+                       "runs": [asdict(r) for r in runs]})
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -741,6 +770,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="+", default=None, help="dataset names (default: all non-spatial ones)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
     p.add_argument("--skip-scrcl", action="store_true", help="baselines only")
+    p.add_argument("--baselines-from", default=None, metavar="JSON",
+                   help="take the baseline runs from an earlier run's --json instead of recomputing them "
+                        "(same datasets and seeds; they are device-independent CPU code, so a GPU host "
+                        "needs no scanpy)")
     p.add_argument("--quick", action="store_true",
                    help=f"reduced scrcl-cli run for CPUs: --epochs {QUICK['epochs']} --hidden-dim "
                         f"{QUICK['hidden_dim']} (stated in the report)")
@@ -795,8 +828,13 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="scrcl-accuracy-")
         workdir = Path(tmp.name)
 
-    # Compile umap's numba kernels once, so the first dataset's times do not include it.
-    baselines.knn_connectivities(np.random.default_rng(0).normal(size=(64, 5)).astype(np.float32))
+    saved_baselines: list[Run] = []
+    args.baselines_command = None
+    if args.baselines_from:
+        saved_baselines, args.baselines_command = load_baselines(Path(args.baselines_from), names, args.seeds)
+    else:
+        # Compile umap's numba kernels once, so the first dataset's times do not include it.
+        baselines.knn_connectivities(np.random.default_rng(0).normal(size=(64, 5)).astype(np.float32))
     datasets: list[Dataset] = []
     runs: list[Run] = []
     # scrcl-cli runs are subprocesses: with --jobs > 1 they run beside each other and beside the
@@ -807,7 +845,10 @@ def main(argv: list[str] | None = None) -> int:
         ds, labels = load_dataset(name, data_dir, workdir)
         datasets.append(ds)
         log.info("%s: %d cells, %d genes, %d types, X: %s", name, ds.n_obs, ds.n_vars, ds.n_types, ds.expression)
-        runs += run_baselines(ds, labels, args.seeds)
+        if args.baselines_from:
+            runs += [r for r in saved_baselines if r.dataset == name]
+        else:
+            runs += run_baselines(ds, labels, args.seeds)
         if pool is not None:
             assert cli is not None
             pending += [pool.submit(run_scrcl_seed, cli, ds, labels, s, args, workdir) for s in args.seeds]
@@ -817,16 +858,16 @@ def main(argv: list[str] | None = None) -> int:
             runs += run_scrcl(cli, ds, labels, args.seeds, args, workdir)
         # Rewrite after every dataset, so an interrupted run still leaves a report.
         write_report(Path(args.output), datasets, runs, args, cli, command, started, time.perf_counter() - t0)
+        write_json(args.json, command, datasets, runs)
     if pool is not None:
         for f in as_completed(pending):
             runs += f.result()
+            # After every finished seed, so a run stopped at a time limit keeps what it did.
+            runs.sort(key=lambda r: (names.index(r.dataset), r.method, r.protocol, r.seed))
+            write_report(Path(args.output), datasets, runs, args, cli, command, started, time.perf_counter() - t0)
+            write_json(args.json, command, datasets, runs)
         pool.shutdown()
-        runs.sort(key=lambda r: (names.index(r.dataset), r.method, r.protocol, r.seed))
-        write_report(Path(args.output), datasets, runs, args, cli, command, started, time.perf_counter() - t0)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"command": command, "datasets": [
-            {**asdict(d), "path": str(d.path)} for d in datasets],
-            "runs": [{**asdict(r), "labels": None} for r in runs]}, indent=1))
+    write_json(args.json, command, datasets, runs)
     log.info("wrote %s", args.output)
     if tmp is not None:
         tmp.cleanup()

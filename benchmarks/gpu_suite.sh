@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmark suite for scrcl-cli: one prepared script that a CUDA host runs unchanged.
 #
-#   bash benchmarks/gpu_suite.sh [RESULTS_DIR]        # SUITE=quick (default) or SUITE=full
+#   bash benchmarks/gpu_suite.sh [RESULTS_DIR]        # SUITE=quick (default), full or lease
 #
 # It runs, on the GPU, writing everything to RESULTS_DIR (default $OUT, else /tmp/scrcl_gpu_suite):
 #   1. benchmarks/train_memory.py --device cuda: time and peak GPU memory of one training step
@@ -13,6 +13,14 @@
 #      provider, verified) vs torch on CUDA, reusing the model trained in 2.
 #   4. benchmarks/end_to_end.py --device cuda: `scrcl-cli train` (every default) + `cluster`
 #      wall time and peak RSS against N (full suite: up to 1,000,000 cells), with log-log slopes.
+# SUITE=lease fits a short GPU loan (LEASE_S seconds, default 540, checked before each step):
+#   a. the GPU-marked tests (same-seed CUDA determinism);
+#   b. benchmarks/accuracy.py at the full defaults (H 1500, 500 epochs) on CUDA, three seeds, with the
+#      baselines taken from BASELINES_JSON (a CPU run of `accuracy.py --skip-scrcl --json`), so the
+#      GPU host needs no scanpy;
+#   c. benchmarks/train_memory.py --device cuda: one step, linear vs dense, N up to 80,000;
+#   d. benchmarks/tf32_parity.py: float32 vs TF32 training on pbmc_10x_4k_top2000;
+#   e. benchmarks/end_to_end.py --device cuda at 50,000 cells, if time is left.
 # Installs nothing except `pip install -e .[train,gpu]` when scrcl_cli, torch or onnxruntime-gpu
 # is missing. Generated data and models go to $SCRCL_BENCH_DIR (default /tmp/scrcl_bench_gpu).
 set -uo pipefail
@@ -48,6 +56,45 @@ scrcl-cli info > "$RESULTS/env.txt" 2>&1
 nproc >> "$RESULTS/env.txt"; free -g >> "$RESULTS/env.txt"
 git rev-parse HEAD >> "$RESULTS/env.txt" 2>/dev/null || true
 say "suite=$SUITE results=$RESULTS data=$SRC"
+{
+  echo "# scrcl-cli GPU suite ($SUITE), $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  echo '```'; cat "$RESULTS/env.txt"; echo '```'
+} > "$SUMMARY"
+
+if [ "$SUITE" = lease ]; then
+  START=$SECONDS
+  LEASE_S=${LEASE_S:-540}
+  left() { echo $(( LEASE_S - (SECONDS - START) )); }
+  # run STEP_NAME WANTED_S CMD...: run CMD with at most min(WANTED_S, time left - 10 s)
+  step() {
+    local name=$1 want=$2; shift 2
+    local l; l=$(left)
+    local cap=$(( want < l - 10 ? want : l - 10 ))
+    if [ "$cap" -lt 20 ]; then say "$name: skipped, ${l} s left"; echo "- $name: skipped (${l} s of the lease left)" >> "$SUMMARY"; return; fi
+    say "$name: up to ${cap} s"
+    local t0=$SECONDS
+    timeout --kill-after=5 "$cap" "$@" > "$RESULTS/$name.log" 2>&1
+    local rc=$?
+    say "$name: exit $rc after $(( SECONDS - t0 )) s"
+    echo "- $name: exit $rc after $(( SECONDS - t0 )) s (limit ${cap} s)" >> "$SUMMARY"
+  }
+  BASE=${BASELINES_JSON:-$DATA/../accuracy_baselines.json}
+  echo >> "$SUMMARY"; echo "## Steps" >> "$SUMMARY"; echo >> "$SUMMARY"
+  step gpu_tests 90 $PY -m pytest -q -s -m gpu -p no:cacheprovider tests/test_determinism.py
+  step accuracy_full 300 $PY benchmarks/accuracy.py --data-dir "$DATA" --baselines-from "$BASE" --device cuda \
+    --jobs 6 --threads 2 --scrcl-timeout 280 --json "$RESULTS/accuracy_full.json" --output "$RESULTS/accuracy_full.md"
+  step train_memory 120 $PY benchmarks/train_memory.py --device cuda --hidden-dim 1500 --out-dim 16 \
+    --sizes 10000,20000,40000,80000 --dense-max 40000 --steps 3 --child-timeout 60 --source "$SRC" \
+    --json "$RESULTS/train_memory_cuda.jsonl" --md "$RESULTS/train_memory_cuda.md"
+  step tf32_parity 100 $PY benchmarks/tf32_parity.py --source "$SRC" --json "$RESULTS/tf32_parity.json"
+  if [ "$(left)" -ge 150 ]; then
+    step end_to_end 200 $PY benchmarks/end_to_end.py --device cuda --sizes 50000 --source "$SRC" \
+      --timeout 180 --json "$RESULTS/end_to_end_cuda.json" --md "$RESULTS/end_to_end_cuda.md"
+  fi
+  say "lease suite done after $(( SECONDS - START )) s: $SUMMARY"
+  exit 0
+fi
 
 if [ "$SUITE" = full ]; then
   TRAIN_SIZES=5000,10000,20000,30000,40000,50000,80000,160000,320000,640000,1000000
@@ -63,11 +110,6 @@ else
   E2E_TIMEOUT=1200
 fi
 
-{
-  echo "# scrcl-cli GPU suite ($SUITE), $(date -u +%Y-%m-%dT%H:%MZ)"
-  echo
-  echo '```'; cat "$RESULTS/env.txt"; echo '```'
-} > "$SUMMARY"
 
 # ---- 1. training step: linear vs dense, on the GPU
 say "1/4 training step memory and time (train_memory.py --device cuda)"
