@@ -7,7 +7,7 @@
 #   1. benchmarks/train_memory.py --device cuda: time and peak GPU memory of one training step
 #      (forward + backward + Adam) against N, linear losses vs the dense N x N form in the same
 #      run, H = 1500 (the reference width), G = 2000; the dense form runs until it is out of memory.
-#   2. Full default training (500 epochs, every default) of scrcl-cli on pbmc_10x_4k_top2000 on
+#   2. Full default training (every default: 100 epochs, H 1500) of scrcl-cli on pbmc_10x_4k_top2000 on
 #      CUDA, wall time and s/epoch, next to a 3-epoch CPU run on the same host for the CPU s/epoch.
 #   3. benchmarks/inference.py --device cuda: embed cells/s and peak memory, ONNX Runtime (CUDA
 #      provider, verified) vs torch on CUDA, reusing the model trained in 2.
@@ -15,10 +15,11 @@
 #      wall time and peak RSS against N (full suite: up to 1,000,000 cells), with log-log slopes.
 # SUITE=lease fits a short GPU loan (LEASE_S seconds, default 540, checked before each step):
 #   a. the GPU-marked tests (same-seed CUDA determinism);
-#   b. benchmarks/accuracy.py at the full defaults (H 1500, 500 epochs) on CUDA, three seeds, with the
+#   b. benchmarks/accuracy.py at the full defaults (H 1500, 100 epochs) on CUDA, three seeds, with the
 #      baselines taken from BASELINES_JSON (a CPU run of `accuracy.py --skip-scrcl --json`), so the
-#      GPU host needs no scanpy;
-#   c. benchmarks/train_memory.py --device cuda: one step, linear vs dense, N up to 80,000;
+#      GPU host needs no scanpy; one run at a time (six at once on 16 cores and one GPU took 150-290 s
+#      per run in the first loan, against about 25 s alone);
+#   c. benchmarks/train_memory.py --device cuda: one step, linear vs dense, N 10,000 and 40,000;
 #   d. benchmarks/tf32_parity.py: float32 vs TF32 training on pbmc_10x_4k_top2000;
 #   e. benchmarks/end_to_end.py --device cuda at 50,000 cells, if time is left.
 # Installs nothing except `pip install -e .[train,gpu]` when scrcl_cli, torch or onnxruntime-gpu
@@ -83,9 +84,9 @@ if [ "$SUITE" = lease ]; then
   echo >> "$SUMMARY"; echo "## Steps" >> "$SUMMARY"; echo >> "$SUMMARY"
   step gpu_tests 90 $PY -m pytest -q -s -m gpu -p no:cacheprovider tests/test_determinism.py
   step accuracy_full 300 $PY benchmarks/accuracy.py --data-dir "$DATA" --baselines-from "$BASE" --device cuda \
-    --jobs 6 --threads 2 --scrcl-timeout 280 --json "$RESULTS/accuracy_full.json" --output "$RESULTS/accuracy_full.md"
+    --jobs 1 --scrcl-timeout 280 --json "$RESULTS/accuracy_full.json" --output "$RESULTS/accuracy_full.md"
   step train_memory 120 $PY benchmarks/train_memory.py --device cuda --hidden-dim 1500 --out-dim 16 \
-    --sizes 10000,20000,40000,80000 --dense-max 40000 --steps 3 --child-timeout 60 --source "$SRC" \
+    --sizes 10000,40000 --dense-max 40000 --steps 3 --child-timeout 60 --source "$SRC" \
     --json "$RESULTS/train_memory_cuda.jsonl" --md "$RESULTS/train_memory_cuda.md"
   step tf32_parity 100 $PY benchmarks/tf32_parity.py --source "$SRC" --json "$RESULTS/tf32_parity.json"
   if [ "$(left)" -ge 150 ]; then
@@ -120,7 +121,7 @@ $PY benchmarks/train_memory.py --device cuda --hidden-dim 1500 --out-dim 16 --si
 { echo; echo "## 1. Training step, CUDA"; echo; cat "$RESULTS/train_memory_cuda.md" 2>/dev/null || echo "(failed, see train_memory_cuda.log)"; } >> "$SUMMARY"
 
 # ---- 2. full default training on CUDA, and the CPU s/epoch on the same host
-say "2/4 full default training (500 epochs) on CUDA"
+say "2/4 full default training on CUDA"
 MODEL="$SCRCL_BENCH_DIR/model_pbmc4k_default_cuda"
 rm -rf "$MODEL"
 $PY benchmarks/benchutil.py --json "$RESULTS/train_full_cuda.json" -- scrcl-cli train "$SRC" -o "$MODEL" \
