@@ -77,8 +77,8 @@ DEVIATIONS_NOTE = """\
 | cell graph | cosine kNN on the raw HVGs | cosine kNN on 50 PCs of the log-normalised HVGs | mean over the 9 datasets 0.565 → 0.610; pollen 0.635 → 0.942, pbmc_10x_4k 0.646 → 0.766, pbmc68k 0.413 → 0.498, mouse_bladder_top2000 0.400 → 0.469, baron 0.593 → 0.506, cite 0.548 → 0.453, three within ±0.01 (H 256) |
 | graph smoothing tms | [0, 0] | [4, 2] | pbmc_10x_4k 0.447 → 0.648, baron 0.475 → 0.584, worm 0.483 → 0.428 (H 128) |
 | model input | raw HVG counts | log-normalised HVGs | pbmc_10x_4k 0.461 (counts) vs 0.447 (lognorm) at t = [0, 0], H 128: within noise |
-| width (`--quick` only) | 1500 | 256 | worm 0.428 at H 128 → 0.623 at H 256 (t = [4, 2]); 1500 not run on this CPU |
-| epochs (`--quick` only) | 500 | 100 | not measured at 500 on this CPU |
+| width (`--quick` only) | 1500 | 256 | worm 0.428 at H 128 → 0.623 at H 256 (t = [4, 2]); at 100 epochs on a GPU, H 256 → 1500: pbmc_10x_4k −0.01, baron +0.05, mouse_bladder_top2000 +0.05, worm 0.00 (seed 0, docs/defaults.md session 4) |
+| epochs | 500 | 100 (the default since session 4; before it, `--quick` only) | H 1500 on a GPU, 500 → 100: pbmc_10x_4k 0.34 → 0.73, mouse_bladder_top2000 0.24 → 0.51, worm 0.36 → 0.55, baron 0.50 → 0.51 (seed 0, docs/defaults.md session 4) |
 | gene graph, temperature, λ1, out_dim, tms on the PCA graph | 5, 0.1, 100, –, – | same (tested, not adopted) | gene graph off: +0.11, −0.08, −0.07, +0.02 on 4 datasets; temperature 1.0: −0.04, −0.04; tms [2, 1] on the PCA graph: baron −0.05, four others within ±0.005 |
 
 The full tables and their commands are in docs/defaults.md."""

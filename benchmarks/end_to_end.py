@@ -8,7 +8,7 @@ The label-free clusters of `train` are scored against the resampled cells' sourc
 is fitted over the sizes that finished.
 
 Usage:
-    python benchmarks/end_to_end.py                                   # CLI defaults (500 epochs, H 1500)
+    python benchmarks/end_to_end.py                                   # CLI defaults (100 epochs, H 1500)
     python benchmarks/end_to_end.py --sizes 1000,2000,4000,8000 --epochs 100 --hidden-dim 256 \\
         --threads 1 --md /tmp/bench/e2e.md                            # what this CPU can do
 """
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="2000,4000,8000,16000", help="comma-separated N")
     ap.add_argument("--source", type=Path, default=make_large.DEFAULT_SOURCE)
-    ap.add_argument("--epochs", type=int, default=None, help="scrcl-cli --epochs (default: its own, 500)")
+    ap.add_argument("--epochs", type=int, default=None, help="scrcl-cli --epochs (default: its own, 100)")
     ap.add_argument("--hidden-dim", type=int, default=None, help="scrcl-cli --hidden-dim (default: its own, 1500)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=0)

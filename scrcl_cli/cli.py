@@ -234,7 +234,7 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 @_opt("-o", "--output", required=True, type=click.Path(path_type=Path), help="Model directory to write.")
 @_opt("--out-h5ad", type=click.Path(dir_okay=False, path_type=Path),
       help="Also write a copy of the input with obsm['X_scrcl'] and obs['scrcl_cluster'].")
-@_opt("--epochs", type=click.IntRange(min=1), default=500)
+@_opt("--epochs", type=click.IntRange(min=1), default=100)
 @_opt("--hidden-dim", type=click.IntRange(min=1), default=1500)
 @_opt("--out-dim", type=click.IntRange(min=1), default=16, help="Refined embedding width O (fused is 2*O).")
 @_opt("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.3)

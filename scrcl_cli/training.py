@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """Hyperparameters; defaults are the reference's `init_config_sc` except where noted in README."""
 
-    epochs: int = 500
+    epochs: int = 100
     hidden_dim: int = 1500
     out_dim: int = 16
     dropout: float = 0.3

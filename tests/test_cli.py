@@ -76,3 +76,20 @@ def test_demo_trains_clusters_and_scores_the_bundled_example(tmp_path):
     assert re.search(r"demo: ARI against the published PBMC annotation = -?\d\.\d{3}", res.output)
     assert (tmp_path / "d" / "pbmc68k_clustered.h5ad").exists()
     assert data.read_bundle(tmp_path / "d" / "model").manifest["training"]["n_cells"] == 700
+
+
+def test_train_option_defaults_are_the_training_defaults():
+    """The CLI keeps its own copy of the defaults (it imports no torch to start); they must not drift."""
+    pytest.importorskip("torch")
+    from dataclasses import fields
+
+    from scrcl_cli.training import TrainConfig
+
+    cfg = TrainConfig()
+    opts = {p.name: p.default for p in cli.commands["train"].params if p.name}
+    shared_names = [f.name for f in fields(TrainConfig) if f.name in opts and f.name != "seed"]
+    assert {"epochs", "hidden_dim", "out_dim", "lr", "temperature", "lambda1", "lambda2"} <= set(shared_names)
+    for name in shared_names:
+        if opts[name] is None:  # resolved at run time from the mode (--n-top-genes: 2000, spatial 3000)
+            continue
+        assert opts[name] == getattr(cfg, name), name
