@@ -867,7 +867,6 @@ def main(argv: list[str] | None = None) -> int:
             write_report(Path(args.output), datasets, runs, args, cli, command, started, time.perf_counter() - t0)
             write_json(args.json, command, datasets, runs)
         pool.shutdown()
-    write_json(args.json, command, datasets, runs)
     log.info("wrote %s", args.output)
     if tmp is not None:
         tmp.cleanup()
