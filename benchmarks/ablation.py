@@ -18,12 +18,11 @@ from scrcl_cli.data import validate_adata
 from sklearn.metrics import adjusted_rand_score as ARI
 from scrcl_cli import clustering
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from accuracy import detect_expression  # noqa: E402
-D = str(__import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data") + "/"
+from accuracy import DEFAULT_DATA, detect_expression  # noqa: E402
 sets = args.datasets.split(",")
 configs = json.loads(args.configs)
 for ds in sets:
-    a = ad.read_h5ad(D+ds+".h5ad"); y = a.obs.cell_type.to_numpy(); K = len(set(y))
+    a = ad.read_h5ad(DEFAULT_DATA / f"{ds}.h5ad"); y = a.obs.cell_type.to_numpy(); K = len(set(y))
     expr = detect_expression(a.X)[0]  # the rule accuracy.py applies: counts, log or continuous
     for cfg in configs:
         base = dict(epochs=100, hidden_dim=128, out_dim=16, seed=0, expression=expr)

@@ -18,7 +18,7 @@
 #   b. benchmarks/accuracy.py at the full defaults (H 1500, 100 epochs) on CUDA, three seeds, with the
 #      baselines taken from BASELINES_JSON (a CPU run of `accuracy.py --skip-scrcl --json`), so the
 #      GPU host needs no scanpy; one run at a time (six at once on 16 cores and one GPU took 150-290 s
-#      per run in the first loan, against about 25 s alone);
+#      per run in the first loan, against about 22 s alone);
 #   c. benchmarks/train_memory.py --device cuda: one step, linear vs dense, N 10,000 and 40,000;
 #   d. benchmarks/tf32_parity.py: float32 vs TF32 training on pbmc_10x_4k_top2000;
 #   e. benchmarks/end_to_end.py --device cuda at 50,000 cells, if time is left.
@@ -110,7 +110,6 @@ else
   E2E_SIZES=5000,20000,80000
   E2E_TIMEOUT=1200
 fi
-
 
 # ---- 1. training step: linear vs dense, on the GPU
 say "1/4 training step memory and time (train_memory.py --device cuda)"
