@@ -5,6 +5,10 @@ the model's genes), gets its own cosine kNN graph, and is run through ONNX Runti
 per-cell batches for the ``cell`` view; for the ``fused`` view, each batch of target cells is
 run with its one-hop neighbourhood and the exact normalised weights of the whole graph, so
 batching changes nothing in the result while the encoder's memory stays bounded by the batch.
+
+`embed`/`cluster` take an AnnData in memory and annotate it; `embed_file`/`cluster_file` (the
+CLI's path) read the query in blocks of cells with `data.ChunkedH5ad`, keep only the
+model-gene matrices (N, G), and return the new elements for `data.write_h5ad_patched`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,7 +26,13 @@ import scipy.sparse as sp
 from . import clustering, graphs
 from ._device import Device, check_session_provider, ort_providers
 from ._version import __version__
-from .data import MIN_ENCODER_FORMAT, ModelBundle, align_genes
+from .data import (
+    MIN_ENCODER_FORMAT,
+    Annotations,
+    ChunkedH5ad,
+    ModelBundle,
+    gene_selection,
+)
 from .errors import ScrclError
 from .preprocessing import lognormalize, transform_query
 
@@ -73,22 +84,77 @@ class QueryData:
     n_genes_found: int
 
 
-def prepare_query(adata: AnnData, bundle: ModelBundle, *, min_gene_overlap: float, name: str) -> QueryData:
-    """Log-normalise over all query genes, then reorder/zero-fill to the model's genes."""
-    pre = bundle.manifest["preprocessing"]
-    x = sp.csr_matrix(adata.X, dtype=np.float32)
-    names = [str(v) for v in adata.var_names]
-    lognorm_all = lognormalize(x, pre["expression"])
-    lognorm, found = align_genes(lognorm_all, names, bundle.genes, min_overlap=min_gene_overlap, name=name)
-    log.info("genes: %d of %d model genes found in %s (%.1f%%)", found, len(bundle.genes), name, 100 * found / len(bundle.genes))
+def _prepare_rows(x: sp.csr_matrix, sel: sp.csr_matrix, pre: dict[str, Any]) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """(lognorm, model_input) of a block of cells, both CSR (B, G).
+
+    x: float32 CSR (B, n_vars), all query genes; sel: `data.gene_selection`, (n_vars, G).
+    Every step is row-wise (each cell is normalised by its own total over all its genes), so
+    blocks of rows give exactly the rows of the whole matrix.
+    """
+    lognorm = sp.csr_matrix(lognormalize(x, pre["expression"]) @ sel)
     if pre.get("mode") == "spatial":
         from .spatial import scale_with
 
         # New sections get the training section's per-gene scaling, stored in the model.
         model_input = scale_with(lognorm, np.asarray(pre["gene_std"]), float(pre["max_value"]))
-        return QueryData(model_input=sp.csr_matrix(model_input, dtype=np.float32), lognorm=lognorm, n_genes_found=found)
-    raw = lognorm if pre["input_mode"] == "lognorm" else align_genes(x, names, bundle.genes, min_overlap=0.0, name=name)[0]
-    return QueryData(model_input=transform_query(lognorm, raw, pre["input_mode"]), lognorm=lognorm, n_genes_found=found)
+        return lognorm, sp.csr_matrix(model_input, dtype=np.float32)
+    raw = lognorm if pre["input_mode"] == "lognorm" else sp.csr_matrix(x @ sel)
+    return lognorm, transform_query(lognorm, raw, pre["input_mode"])
+
+
+def _log_overlap(found: int, bundle: ModelBundle, name: str) -> None:
+    log.info("genes: %d of %d model genes found in %s (%.1f%%)", found, len(bundle.genes), name, 100 * found / len(bundle.genes))
+
+
+def prepare_query(adata: AnnData, bundle: ModelBundle, *, min_gene_overlap: float, name: str) -> QueryData:
+    """Log-normalise over all query genes, then reorder/zero-fill to the model's genes.
+
+    adata.X: validated counts (or the model's expression), (n_obs, n_vars). For a file that
+    should not be loaded whole, use `prepare_query_file`, which gives the same matrices.
+    """
+    x = sp.csr_matrix(adata.X, dtype=np.float32)
+    sel, found = gene_selection([str(v) for v in adata.var_names], bundle.genes, min_overlap=min_gene_overlap, name=name)
+    _log_overlap(found, bundle, name)
+    lognorm, model_input = _prepare_rows(x, sel, bundle.manifest["preprocessing"])
+    return QueryData(model_input=model_input, lognorm=lognorm, n_genes_found=found)
+
+
+def prepare_query_file(source: ChunkedH5ad, bundle: ModelBundle, *, min_gene_overlap: float) -> QueryData:
+    """`prepare_query` on a file read in row blocks: the same matrices, bit for bit.
+
+    Memory: one block of X over all its genes (`source.chunk_rows` x n_vars) plus the nonzeros
+    of the two (N, G) results, never X whole. Errors come in the order of the whole read: the
+    values of X (after the whole file was checked), then duplicate gene names, then the gene
+    overlap.
+    """
+    pre = bundle.manifest["preprocessing"]
+    try:
+        sel, found = gene_selection(list(source.var_names), bundle.genes, min_overlap=min_gene_overlap, name=source.name)
+    except ScrclError:
+        source.validate()  # a bad value or duplicate gene name in X is reported first, as before
+        raise
+    if source.has_duplicate_genes:
+        source.validate()  # raises the value error, or else the duplicate-gene error
+    lognorms: list[sp.csr_matrix] = []
+    inputs: list[sp.csr_matrix] = []
+    for x in source.chunks():  # raises a value error only after the last block
+        lognorm, model_input = _prepare_rows(x, sel, pre)
+        lognorms.append(lognorm)
+        inputs.append(model_input)
+    _log_overlap(found, bundle, source.name)
+    same = all(a is b for a, b in zip(lognorms, inputs))  # "lognorm" input: one matrix, kept once
+    lognorm = _stack_rows(lognorms)
+    lognorms.clear()
+    model_input = lognorm if same else _stack_rows(inputs)
+    inputs.clear()
+    return QueryData(model_input=model_input, lognorm=lognorm, n_genes_found=found)
+
+
+def _stack_rows(blocks: list[sp.csr_matrix]) -> sp.csr_matrix:
+    """Row blocks -> one CSR; entries keep their order within each row (no sorting, no summing)."""
+    if len(blocks) == 1:
+        return blocks[0]
+    return sp.csr_matrix(sp.vstack(blocks, format="csr"))
 
 
 def query_graph(
@@ -199,7 +265,12 @@ def run_encoder(
 
 @dataclass
 class EmbedReport:
-    """What `embed` did: provider actually used, genes matched, sizes and seconds."""
+    """What `embed` did: provider actually used, genes matched, sizes and seconds.
+
+    annotations: the elements computed for the query (obsm[key_added], uns['scrcl'], and for
+    `cluster` the obs columns); `embed`/`cluster` set them on the AnnData, `embed_file`/
+    `cluster_file` leave them for `data.write_h5ad_patched`.
+    """
 
     provider: str
     view: str
@@ -209,6 +280,49 @@ class EmbedReport:
     seconds: float
     query: QueryData | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    annotations: Annotations = field(default_factory=Annotations)
+
+
+def _embed_query(
+    query: QueryData,
+    coords: np.ndarray | None,
+    bundle: ModelBundle,
+    *,
+    view: str = "fused",
+    device: Device = "auto",
+    threads: int = 0,
+    batch_size: int = 4096,
+    key_added: str = "X_scrcl",
+    progress: Progress | None = None,
+) -> EmbedReport:
+    """Graph, session and encoder for prepared query cells; coords: obsm['spatial'] (N, 2) or None."""
+    t = time.perf_counter()
+    params = bundle.manifest["graph"]
+    need_graph = view == "fused" or int(params["t0"]) > 0
+    if params.get("kind") != "spatial" and coords is not None:
+        log.info("this file has obsm['spatial']; models trained with --spatial use it")
+    a_hat = query_graph(query.lognorm, params, coords=coords) if need_graph else None
+    session, provider = open_session(bundle, view, device=device, threads=threads)
+    emb = run_encoder(session, view, query.model_input, a_hat, params, batch_size=batch_size, progress=progress,
+                      hidden_dim=int(bundle.manifest["model"]["hidden_dim"]))
+    uns = {
+        "scrcl_version": __version__,
+        "model_sha256": bundle.manifest["files"][ONNX_FILES[view]],
+        "genes_sha256": bundle.manifest["genes_sha256"],
+        "provider": provider,
+        "view": view,
+        "key_added": key_added,
+        "n_genes_found": query.n_genes_found,
+        "n_genes_model": len(bundle.genes),
+        "graph": {k: params[k] for k in ("n_neighbors", "t0", "t1")},
+    }
+    return EmbedReport(provider=provider, view=view, n_cells=emb.shape[0], n_genes_found=query.n_genes_found,
+                       n_genes_model=len(bundle.genes), seconds=time.perf_counter() - t, query=query,
+                       annotations=Annotations(obsm={key_added: emb}, uns={"scrcl": uns}))
+
+
+def _coords(obsm: Any) -> np.ndarray | None:
+    return np.asarray(obsm["spatial"], dtype=np.float64) if "spatial" in obsm else None
 
 
 def embed(
@@ -231,29 +345,44 @@ def embed(
     """
     t = time.perf_counter()
     query = prepare_query(adata, bundle, min_gene_overlap=min_gene_overlap, name=name)
-    params = bundle.manifest["graph"]
-    need_graph = view == "fused" or int(params["t0"]) > 0
-    coords = np.asarray(adata.obsm["spatial"], dtype=np.float64) if "spatial" in adata.obsm else None
-    if params.get("kind") != "spatial" and coords is not None:
-        log.info("this file has obsm['spatial']; models trained with --spatial use it")
-    a_hat = query_graph(query.lognorm, params, coords=coords) if need_graph else None
-    session, provider = open_session(bundle, view, device=device, threads=threads)
-    emb = run_encoder(session, view, query.model_input, a_hat, params, batch_size=batch_size, progress=progress,
-                      hidden_dim=int(bundle.manifest["model"]["hidden_dim"]))
-    adata.obsm[key_added] = emb
-    adata.uns["scrcl"] = {
-        "scrcl_version": __version__,
-        "model_sha256": bundle.manifest["files"][ONNX_FILES[view]],
-        "genes_sha256": bundle.manifest["genes_sha256"],
-        "provider": provider,
-        "view": view,
-        "key_added": key_added,
-        "n_genes_found": query.n_genes_found,
-        "n_genes_model": len(bundle.genes),
-        "graph": {k: params[k] for k in ("n_neighbors", "t0", "t1")},
-    }
-    return EmbedReport(provider=provider, view=view, n_cells=adata.n_obs, n_genes_found=query.n_genes_found,
-                       n_genes_model=len(bundle.genes), seconds=time.perf_counter() - t, query=query)
+    rep = _embed_query(query, _coords(adata.obsm), bundle, view=view, device=device, threads=threads,
+                       batch_size=batch_size, key_added=key_added, progress=progress)
+    rep.annotations.apply(adata)
+    rep.seconds = time.perf_counter() - t
+    return rep
+
+
+def embed_file(
+    source: ChunkedH5ad | Path,
+    bundle: ModelBundle,
+    *,
+    view: str = "fused",
+    device: Device = "auto",
+    threads: int = 0,
+    batch_size: int = 4096,
+    min_gene_overlap: float = 0.5,
+    key_added: str = "X_scrcl",
+    progress: Progress | None = None,
+) -> EmbedReport:
+    """`embed` for an `.h5ad` file read in row blocks (`data.ChunkedH5ad`); nothing is written.
+
+    A path is opened with the model's expression. The embedding and uns['scrcl'] are in
+    ``report.annotations``, equal to what `embed` sets; write them with
+    ``data.write_h5ad_patched``.
+    """
+    t = time.perf_counter()
+    source = _open(source, bundle)
+    query = prepare_query_file(source, bundle, min_gene_overlap=min_gene_overlap)
+    rep = _embed_query(query, source.spatial, bundle, view=view, device=device, threads=threads,
+                       batch_size=batch_size, key_added=key_added, progress=progress)
+    rep.seconds = time.perf_counter() - t
+    return rep
+
+
+def _open(source: ChunkedH5ad | Path, bundle: ModelBundle) -> ChunkedH5ad:
+    if isinstance(source, ChunkedH5ad):
+        return source
+    return ChunkedH5ad(Path(source), expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
 
 
 @dataclass
@@ -264,6 +393,46 @@ class ClusterReport:
     n_clusters: int
     method: str
     markers: list[tuple[str, int, str, float, float, float]]
+
+
+def _cluster_query(
+    rep: EmbedReport, coords: np.ndarray | None, bundle: ModelBundle, *, denovo: bool, n_clusters: int | None,
+    seed: int, cluster_key: str, key_added: str,
+) -> ClusterReport:
+    """Label the embedded cells of `rep`; adds the obs columns and uns['scrcl']['cluster'] to rep.annotations."""
+    import pandas as pd
+
+    assert rep.query is not None
+    ann = rep.annotations
+    emb = ann.obsm[key_added]
+    if denovo:
+        k = n_clusters
+        method = "given"
+        if k is None:
+            k, _ = clustering.choose_n_clusters(rep.query.lognorm, seed=seed,
+                                                n_neighbors=int(bundle.manifest["graph"]["n_neighbors"]))
+            method = "louvain-count"
+        res = clustering.cosine_kmeans(emb, k, seed=seed)
+        labels = res.labels
+        conf = (clustering.unit_rows(emb) * res.centroids[labels]).sum(1).astype(np.float32)
+    else:
+        cents = np.asarray(bundle.manifest["clusters"][f"centroids_{rep.view}"], dtype=np.float64)
+        labels, conf = clustering.nearest_centroid(emb, cents)
+        method = "nearest training centroid"
+    cats = [str(i) for i in range(int(labels.max()) + 1)]
+    ann.obs[cluster_key] = pd.Categorical([str(v) for v in labels], categories=cats)
+    ann.obs["scrcl_confidence"] = conf
+    refine = bundle.manifest["graph"].get("refine_neighbours")
+    if refine is not None:
+        from .spatial import refine_labels
+
+        if coords is None:
+            raise ScrclError("this is a spatial model and the query has no obsm['spatial']", "Pass a section with coordinates")
+        refined = refine_labels(labels, coords, int(refine))
+        ann.obs[f"{cluster_key}_refined"] = pd.Categorical([str(v) for v in refined], categories=cats)
+    ann.uns["scrcl"]["cluster"] = {"method": method, "n_clusters": len(np.unique(labels)), "seed": seed, "key": cluster_key}
+    markers = clustering.marker_table(rep.query.lognorm, bundle.genes, labels)
+    return ClusterReport(embed=rep, n_clusters=len(np.unique(labels)), method=method, markers=markers)
 
 
 def cluster(
@@ -280,40 +449,46 @@ def cluster(
 
     Default: the nearest training centroid by cosine similarity (ids consistent across samples),
     with the similarity in ``obs['scrcl_confidence']``. ``denovo``: cosine k-means on the query
-    embedding with `n_clusters` or the label-free count. Sets ``obs[cluster_key]`` (categorical).
+    embedding with `n_clusters` or the label-free count. Sets ``obs[cluster_key]`` (categorical),
+    for spatial models ``obs[cluster_key + '_refined']``, and everything `embed` sets.
     """
-    import pandas as pd
-
     if denovo:
         clustering.check_n_clusters(n_clusters, adata.n_obs)
-    rep = embed(adata, bundle, **embed_kwargs)
-    key = embed_kwargs.get("key_added", "X_scrcl")
-    emb = adata.obsm[key]
-    if denovo:
-        k = n_clusters
-        method = "given"
-        if k is None:
-            assert rep.query is not None
-            k, _ = clustering.choose_n_clusters(rep.query.lognorm, seed=seed,
-                                                n_neighbors=int(bundle.manifest["graph"]["n_neighbors"]))
-            method = "louvain-count"
-        res = clustering.cosine_kmeans(emb, k, seed=seed)
-        labels = res.labels
-        conf = (clustering.unit_rows(emb) * res.centroids[labels]).sum(1).astype(np.float32)
-    else:
-        cents = np.asarray(bundle.manifest["clusters"][f"centroids_{rep.view}"], dtype=np.float64)
-        labels, conf = clustering.nearest_centroid(emb, cents)
-        method = "nearest training centroid"
-    cats = [str(i) for i in range(int(labels.max()) + 1)]
-    adata.obs[cluster_key] = pd.Categorical([str(v) for v in labels], categories=cats)
-    adata.obs["scrcl_confidence"] = conf
-    refine = bundle.manifest["graph"].get("refine_neighbours")
-    if refine is not None:
-        from .spatial import refine_labels
+    t = time.perf_counter()
+    query = prepare_query(adata, bundle, min_gene_overlap=embed_kwargs.pop("min_gene_overlap", 0.5),
+                          name=embed_kwargs.pop("name", "the query"))
+    coords = _coords(adata.obsm)
+    rep = _embed_query(query, coords, bundle, **embed_kwargs)
+    out = _cluster_query(rep, coords, bundle, denovo=denovo, n_clusters=n_clusters, seed=seed, cluster_key=cluster_key,
+                         key_added=embed_kwargs.get("key_added", "X_scrcl"))
+    rep.annotations.apply(adata)
+    rep.seconds = time.perf_counter() - t
+    return out
 
-        refined = refine_labels(labels, np.asarray(adata.obsm["spatial"], dtype=np.float64), int(refine))
-        adata.obs[f"{cluster_key}_refined"] = pd.Categorical([str(v) for v in refined], categories=cats)
-    adata.uns["scrcl"]["cluster"] = {"method": method, "n_clusters": len(np.unique(labels)), "seed": seed, "key": cluster_key}
-    assert rep.query is not None
-    markers = clustering.marker_table(rep.query.lognorm, bundle.genes, labels)
-    return ClusterReport(embed=rep, n_clusters=len(np.unique(labels)), method=method, markers=markers)
+
+def cluster_file(
+    source: ChunkedH5ad | Path,
+    bundle: ModelBundle,
+    *,
+    denovo: bool = False,
+    n_clusters: int | None = None,
+    seed: int = 0,
+    cluster_key: str = "scrcl_cluster",
+    min_gene_overlap: float = 0.5,
+    **embed_kwargs: Any,
+) -> ClusterReport:
+    """`cluster` for an `.h5ad` file read in row blocks; nothing is written.
+
+    The embedding, the obs columns and uns['scrcl'] are in ``report.embed.annotations``, equal
+    to what `cluster` sets; write them with ``data.write_h5ad_patched``.
+    """
+    source = _open(source, bundle)
+    if denovo:
+        clustering.check_n_clusters(n_clusters, source.n_obs)
+    t = time.perf_counter()
+    query = prepare_query_file(source, bundle, min_gene_overlap=min_gene_overlap)
+    rep = _embed_query(query, source.spatial, bundle, **embed_kwargs)
+    out = _cluster_query(rep, source.spatial, bundle, denovo=denovo, n_clusters=n_clusters, seed=seed,
+                         cluster_key=cluster_key, key_added=embed_kwargs.get("key_added", "X_scrcl"))
+    rep.seconds = time.perf_counter() - t
+    return out

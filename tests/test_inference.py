@@ -124,3 +124,118 @@ def test_fused_batches_bounded_by_gather_budget_give_same_embedding(trained_mode
                                   gather_bytes=64 * 4 * 2000, progress=lambda d, n: calls.append(d))
     assert len(calls) > 5  # the budget split the work
     assert np.abs(whole - small).max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- files read in blocks
+
+
+def _reference_prepare(x, var_names, bundle):
+    """prepare_query as it was before the block reader: every step on the whole (N, n_vars) matrix."""
+    import scipy.sparse as sp
+
+    from scrcl_cli.preprocessing import lognormalize, transform_query
+    from scrcl_cli.spatial import scale_with
+
+    pre = bundle.manifest["preprocessing"]
+    x = sp.csr_matrix(x, dtype=np.float32)
+    lognorm, found = data.align_genes(lognormalize(x, pre["expression"]), var_names, bundle.genes, min_overlap=0.5, name="q")
+    if pre.get("mode") == "spatial":
+        model_input = sp.csr_matrix(scale_with(lognorm, np.asarray(pre["gene_std"]), float(pre["max_value"])),
+                                    dtype=np.float32)
+        return lognorm, model_input, found
+    raw = lognorm if pre["input_mode"] == "lognorm" else data.align_genes(x, var_names, bundle.genes, min_overlap=0.0,
+                                                                          name="q")[0]
+    return lognorm, transform_query(lognorm, raw, pre["input_mode"]), found
+
+
+def _assert_bitwise(a, b):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    for attr in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(a, attr), getattr(b, attr))
+
+
+PREPROCESSING = {
+    "lognorm": {"expression": "counts", "input_mode": "lognorm"},
+    "counts": {"expression": "counts", "input_mode": "counts"},
+    "spatial": {"expression": "counts", "input_mode": "lognorm", "mode": "spatial", "max_value": 10.0},
+}
+
+
+@pytest.mark.needs_shared_data
+@pytest.mark.parametrize("mode", list(PREPROCESSING))
+def test_prepare_query_file_is_bitwise_the_whole_prepare_on_real_data(mode):
+    """pbmc_10x_4k (4271 cells, CSR) in blocks of 333 rows against a model of 1200 of its genes
+    (shuffled) and 100 it lacks: the same matrices, bit for bit, as the whole-matrix steps."""
+    from scrcl_cli.inference import prepare_query_file
+
+    path = shared("pbmc_10x_4k_top2000.h5ad")
+    whole = data.read_h5ad_checked(path)
+    rng = np.random.default_rng(0)
+    genes = list(rng.permutation(np.asarray(whole.var_names))[:1200]) + [f"absent{i}" for i in range(100)]
+    genes = [str(g) for g in rng.permutation(genes)]
+    pre = dict(PREPROCESSING[mode], gene_std=list(rng.uniform(0.2, 2.0, len(genes))))
+    bundle = data.ModelBundle(path=path.parent, manifest={"genes": genes, "preprocessing": pre})
+    ref_lognorm, ref_input, ref_found = _reference_prepare(whole.X, [str(v) for v in whole.var_names], bundle)
+
+    reader = data.ChunkedH5ad(path, chunk_rows=333)
+    assert reader.n_obs > 4 * reader.chunk_rows
+    got = prepare_query_file(reader, bundle, min_gene_overlap=0.5)
+    assert got.n_genes_found == ref_found == 1200
+    _assert_bitwise(got.lognorm, ref_lognorm)
+    _assert_bitwise(got.model_input, ref_input)
+    assert (got.model_input is got.lognorm) == (mode == "lognorm")  # one matrix, not two copies
+    mem = inference.prepare_query(whole, bundle, min_gene_overlap=0.5, name="q")  # the in-memory API agrees too
+    _assert_bitwise(mem.lognorm, ref_lognorm)
+    _assert_bitwise(mem.model_input, ref_input)
+
+
+def test_prepare_query_file_reports_bad_values_before_missing_genes(trained_model, tmp_path):
+    """As with the whole read: a file that has both a NaN and too few model genes reports the NaN."""
+    from robustness_helpers import poisson_counts, write_adata
+
+    x = poisson_counts(300, 20)
+    x[290, 3] = np.nan
+    write_adata(tmp_path / "q.h5ad", x)  # gene names g0..g19: none is a model gene
+    bundle = data.read_bundle(trained_model)
+    with pytest.raises(data.ScrclError, match="1 NaN or infinite values"):
+        inference.embed_file(data.ChunkedH5ad(tmp_path / "q.h5ad", chunk_rows=50), bundle)
+    write_adata(tmp_path / "q.h5ad", np.nan_to_num(x))
+    with pytest.raises(data.ScrclError, match=r"only 0 of \d+ model genes were found in q.h5ad"):
+        inference.embed_file(tmp_path / "q.h5ad", bundle)
+
+
+@pytest.mark.parametrize("command", ["embed", "cluster"])
+def test_file_path_output_equals_the_in_memory_path_and_input_is_unchanged(command, trained_model, tmp_path):
+    """The real example, read in blocks of 97 cells and written as a patched copy, reads back equal
+    to the AnnData that the in-memory API annotates and write_h5ad_atomic writes."""
+    import hashlib
+    import shutil
+
+    import pandas as pd
+
+    src = tmp_path / "in.h5ad"
+    shutil.copyfile(EXAMPLE, src)
+    before = hashlib.sha256(src.read_bytes()).hexdigest()
+    bundle = data.read_bundle(trained_model)
+    reader = data.ChunkedH5ad(src, chunk_rows=97)
+    mem = data.read_h5ad_checked(src)
+    if command == "embed":
+        rep = inference.embed_file(reader, bundle, batch_size=64)
+        ann = rep.annotations
+        inference.embed(mem, bundle, batch_size=64)
+    else:
+        crep = inference.cluster_file(reader, bundle, denovo=True, n_clusters=5, seed=3, batch_size=64)
+        ann = crep.embed.annotations
+        mem_rep = inference.cluster(mem, bundle, denovo=True, n_clusters=5, seed=3, batch_size=64)
+        assert crep.markers == mem_rep.markers
+    data.write_h5ad_patched(src, tmp_path / "out.h5ad", ann, overwrite=False)
+    data.write_h5ad_atomic(mem, tmp_path / "mem.h5ad", overwrite=False)
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == before
+    got, ref = anndata.read_h5ad(tmp_path / "out.h5ad"), anndata.read_h5ad(tmp_path / "mem.h5ad")
+    assert (got.X != ref.X).nnz == 0 and got.X.dtype == ref.X.dtype
+    np.testing.assert_array_equal(got.obsm["X_scrcl"], ref.obsm["X_scrcl"])
+    pd.testing.assert_frame_equal(got.obs, ref.obs)
+    assert got.uns["scrcl"] == ref.uns["scrcl"]
+    if command == "cluster":
+        assert {"scrcl_cluster", "scrcl_confidence"} <= set(got.obs.columns)
+        assert got.uns["scrcl"]["cluster"]["n_clusters"] == 5
