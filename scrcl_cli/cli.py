@@ -380,16 +380,17 @@ def embed(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, v
     bundle = data.read_bundle(model_dir)
     data.check_mode(bundle, spatial=spatial)
     bundle.file(inference.ONNX_FILES[view])  # a model trained with --no-export fails here, before the query's graph
-    adata = data.read_h5ad_checked(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
+    # X is read in blocks of cells and the output is a copy of the input plus the new elements (data.py).
+    query = data.ChunkedH5ad(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
     with _progress(not ctx.obj["quiet"]) as make:
-        rep = inference.embed(adata, bundle, view=view, device=device, threads=threads, batch_size=batch_size,  # type: ignore[arg-type]
-                              min_gene_overlap=min_gene_overlap, key_added=key_added, name=input_h5ad.name,
-                              progress=make("embedding", adata.n_obs))
-    data.write_h5ad_atomic(adata, output, overwrite=overwrite)
+        rep = inference.embed_file(query, bundle, view=view, device=device, threads=threads, batch_size=batch_size,  # type: ignore[arg-type]
+                                   min_gene_overlap=min_gene_overlap, key_added=key_added,
+                                   progress=make("embedding", query.n_obs))
+    data.write_h5ad_patched(input_h5ad, output, rep.annotations, overwrite=overwrite)
     if csv_path is not None:
-        emb = adata.obsm[key_added]
+        emb = rep.annotations.obsm[key_added]
         _write_csv(csv_path, ["cell"] + [f"{key_added}_{i}" for i in range(emb.shape[1])],
-                   ([c, *(f"{v:.7g}" for v in row)] for c, row in zip(adata.obs_names, emb)), overwrite=overwrite)
+                   ([c, *(f"{v:.7g}" for v in row)] for c, row in zip(query.obs_names, emb)), overwrite=overwrite)
     _summary("scrcl-cli embed", [
         ("cells", str(rep.n_cells)),
         ("genes matched", f"{rep.n_genes_found} of {rep.n_genes_model}"),
@@ -435,18 +436,20 @@ def cluster(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path,
     bundle = data.read_bundle(model_dir)
     data.check_mode(bundle, spatial=spatial)
     bundle.file(inference.ONNX_FILES[view])  # a model trained with --no-export fails here, before the query's graph
-    adata = data.read_h5ad_checked(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
+    query = data.ChunkedH5ad(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
     with _progress(not ctx.obj["quiet"]) as make:
-        rep = inference.cluster(adata, bundle, denovo=denovo, n_clusters=n_clusters, seed=seed, view=view, device=device,
-                                threads=threads, batch_size=batch_size, min_gene_overlap=min_gene_overlap,
-                                key_added=key_added, name=input_h5ad.name, progress=make("embedding", adata.n_obs))
-    data.write_h5ad_atomic(adata, output, overwrite=overwrite)
+        rep = inference.cluster_file(query, bundle, denovo=denovo, n_clusters=n_clusters, seed=seed, view=view, device=device,
+                                     threads=threads, batch_size=batch_size, min_gene_overlap=min_gene_overlap,
+                                     key_added=key_added, progress=make("embedding", query.n_obs))
+    new = rep.embed.annotations
+    data.write_h5ad_patched(input_h5ad, output, new, overwrite=overwrite)
     if plot is not None:
         from .spatial import plot_domains
 
-        key = "scrcl_cluster_refined" if "scrcl_cluster_refined" in adata.obs else "scrcl_cluster"
-        plot_domains(np.asarray(adata.obsm["spatial"]), adata.obs[key].to_numpy(), plot,
-                     title=f"{input_h5ad.name}: {key}", overwrite=overwrite)
+        key = "scrcl_cluster_refined" if "scrcl_cluster_refined" in new.obs else "scrcl_cluster"
+        if query.spatial is None:
+            raise ScrclError(f"--plot needs obsm['spatial'] and {input_h5ad.name} has none", "Drop --plot or pass a section with coordinates")
+        plot_domains(query.spatial, np.asarray(new.obs[key]), plot, title=f"{input_h5ad.name}: {key}", overwrite=overwrite)
     _write_csv(markers, ["cluster", "rank", "gene", "log2_fold_change", "mean_lognorm_in_cluster", "fraction_expressing"],
                ([c, r, g, f"{a:.4f}", f"{b:.4f}", f"{f:.4f}"] for c, r, g, a, b, f in rep.markers), overwrite=overwrite)
     _summary("scrcl-cli cluster", [

@@ -93,3 +93,32 @@ def test_train_option_defaults_are_the_training_defaults():
         if opts[name] is None:  # resolved at run time from the mode (--n-top-genes: 2000, spatial 3000)
             continue
         assert opts[name] == getattr(cfg, name), name
+
+
+@pytest.mark.parametrize("command", ["embed", "cluster"])
+def test_embed_and_cluster_on_a_dense_x_file_keep_x_dense_and_match_the_csr_file(command, trained_model, tmp_path):
+    """A dense X is read in blocks and never rewritten: the output's X is the input's dense array,
+    and the embedding and clusters equal those of the same cells stored as CSR."""
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+
+    from conftest import EXAMPLE
+
+    a = ad.read_h5ad(EXAMPLE)
+    a.X = sp.csr_matrix(a.X).toarray()
+    a.write_h5ad(tmp_path / "dense.h5ad")
+    runner = CliRunner()
+    outs = {}
+    for name, src in (("dense", tmp_path / "dense.h5ad"), ("csr", EXAMPLE)):
+        out = tmp_path / f"{name}_out.h5ad"
+        res = runner.invoke(cli, ["-q", command, str(src), "-m", str(trained_model), "-o", str(out), "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        outs[name] = ad.read_h5ad(out)
+    dense, csr = outs["dense"], outs["csr"]
+    assert isinstance(dense.X, np.ndarray)
+    np.testing.assert_array_equal(dense.X, a.X)
+    np.testing.assert_array_equal(dense.obsm["X_scrcl"], csr.obsm["X_scrcl"])
+    if command == "cluster":
+        assert (dense.obs["scrcl_cluster"] == csr.obs["scrcl_cluster"]).all()
+        assert (tmp_path / "dense_out_markers.csv").read_text() == (tmp_path / "csr_out_markers.csv").read_text()
