@@ -87,17 +87,26 @@ def build_inputs(
     lognorm: sp.csr_matrix,
     config: TrainConfig,
     *,
-    knn_device: Any = None,
+    graph_device: Any = None,
     progress: Callable[[int, int], None] | None = None,
     adj: sp.csr_matrix | None = None,
 ) -> TrainInputs:
     """Cell graph on `lognorm` (unless `adj` is given, e.g. a spatial graph), gene graph on the
-    unsmoothed `model_input`, then smoothing."""
+    unsmoothed `model_input`, then smoothing.
+
+    graph_device: a CUDA `torch.device` for the graph algebra (Gram matrices, exact kNN search,
+    smoothing), or None for numpy/scipy. The Gram matrix X^T X is computed once when the model
+    input is the log-normalised matrix (the default), as the PCA and the gene graph both need it.
+    """
+    shared = model_input is lognorm
+    gram = graphs.gram_matrix(lognorm, device=graph_device) if shared else None
     if adj is None:
-        adj = graphs.cell_graph(lognorm, config.n_neighbors, device=knn_device, progress=progress)
+        adj = graphs.cell_graph(lognorm, config.n_neighbors, device=graph_device, progress=progress, gram=gram)
     a_hat = graphs.gcn_norm(adj)
-    gene_prop = graphs.gene_graph(model_input, config.gene_neighbors)
-    smoothed = graphs.smooth_powers(sp.csr_matrix(model_input, dtype=np.float32), a_hat, (config.t0, config.t1))
+    gene_prop = graphs.gene_graph(model_input, config.gene_neighbors,
+                                  gram=gram if shared else graphs.gram_matrix(model_input, device=graph_device))
+    smoothed = graphs.smooth_powers(sp.csr_matrix(model_input, dtype=np.float32), a_hat, (config.t0, config.t1),
+                                    device=graph_device)
     return TrainInputs(x0=smoothed[config.t0], x1=smoothed[config.t1], adj=adj, a_hat=a_hat, gene_prop=gene_prop)
 
 

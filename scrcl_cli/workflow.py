@@ -89,10 +89,11 @@ def train_model(
             f"only {n} cells have counts, fewer than --n-neighbors + 1 = {config.n_neighbors + 1}",
             "Use more cells or a smaller --n-neighbors",
         )
-    inputs = build_inputs(prep.model_input, prep.lognorm, config, knn_device=dev if dev.type == "cuda" else None,
+    inputs = build_inputs(prep.model_input, prep.lognorm, config, graph_device=dev if dev.type == "cuda" else None,
                           progress=on_graph, adj=spatial_adj)
     log.info("cell graph: %d cells, %d edges; training on %s", n, inputs.adj.nnz // 2, describe_torch_device(dev))
     result = fit(inputs, config, device=dev, on_epoch=on_epoch, batch_size=batch_size)
+    log.info("trained %d epochs in %.1f s", config.epochs, result.seconds)
 
     if n_clusters is None:
         k, scores = clustering.choose_n_clusters(prep.lognorm, seed=config.seed, n_neighbors=config.n_neighbors,
@@ -101,6 +102,7 @@ def train_model(
     else:
         k, scores, k_method = n_clusters, {}, "given"
     km = clustering.cosine_kmeans(result.fused, k, seed=config.seed)
+    log.info("clustered the training cells into %d clusters (%s)", k, k_method)
     cent_cell = clustering.unit_rows(
         np.vstack([result.z1[km.labels == c].mean(0) for c in range(km.centroids.shape[0])])
     )

@@ -83,3 +83,12 @@ def test_marker_table_ranks_the_gene_specific_to_each_cluster_first():
     rows = clustering.marker_table(sp.csr_matrix(np.log1p(x)), [f"g{i}" for i in range(6)], labels, n_top=2)
     firsts = {r[0]: r[2] for r in rows if r[1] == 1}
     assert firsts == {"0": "g0", "1": "g1", "2": "g2"}
+
+
+def test_kmeans_on_a_subsample_then_all_rows_finds_the_same_partition():
+    """Above sample_size the restarts run on a subsample; the final Lloyd run covers every row."""
+    x, y = _blobs(n=3000, k=6, seed=2)
+    full = clustering.cosine_kmeans(x, 6, seed=0)
+    sub = clustering.cosine_kmeans(x, 6, seed=0, sample_size=500)
+    assert sub.labels.shape == (3000,)
+    assert ari(full.labels, sub.labels) > 0.99 and ari(y, sub.labels) > 0.95
