@@ -49,7 +49,9 @@ if ! $PY -c "import scrcl_cli, torch, onnxruntime" 2>/dev/null; then
   say "installing the project: pip install -e .[train,gpu]"
   $PY -m pip install -q -e ".[train,gpu]" || { say "error: pip install failed"; exit 1; }
 fi
-if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu rehearses SUITE=scale on a machine without a GPU
+SCALE_ARGS=${SCALE_ARGS:-}
+if [ "$DEVICE" = cuda ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   say "error: torch sees no CUDA device; this suite needs a GPU"; exit 1
 fi
 { nvidia-smi || true; } > "$RESULTS/nvidia-smi.txt" 2>&1
@@ -63,7 +65,7 @@ say "suite=$SUITE results=$RESULTS data=$SRC"
   echo '```'; cat "$RESULTS/env.txt"; echo '```'
 } > "$SUMMARY"
 
-if [ "$SUITE" = lease ]; then
+if [ "$SUITE" = lease ] || [ "$SUITE" = scale ]; then
   START=$SECONDS
   LEASE_S=${LEASE_S:-540}
   left() { echo $(( LEASE_S - (SECONDS - START) )); }
@@ -80,6 +82,44 @@ if [ "$SUITE" = lease ]; then
     say "$name: exit $rc after $(( SECONDS - t0 )) s"
     echo "- $name: exit $rc after $(( SECONDS - t0 )) s (limit ${cap} s)" >> "$SUMMARY"
   }
+  if [ "$SUITE" = scale ]; then
+    # Issue 5 on one loan: the N = 40,000 step against dense, then every-default `train` on
+    # SCALE_N (default 1,000,000) cells. The cells are resampled on the CPU while the GPU runs
+    # the step benchmark; --log-file timestamps each phase of the training command.
+    SCALE_N=${SCALE_N:-1000000}
+    BIG="$SCRCL_BENCH_DIR/pbmc_${SCALE_N}.h5ad"
+    $PY benchmarks/make_large.py -n "$SCALE_N" -o "$BIG" --source "$SRC" > "$RESULTS/make_large.log" 2>&1 &
+    MK=$!
+    echo >> "$SUMMARY"; echo "## Steps" >> "$SUMMARY"; echo >> "$SUMMARY"
+    step gpu_graph_tests 60 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_graphs.py
+    step train_memory_40k "${STEP_S:-150}" $PY benchmarks/train_memory.py --device "$DEVICE" --hidden-dim "${STEP_H:-1500}" \
+      --out-dim 16 --sizes "${STEP_SIZES:-40000}" --parts step --steps 3 --child-timeout 100 --source "$SRC" \
+      --json "$RESULTS/train_memory_40k.jsonl" --md "$RESULTS/train_memory_40k.md"
+    wait "$MK"; say "make_large: exit $? ($(tail -n 1 "$RESULTS/make_large.log"))"
+    rm -rf "$SCRCL_BENCH_DIR/model_scale"
+    step train_scale $(( $(left) - 15 )) $PY benchmarks/benchutil.py --json "$RESULTS/train_scale.json" -- \
+      scrcl-cli --log-file "$RESULTS/train_scale_events.log" train "$BIG" -o "$SCRCL_BENCH_DIR/model_scale" \
+      --device "$DEVICE" --seed 0 $SCALE_ARGS
+    cp "$SCRCL_BENCH_DIR/model_scale/scrcl_model.json" "$RESULTS/model_scale_manifest.json" 2>/dev/null
+    $PY - "$BIG" "$SCRCL_BENCH_DIR/model_scale" >> "$SUMMARY" 2>&1 <<'EOF'
+import csv, json, sys
+import anndata
+from scrcl_cli.metrics import ari, nmi
+big, model = sys.argv[1:3]
+truth = anndata.read_h5ad(big, backed="r").obs["cell_type"].astype(str).to_numpy()  # evaluation only
+with open(f"{model}/train_clusters.csv") as fh:
+    pred = [row["cluster"] for row in csv.DictReader(fh)]
+m = json.load(open(f"{model}/scrcl_model.json"))
+print(f"\ntrain on {len(pred)} cells: K {m['clusters']['n_clusters']} ({m['clusters']['method']}) for "
+      f"{len(set(truth))} source types, ARI {ari(truth, pred):.4f}, NMI {nmi(truth, pred):.4f}; "
+      f"training {m['training']['seconds']} s on {m['training']['device']}, batch {m['training']['batch_size']}")
+EOF
+    if [ "$(left)" -ge 80 ]; then
+      step gpu_tests $(( $(left) - 10 )) $PY -m pytest -q -s -m gpu -p no:cacheprovider tests/test_determinism.py
+    fi
+    say "scale suite done after $(( SECONDS - START )) s: $SUMMARY"
+    exit 0
+  fi
   BASE=${BASELINES_JSON:-$DATA/../accuracy_baselines.json}
   echo >> "$SUMMARY"; echo "## Steps" >> "$SUMMARY"; echo >> "$SUMMARY"
   step gpu_tests 90 $PY -m pytest -q -s -m gpu -p no:cacheprovider tests/test_determinism.py
