@@ -235,7 +235,7 @@ def _anndata_io() -> tuple[Any, Any, Any]:
     return read_elem, write_elem, sparse_dataset
 
 
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20  # stored values per block, counted as the float64 copy the value checks make
 MAX_CHUNK_ROWS = 50_000
 
 
@@ -301,7 +301,7 @@ class ChunkedH5ad:
         self.has_duplicate_genes = bool(self.var_names.has_duplicates)
         _warn_duplicate_cells(self.obs_names, self.name)
         if chunk_rows is None:
-            # Budget the float64 copy the value checks make; the other per-block arrays are of that order.
+            # The float64 copy the value checks make is the largest per-block array; the others are of its order.
             per_row = 8 * (self.n_vars if layout == "dense" else max(1, -(-int(nnz) // self.n_obs)))
             chunk_rows = min(MAX_CHUNK_ROWS, max(1, chunk_bytes // per_row))
             if hdf5_rows:  # whole HDF5 chunks per block: a chunk cut in two is decompressed twice
