@@ -112,7 +112,8 @@ with open(f"{model}/train_clusters.csv") as fh:
 m = json.load(open(f"{model}/scrcl_model.json"))
 print(f"\ntrain on {len(pred)} cells: K {m['clusters']['n_clusters']} ({m['clusters']['method']}) for "
       f"{len(set(truth))} source types, ARI {ari(truth, pred):.4f}, NMI {nmi(truth, pred):.4f}; "
-      f"training {m['training']['seconds']} s on {m['training']['device']}, batch {m['training']['batch_size']}")
+      f"training {m['training']['seconds']} s on {m['training']['device']}, batch {m['training']['batch_size']}, "
+      f"peak GPU memory {(m['training'].get('peak_gpu_bytes') or 0) / 2**30:.1f} GiB")
 EOF
     if [ "$(left)" -ge 80 ]; then
       step gpu_tests $(( $(left) - 10 )) $PY -m pytest -q -s -m gpu -p no:cacheprovider tests/test_determinism.py

@@ -93,7 +93,9 @@ def train_model(
                           progress=on_graph, adj=spatial_adj)
     log.info("cell graph: %d cells, %d edges; training on %s", n, inputs.adj.nnz // 2, describe_torch_device(dev))
     result = fit(inputs, config, device=dev, on_epoch=on_epoch, batch_size=batch_size)
-    log.info("trained %d epochs in %.1f s", config.epochs, result.seconds)
+    peak_gpu = int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None
+    log.info("trained %d epochs in %.1f s%s", config.epochs, result.seconds,
+             f" (peak GPU memory {peak_gpu / 2**30:.1f} GiB)" if peak_gpu is not None else "")
 
     if n_clusters is None:
         k, scores = clustering.choose_n_clusters(prep.lognorm, seed=config.seed, n_neighbors=config.n_neighbors,
@@ -143,6 +145,7 @@ def train_model(
             "n_cells": n, "n_cells_dropped": int((~prep.cell_mask).sum()), "device": describe_torch_device(dev),
             "seconds": round(result.seconds, 3), "final_loss": [float(v) for v in result.losses[-1]],
             "torch_version": torch.__version__, "batch_size": result.extra.get("batch_size"),
+            "peak_gpu_bytes": peak_gpu,
         },
         "clusters": {
             "n_clusters": int(km.centroids.shape[0]), "method": k_method,
