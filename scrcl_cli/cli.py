@@ -437,6 +437,8 @@ def cluster(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path,
     data.check_mode(bundle, spatial=spatial)
     bundle.file(inference.ONNX_FILES[view])  # a model trained with --no-export fails here, before the query's graph
     query = data.ChunkedH5ad(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
+    if plot is not None and query.spatial is None:  # checked before any work or output
+        raise ScrclError(f"--plot needs obsm['spatial'] and {input_h5ad.name} has none", "Drop --plot or pass a section with coordinates")
     with _progress(not ctx.obj["quiet"]) as make:
         rep = inference.cluster_file(query, bundle, denovo=denovo, n_clusters=n_clusters, seed=seed, view=view, device=device,
                                      threads=threads, batch_size=batch_size, min_gene_overlap=min_gene_overlap,
@@ -447,8 +449,7 @@ def cluster(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path,
         from .spatial import plot_domains
 
         key = "scrcl_cluster_refined" if "scrcl_cluster_refined" in new.obs else "scrcl_cluster"
-        if query.spatial is None:
-            raise ScrclError(f"--plot needs obsm['spatial'] and {input_h5ad.name} has none", "Drop --plot or pass a section with coordinates")
+        assert query.spatial is not None
         plot_domains(query.spatial, np.asarray(new.obs[key]), plot, title=f"{input_h5ad.name}: {key}", overwrite=overwrite)
     _write_csv(markers, ["cluster", "rank", "gene", "log2_fold_change", "mean_lognorm_in_cluster", "fraction_expressing"],
                ([c, r, g, f"{a:.4f}", f"{b:.4f}", f"{f:.4f}"] for c, r, g, a, b, f in rep.markers), overwrite=overwrite)

@@ -410,3 +410,10 @@ def test_bad_usage_exits_2_with_click_message(args: list[str], tmp_path: Path):
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr
     assert any(line.startswith("Error: ") for line in error_lines(res.stderr)), res.stderr
+
+
+def test_cluster_plot_without_coordinates_fails_before_writing(tmp_path: Path, trained_model: Path):
+    out = tmp_path / "out.h5ad"
+    res = run_cli("-q", "cluster", EXAMPLE, "-m", trained_model, "-o", out, "--plot", tmp_path / "map.png")
+    assert_one_line_error(res.stderr, res.returncode, "--plot needs obsm['spatial']", "Drop --plot")
+    assert not out.exists() and not (tmp_path / "map.png").exists()
