@@ -56,10 +56,16 @@ def _dense_block(x: sp.csr_matrix | np.ndarray, start: int, stop: int, device: A
 
     if not sp.issparse(x):
         return torch.from_numpy(np.ascontiguousarray(x[start:stop], dtype=np.float32)).to(device)
-    blk = sp.csr_matrix(x[start:stop], dtype=np.float32)
-    t = torch.sparse_csr_tensor(torch.from_numpy(blk.indptr.astype(np.int64)), torch.from_numpy(blk.indices.astype(np.int64)),
-                                torch.from_numpy(blk.data), size=blk.shape)
-    return t.to(device).to_dense()
+    return torch_csr(x[start:stop], device).to_dense()
+
+
+def torch_csr(m: sp.spmatrix, device: Any) -> Any:
+    """A scipy sparse matrix as a float32 torch sparse CSR tensor on `device`."""
+    import torch
+
+    c = sp.csr_matrix(m, dtype=np.float32)
+    return torch.sparse_csr_tensor(torch.from_numpy(c.indptr.astype(np.int64)), torch.from_numpy(c.indices.astype(np.int64)),
+                                   torch.from_numpy(c.data), size=c.shape).to(device)
 
 
 def pca_scores(x: sp.csr_matrix | np.ndarray, n_comps: int = 50, *, gram: np.ndarray | None = None) -> np.ndarray:
@@ -368,9 +374,7 @@ def _smooth_powers_torch(x: sp.spmatrix | np.ndarray, a_hat: sp.csr_matrix, want
     """`smooth_powers` on a torch device: fills `out` (t -> float32 (N, G)) in place."""
     import torch
 
-    a = sp.csr_matrix(a_hat, dtype=np.float32)
-    a_t = torch.sparse_csr_tensor(torch.from_numpy(a.indptr.astype(np.int64)), torch.from_numpy(a.indices.astype(np.int64)),
-                                  torch.from_numpy(a.data), size=a.shape).to(device)
+    a_t = torch_csr(a_hat, device)
     xc = sp.csc_matrix(x, dtype=np.float32) if sp.issparse(x) else np.asarray(x, dtype=np.float32)
     g = x.shape[1]
     for c0 in range(0, g, block):
