@@ -589,31 +589,29 @@ def write_h5ad_patched(src: Path, dest: Path, annotations: Annotations, *, overw
     """
     import h5py
 
-    _, write_elem, _ = _anndata_io()
+    read_elem, write_elem, _ = _anndata_io()
+
+    def replace_keys(f: Any, group: str, items: dict[str, Any]) -> None:
+        if group not in f:
+            write_elem(f, group, {})
+        for key, value in items.items():
+            if key in f[group]:
+                del f[group][key]
+            write_elem(f[group], key, value)
+
     with atomic_path(dest, overwrite=overwrite) as tmp:
         _copy_file(src, tmp)
         with h5py.File(tmp, "r+") as f:
             if annotations.obsm:
-                if "obsm" not in f:
-                    write_elem(f, "obsm", {})
-                for key, value in annotations.obsm.items():
-                    if key in f["obsm"]:
-                        del f["obsm"][key]
-                    write_elem(f["obsm"], key, value)
+                replace_keys(f, "obsm", annotations.obsm)
             if annotations.obs:
-                read_elem = _anndata_io()[0]
                 obs = read_elem(f["obs"])
                 for key, value in annotations.obs.items():
                     obs[key] = value
                 del f["obs"]
                 write_elem(f, "obs", obs)
             if annotations.uns:
-                if "uns" not in f:
-                    write_elem(f, "uns", {})
-                for key, value in annotations.uns.items():
-                    if key in f["uns"]:
-                        del f["uns"][key]
-                    write_elem(f["uns"], key, value)
+                replace_keys(f, "uns", annotations.uns)
             check_stop()
 
 
