@@ -10,6 +10,7 @@ torch is used for the search only when a CUDA device is passed.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -64,8 +65,10 @@ def torch_csr(m: sp.spmatrix, device: Any) -> Any:
     import torch
 
     c = sp.csr_matrix(m, dtype=np.float32)
-    return torch.sparse_csr_tensor(torch.from_numpy(c.indptr.astype(np.int64)), torch.from_numpy(c.indices.astype(np.int64)),
-                                   torch.from_numpy(c.data), size=c.shape).to(device)
+    with warnings.catch_warnings():  # torch calls its CSR support "beta"; the products used here are stable
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        return torch.sparse_csr_tensor(torch.from_numpy(c.indptr.astype(np.int64)), torch.from_numpy(c.indices.astype(np.int64)),
+                                       torch.from_numpy(c.data), size=c.shape, check_invariants=False).to(device)
 
 
 def pca_scores(x: sp.csr_matrix | np.ndarray, n_comps: int = 50, *, gram: np.ndarray | None = None) -> np.ndarray:
