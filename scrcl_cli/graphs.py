@@ -211,22 +211,24 @@ def knn_cosine_approx(
         top2[s:s + block * 4] = np.where((swap[:, :1] >= swap[:, 1:]), best, best[:, ::-1])
     cand_s = np.full((n, 2 * kk), -np.inf, dtype=np.float32)
     cand_i = np.tile(np.arange(n, dtype=np.int64)[:, None], (1, 2 * kk))
-    members = np.argsort(top2[:, 0], kind="stable")
-    bounds = np.searchsorted(top2[:, 0][members], np.arange(n_lists + 1))
+    # Cells grouped by their first and by their second list, so each list finds its own in O(1).
+    members = [np.argsort(top2[:, slot], kind="stable") for slot in (0, 1)]
+    bounds = [np.searchsorted(top2[m, slot], np.arange(n_lists + 1)) for slot, m in enumerate(members)]
     for lst in range(n_lists):  # one vectorised block per list; lists hold ~list_size cells
-        db = members[bounds[lst]:bounds[lst + 1]]
+        db = members[0][bounds[0][lst]:bounds[0][lst + 1]]
         if db.size == 0:
             continue
         for slot in (0, 1):
-            q = np.flatnonzero(top2[:, slot] == lst) if slot else db
+            q = members[slot][bounds[slot][lst]:bounds[slot][lst + 1]]
             if q.size == 0:
                 continue
             sim = unit[q] @ unit[db].T
-            sim[q[:, None] == db[None, :]] = -np.inf
+            if slot == 0:  # q is db itself; as a second list, db never holds the query cells
+                np.fill_diagonal(sim, -np.inf)
             s_top, i_top = _top_sorted(sim, np.broadcast_to(db, sim.shape), min(kk, db.size))
             cand_s[q, slot * kk: slot * kk + s_top.shape[1]] = s_top
             cand_i[q, slot * kk: slot * kk + i_top.shape[1]] = i_top
-    best_s, nbrs = _top_sorted(cand_s, cand_i, kk)
+    _, nbrs = _top_sorted(cand_s, cand_i, kk)
     for rnd in range(n_refine):
         changed = 0
         new = np.empty_like(nbrs)
