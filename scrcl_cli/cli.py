@@ -173,7 +173,7 @@ input_arg = click.argument("input_h5ad", type=click.Path(path_type=Path))
 model_option = _opt("-m", "--model", "model_dir", required=True, type=click.Path(path_type=Path),
                     help="Model directory written by 'scrcl-cli train'.")
 view_option = _opt("--view", type=click.Choice(["fused", "cell"]), default="fused",
-                   help="fused: concat(z1, z2), needs the query kNN graph; cell: z1 only, per cell.")
+                   help="fused: the embedding training clustered (GCN view), needs the query kNN graph; cell: the MLP view only, per cell.")
 key_option = _opt("--key-added", default="X_scrcl", help="obsm key for the embedding.")
 batch_option = _opt("--batch-size", type=click.IntRange(min=1), default=4096, help="Cells per ONNX Runtime call.")
 overlap_option = _opt("--min-gene-overlap", type=click.FloatRange(0, 1), default=0.5,
@@ -236,7 +236,7 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
       help="Also write a copy of the input with obsm['X_scrcl'] and obs['scrcl_cluster'].")
 @_opt("--epochs", type=click.IntRange(min=1), default=100)
 @_opt("--hidden-dim", type=click.IntRange(min=1), default=1500)
-@_opt("--out-dim", type=click.IntRange(min=1), default=16, help="Refined embedding width O (fused is 2*O).")
+@_opt("--out-dim", type=click.IntRange(min=1), default=16, help="Refined embedding width O (the fused embedding is 2*O).")
 @_opt("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.3)
 @_opt("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4)
 @_opt("--weight-decay", type=click.FloatRange(min=0), default=0.1)
@@ -254,10 +254,13 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
       help="Model input: log-normalised HVGs, or raw HVG counts as the reference does.")
 @_opt("--expression", type=click.Choice(["counts", "continuous", "log"]), default="counts",
       help="What X holds: raw counts, non-integer values (TPM/RPKM), or log-normalised data.")
+@_opt("--embedding", type=click.Choice(["gcn-pca", "fused"]), default="gcn-pca",
+      help="What is clustered and exported: 50 principal components of the GCN view's normalised hidden output "
+      "(Euclidean k-means), or the reference's concat(z1, z2) (cosine k-means) (docs/defaults.md).")
 @_opt("--n-clusters", type=click.IntRange(min=1), default=None, help="Clusters for the training cells (default: chosen without labels).")
 @_opt("--spatial", is_flag=True, help="Spatial mode: graph from obsm['spatial'], seurat_v3 genes, scaled input, neighbour vote. "
       "Options not given take the spatial defaults: --epochs 100 --hidden-dim 128 --out-dim 32 --temperature 1 "
-      "--lambda1 10 --t0 5 --t1 5 --n-top-genes 3000, no gene-graph mixing (docs/spatial.md).")
+      "--lambda1 10 --t0 5 --t1 5 --n-top-genes 3000 --embedding fused, no gene-graph mixing (docs/spatial.md).")
 @_opt("--refine-neighbours", type=click.IntRange(min=1), default=50, help="With --spatial: spots in the neighbour vote.")
 @_opt("--batch-size", "batch_size", type=click.IntRange(min=2), default=None,
       help="Train on mini-batches of about this many cells, one batch per epoch (default: full batch when it fits in memory).")
@@ -408,7 +411,7 @@ def embed(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, v
       help="Marker-gene table (CSV). Default: <output stem>_markers.csv.")
 @_opt("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
       help="With --spatial: write a PNG domain map (needs matplotlib, the 'plot' extra).")
-@_opt("--denovo", is_flag=True, help="Cluster the query itself (cosine k-means) instead of using training centroids.")
+@_opt("--denovo", is_flag=True, help="Cluster the query itself (k-means, the model's metric) instead of using training centroids.")
 @_opt("--n-clusters", type=click.IntRange(min=1), default=None, help="With --denovo: number of clusters (default: chosen without labels).")
 @view_option
 @key_option

@@ -26,33 +26,46 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class KMeansResult:
-    """labels (N,) int64 in 0..k-1; centroids (k, d) unit rows; inertia = sum of (1 - cos)."""
+    """labels (N,) int64 in 0..k-1; centroids (k, d) (unit rows for cosine); inertia = sum of
+    (1 - cos) for cosine, of squared Euclidean distances for euclidean."""
 
     labels: np.ndarray
     centroids: np.ndarray
     inertia: float
 
 
-def _kmeanspp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+METRICS = ("cosine", "euclidean")
+# The k-means metric of each clustering embedding (`TrainConfig.embedding`).
+EMBEDDING_METRIC = {"gcn-pca": "euclidean", "fused": "cosine"}
+
+
+def _sq_dist(x: np.ndarray, c: np.ndarray, x_sq: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances (N, k) from rows x (N, d) to c (k, d); x_sq: (N,) row norms squared."""
+    return np.maximum(x_sq[:, None] - 2.0 * (x @ c.T) + (c * c).sum(1)[None, :], 0.0)
+
+
+def _kmeanspp(x: np.ndarray, k: int, rng: np.random.Generator, x_sq: np.ndarray) -> np.ndarray:
     n = x.shape[0]
     centers = [int(rng.integers(n))]
-    # For unit vectors the squared Euclidean distance is 2 (1 - cos).
-    d2 = np.maximum(2.0 - 2.0 * x @ x[centers[0]], 0.0)
+    # For unit vectors (cosine) the squared Euclidean distance is 2 (1 - cos): one formula serves both.
+    d2 = _sq_dist(x, x[centers[0]][None, :], x_sq)[:, 0]
     for _ in range(1, k):
         total = d2.sum()
         nxt = int(rng.choice(n, p=d2 / total)) if total > 0 else int(rng.integers(n))
         centers.append(nxt)
-        d2 = np.minimum(d2, np.maximum(2.0 - 2.0 * x @ x[nxt], 0.0))
+        d2 = np.minimum(d2, _sq_dist(x, x[nxt][None, :], x_sq)[:, 0])
     return x[centers].copy()
 
 
-def _lloyd(x: np.ndarray, c: np.ndarray, max_iter: int) -> KMeansResult:
+def _lloyd(x: np.ndarray, c: np.ndarray, max_iter: int, metric: str, x_sq: np.ndarray) -> KMeansResult:
     k = c.shape[0]
-    labels = np.full(x.shape[0], -1)
+    n = x.shape[0]
+    labels = np.full(n, -1)
     for _ in range(max_iter):
-        sim = x @ c.T
-        new = sim.argmax(1)
-        best = sim[np.arange(x.shape[0]), new]
+        # score: larger is nearer (cosine similarity, or minus the squared distance)
+        score = x @ c.T if metric == "cosine" else -_sq_dist(x, c, x_sq)
+        new = score.argmax(1)
+        best = score[np.arange(n), new]
         counts = np.bincount(new, minlength=k)
         for empty in np.flatnonzero(counts == 0):  # at most k iterations, rarely any
             far = int(np.argmin(best))
@@ -63,11 +76,17 @@ def _lloyd(x: np.ndarray, c: np.ndarray, max_iter: int) -> KMeansResult:
         labels = new
         # Cluster sums as a sparse indicator product: the same additions in the same row order
         # as np.add.at (bitwise equal), about 5x faster at a million cells.
-        n = x.shape[0]
         ind = sp.csr_matrix((np.ones(n), labels, np.arange(n + 1)), shape=(n, k)).T.tocsr()
-        c = unit_rows(ind @ x)
-    sim = (x * c[labels]).sum(1)
-    return KMeansResult(labels=labels.astype(np.int64), centroids=c, inertia=float((1.0 - sim).sum()))
+        sums = ind @ x
+        if metric == "cosine":
+            c = unit_rows(sums)
+        else:
+            c = sums / np.maximum(np.bincount(labels, minlength=k), 1)[:, None]
+    if metric == "cosine":
+        inertia = float((1.0 - (x * c[labels]).sum(1)).sum())
+    else:
+        inertia = float(((x - c[labels]) ** 2).sum())
+    return KMeansResult(labels=labels.astype(np.int64), centroids=c, inertia=inertia)
 
 
 def check_n_clusters(k: int | None, n_cells: int) -> None:
@@ -77,44 +96,81 @@ def check_n_clusters(k: int | None, n_cells: int) -> None:
                          f"Pass --n-clusters between 1 and {n_cells}, or leave it out to choose it from the data")
 
 
-def cosine_kmeans(
-    x: np.ndarray, k: int, *, seed: int, n_init: int = 10, max_iter: int = 300, sample_size: int = 50_000
+def kmeans(
+    x: np.ndarray, k: int, *, seed: int, metric: str = "cosine", n_init: int = 10, max_iter: int = 300,
+    sample_size: int = 50_000,
 ) -> KMeansResult:
-    """Spherical k-means on the rows of `x` (N, d) with k-means++ seeding and `n_init` restarts.
+    """k-means on the rows of `x` (N, d) with k-means++ seeding and `n_init` restarts.
 
+    metric "cosine": spherical k-means on the unit rows (the reference's clustering of the
+    fused embedding); "euclidean": Lloyd's k-means (for the gcn-pca embedding, as sklearn's KMeans).
     The restart with the smallest final inertia wins. Labels are renumbered by decreasing
     cluster size, so the output does not depend on which restart found them.
     Above `sample_size` rows the restarts run on a uniform random subsample of that size and
     the winner's centroids start one Lloyd run over all rows: at a million cells ten full
     restarts would take over ten minutes, while the subsample already fixes the centroids.
     """
-    xu = unit_rows(x)
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; one of {METRICS}")
+    xu = unit_rows(x) if metric == "cosine" else np.asarray(x, dtype=np.float64)
     n = xu.shape[0]
     k = max(1, min(k, n))
     rng = np.random.default_rng(seed)
     fit_on = xu if n <= sample_size else xu[np.sort(rng.choice(n, size=sample_size, replace=False))]
+    fit_sq = (fit_on * fit_on).sum(1)
     best: KMeansResult | None = None
     for _ in range(n_init):
-        res = _lloyd(fit_on, _kmeanspp(fit_on, k, rng), max_iter)
+        res = _lloyd(fit_on, _kmeanspp(fit_on, k, rng, fit_sq), max_iter, metric, fit_sq)
         if best is None or res.inertia < best.inertia - 1e-9:
             best = res
     assert best is not None
     if fit_on is not xu:
-        best = _lloyd(xu, best.centroids, max_iter)
+        best = _lloyd(xu, best.centroids, max_iter, metric, (xu * xu).sum(1))
     order = np.argsort(-np.bincount(best.labels, minlength=k), kind="stable")
     remap = np.empty(k, dtype=np.int64)
     remap[order] = np.arange(k)
     return KMeansResult(labels=remap[best.labels], centroids=best.centroids[order], inertia=best.inertia)
 
 
-def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Label each row of x (N, d) with its most cosine-similar centroid (k, d).
+def cosine_kmeans(x: np.ndarray, k: int, *, seed: int, n_init: int = 10, max_iter: int = 300,
+                  sample_size: int = 50_000) -> KMeansResult:
+    """Spherical k-means: `kmeans` with metric "cosine"."""
+    return kmeans(x, k, seed=seed, metric="cosine", n_init=n_init, max_iter=max_iter, sample_size=sample_size)
 
-    Returns labels (N,) int64 and the cosine similarity to the chosen centroid (N,) float32.
+
+def assignment_confidence(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, metric: str = "cosine") -> np.ndarray:
+    """How firmly each row of x (N, d) belongs to its cluster `labels` (N,), float32 (N,).
+
+    cosine: the cosine similarity to its centroid (1 at the centroid). euclidean: 1 - d_own / d_next,
+    with d_own the distance to its own centroid and d_next to the nearest other one (0 on a
+    boundary, 1 at the centroid; 1 when there is a single cluster).
     """
-    sim = unit_rows(x) @ unit_rows(centroids).T
-    labels = sim.argmax(1)
-    return labels.astype(np.int64), sim[np.arange(sim.shape[0]), labels].astype(np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    rows = np.arange(labels.size)
+    if metric == "cosine":
+        return (unit_rows(x) @ unit_rows(centroids).T)[rows, labels].astype(np.float32)
+    xd = np.asarray(x, dtype=np.float64)
+    d = np.sqrt(_sq_dist(xd, np.asarray(centroids, dtype=np.float64), (xd * xd).sum(1)))
+    own = d[rows, labels]
+    d[rows, labels] = np.inf
+    nxt = d.min(1) if d.shape[1] > 1 else np.full(labels.size, np.inf)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.where(np.isfinite(nxt), 1.0 - own / np.maximum(nxt, 1e-300), 1.0)
+    return np.clip(conf, 0.0, 1.0).astype(np.float32)
+
+
+def nearest_centroid(x: np.ndarray, centroids: np.ndarray, metric: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
+    """Label each row of x (N, d) with its nearest centroid (k, d) under `metric`.
+
+    Returns labels (N,) int64 and `assignment_confidence` of that label (N,) float32.
+    """
+    if metric == "cosine":
+        labels = (unit_rows(x) @ unit_rows(centroids).T).argmax(1)
+    else:
+        xd = np.asarray(x, dtype=np.float64)
+        labels = _sq_dist(xd, np.asarray(centroids, dtype=np.float64), (xd * xd).sum(1)).argmin(1)
+    labels = labels.astype(np.int64)
+    return labels, assignment_confidence(x, centroids, labels, metric)
 
 
 def louvain(adj: sp.csr_matrix, *, resolution: float = 1.0, seed: int = 0, max_levels: int = 10) -> np.ndarray:

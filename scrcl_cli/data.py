@@ -39,7 +39,10 @@ log = logging.getLogger(__name__)
 Expression = Literal["counts", "continuous", "log"]
 TMP_TAG = ".scrcl-tmp-"
 MANIFEST_NAME = "scrcl_model.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Format 3 added the gcn-pca clustering embedding (manifest model.embedding, clusters.metric; PCA
+# bases in weights.pt): an older reader would cluster its embedding by cosine, so it must refuse.
+# Format-2 directories have neither key and are the fused embedding with cosine clusters.
 # Format 2 changed the fused encoder's inputs (x1 -> xs = Â^(t1+1) X, targets vs neighbourhood);
 # older directories still load (for `scrcl-cli export`), but their encoders are not run.
 MIN_ENCODER_FORMAT = 2

@@ -8,7 +8,12 @@ Two graphs, both with a dynamic number of cells:
   the smoothing outside the graph, exactly: Â (Â^t1 X W1ᵀ) = (Â^(t1+1) X) W1ᵀ. The second one
   is Gather -> Mul -> ReduceSum, with no scatter op, so it is deterministic, and the gathered
   tensor is (B, K, H): memory is set by the batch, not by the neighbourhood.
-- ``cell``: input x0 (N, G); output z1 (N, O). Purely per cell, for streaming.
+- ``cell``: input x0 (N, G); output the MLP view's embedding. Purely per cell, for streaming.
+
+What each graph outputs follows the model's clustering embedding (`TrainConfig.embedding`):
+for "gcn-pca" (the default) the fused graph gives the PCA scores of the GCN view's normalised
+hidden output (B, D) and the cell graph those of the MLP view; for "fused" (the reference's)
+they give concat(z1, z2) (B, 2*O) and z1 (N, O). The PCA bases travel in the state dict.
 The gene embedding E (G, O) is frozen into both graphs, folded into the shared projector
 (proj_w^T E, (H, O), computed in float64), so they no longer depend on the number of
 training cells and skip the (N, G) projection the training graph computes.
@@ -25,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .model import embed_hidden
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +50,20 @@ class _Frozen(nn.Module):
         self.register_buffer("refine_w", (state["proj_w"].detach().double().T @ e).float())
         self.register_buffer("refine_b", (state["proj_b"].detach().double() @ e).float())
 
+    @property
+    def pca(self) -> bool:
+        """True for the gcn-pca embedding (the state carries the PCA bases), False for fused."""
+        return hasattr(self, "embed_fused_mean")
+
     def z1(self, x0: Tensor) -> Tensor:
         h = F.relu(F.linear(x0, self.mlp_w, self.mlp_b))
         return self._refine(h)
+
+    def cell_embedding(self, x0: Tensor) -> Tensor:
+        """MLP view: the PCA of its normalised hidden output (gcn-pca), or z1 (fused)."""
+        if not self.pca:
+            return self.z1(x0)
+        return embed_hidden(F.relu(F.linear(x0, self.mlp_w, self.mlp_b)), self.embed_cell_mean, self.embed_cell_components)
 
     def _refine(self, h: Tensor) -> Tensor:
         z = h @ self.refine_w + self.refine_b
@@ -53,14 +71,15 @@ class _Frozen(nn.Module):
 
 
 class CellEncoder(_Frozen):
-    """x0 (N, G) -> z1 (N, O): the MLP view, projector and frozen gene embedding."""
+    """x0 (N, G) -> the MLP view's embedding: (N, D) PCA scores (gcn-pca) or z1 (N, O) (fused)."""
 
     def forward(self, x0: Tensor) -> Tensor:
-        return self.z1(x0)
+        return self.cell_embedding(x0)
 
 
 class FusedEncoder(_Frozen):
-    """(x0, xs, nbr, w) -> concat(z1, z2) (B, 2*O), the embedding scRCL clusters on."""
+    """(x0, xs, nbr, w) -> the embedding training clustered on: (B, D) PCA scores of the GCN view
+    (gcn-pca, where x0 is accepted and unused) or concat(z1, z2) (B, 2*O) (fused)."""
 
     def forward(self, x0: Tensor, xs: Tensor, nbr: Tensor, w: Tensor) -> Tensor:
         # First GCN layer on the M neighbourhood cells (its aggregation is inside xs) ...
@@ -68,6 +87,8 @@ class FusedEncoder(_Frozen):
         # ... second layer for the B targets: gather + weighted sum = their rows of Â @ u.
         h = F.leaky_relu((u[nbr] * w.unsqueeze(-1)).sum(1) + self.gcn2_b, 0.01)
         h = F.leaky_relu(F.linear(h, self.fc_w, self.fc_b), 0.01)
+        if self.pca:
+            return embed_hidden(h, self.embed_fused_mean, self.embed_fused_components)
         return torch.cat([self.z1(x0), self._refine(h)], dim=1)
 
 
@@ -92,7 +113,7 @@ def export_onnx(
     if view == "cell":
         module: nn.Module = CellEncoder(state, gene_emb).eval()
         args: tuple[Tensor, ...] = (ex["x0"],)
-        names, out_name = ["x0"], "z1"
+        names, out_name = ["x0"], "embedding"
         cells = torch.export.Dim("num_cells", min=1)
         shapes: Any = {"x0": {0: cells}}
     elif view == "fused":

@@ -405,6 +405,8 @@ def _cluster_query(
     assert rep.query is not None
     ann = rep.annotations
     emb = ann.obsm[key_added]
+    # Models written before the gcn-pca embedding have no metric recorded: they cluster by cosine.
+    metric = str(bundle.manifest["clusters"].get("metric", "cosine"))
     if denovo:
         k = n_clusters
         method = "given"
@@ -412,12 +414,12 @@ def _cluster_query(
             k, _ = clustering.choose_n_clusters(rep.query.lognorm, seed=seed,
                                                 n_neighbors=int(bundle.manifest["graph"]["n_neighbors"]))
             method = "louvain-count"
-        res = clustering.cosine_kmeans(emb, k, seed=seed)
+        res = clustering.kmeans(emb, k, seed=seed, metric=metric)
         labels = res.labels
-        conf = (clustering.unit_rows(emb) * res.centroids[labels]).sum(1).astype(np.float32)
+        conf = clustering.assignment_confidence(emb, res.centroids, labels, metric)
     else:
         cents = np.asarray(bundle.manifest["clusters"][f"centroids_{rep.view}"], dtype=np.float64)
-        labels, conf = clustering.nearest_centroid(emb, cents)
+        labels, conf = clustering.nearest_centroid(emb, cents, metric)
         method = "nearest training centroid"
     cats = [str(i) for i in range(int(labels.max()) + 1)]
     ann.obs[cluster_key] = pd.Categorical([str(v) for v in labels], categories=cats)
@@ -430,7 +432,8 @@ def _cluster_query(
             raise ScrclError("this is a spatial model and the query has no obsm['spatial']", "Pass a section with coordinates")
         refined = refine_labels(labels, coords, int(refine))
         ann.obs[f"{cluster_key}_refined"] = pd.Categorical([str(v) for v in refined], categories=cats)
-    ann.uns["scrcl"]["cluster"] = {"method": method, "n_clusters": len(np.unique(labels)), "seed": seed, "key": cluster_key}
+    ann.uns["scrcl"]["cluster"] = {"method": method, "n_clusters": len(np.unique(labels)), "seed": seed, "key": cluster_key,
+                                   "metric": metric}
     markers = clustering.marker_table(rep.query.lognorm, bundle.genes, labels)
     return ClusterReport(embed=rep, n_clusters=len(np.unique(labels)), method=method, markers=markers)
 
@@ -447,9 +450,10 @@ def cluster(
 ) -> ClusterReport:
     """Embed, then label every cell.
 
-    Default: the nearest training centroid by cosine similarity (ids consistent across samples),
-    with the similarity in ``obs['scrcl_confidence']``. ``denovo``: cosine k-means on the query
-    embedding with `n_clusters` or the label-free count. Sets ``obs[cluster_key]`` (categorical),
+    Default: the nearest training centroid in the model's metric (``clusters.metric``: Euclidean
+    for gcn-pca, cosine for fused models; ids consistent across samples), with
+    `clustering.assignment_confidence` in ``obs['scrcl_confidence']``. ``denovo``: k-means in that
+    metric on the query embedding with `n_clusters` or the label-free count. Sets ``obs[cluster_key]`` (categorical),
     for spatial models ``obs[cluster_key + '_refined']``, and everything `embed` sets.
     """
     if denovo:

@@ -47,6 +47,41 @@ def dropout(x: Tensor, p: float, gen: torch.Generator | None, *, training: bool)
     return x * keep / (1.0 - p)
 
 
+def hidden_pca_basis(h: Tensor, n_comps: int, block: int = 65_536) -> tuple[Tensor, Tensor]:
+    """PCA basis of the L2-normalised rows of one view's hidden output.
+
+    h: (N, H) float32 on any device. Returns mean (H,) and components (H, D), float32 on h's
+    device, D = min(n_comps, N - 1, H), ordered by decreasing variance, each component's
+    largest-magnitude loading positive (so the basis does not depend on the eigensolver's signs).
+    The (H, H) second-moment matrix is accumulated in float64 over row blocks, so no normalised
+    or centred copy of h is ever held whole.
+    """
+    n, width = h.shape
+    d = max(1, min(n_comps, n - 1, width))
+    second = torch.zeros(width, width, dtype=torch.float64, device=h.device)
+    total = torch.zeros(width, dtype=torch.float64, device=h.device)
+    for start in range(0, n, block):
+        u = F.normalize(h[start:start + block], dim=1)
+        second += (u.T @ u).double()
+        total += u.sum(0).double()
+    mean = total / n
+    cov = second / n - torch.outer(mean, mean)
+    _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+    comps = vecs[:, -d:].flip(1)
+    sign = torch.sign(comps.gather(0, comps.abs().argmax(0, keepdim=True)))
+    comps = comps * torch.where(sign == 0, torch.ones_like(sign), sign)
+    return mean.float(), comps.float()
+
+
+def embed_hidden(h: Tensor, mean: Tensor, comps: Tensor) -> Tensor:
+    """Clustering embedding of a view's hidden output: (unit rows of h - mean) @ comps.
+
+    h: (B, H); mean: (H,); comps: (H, D), from `hidden_pca_basis`. Returns (B, D). Shared by
+    training and the exported encoders, so both compute the same function.
+    """
+    return (F.normalize(h, dim=1) - mean) @ comps
+
+
 @dataclass(frozen=True)
 class ScRCLOutput:
     """Forward pass of `ScRCL`.
@@ -64,7 +99,7 @@ class ScRCLOutput:
 
     @property
     def fused(self) -> Tensor:
-        """Clustering embedding concat(z1, z2), shape (N, 2*O), rows of norm sqrt(2)."""
+        """The reference's clustering embedding concat(z1, z2), shape (N, 2*O), rows of norm sqrt(2)."""
         return torch.cat([self.z1, self.z2], dim=1)
 
 

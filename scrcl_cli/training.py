@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import graphs
 from .losses import LossTerms, scrcl_loss
-from .model import ScRCL, to_torch_sparse
+from .model import ScRCL, embed_hidden, hidden_pca_basis, to_torch_sparse
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class TrainConfig:
     n_top_genes: int = 2000
     input_mode: str = "lognorm"
     expression: str = "counts"
+    embedding: str = "gcn-pca"
     seed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -64,7 +65,16 @@ SPATIAL_DEFAULTS: dict[str, Any] = {
     "t1": 5,
     "gene_neighbors": 1,
     "n_top_genes": 3000,
+    # The spatial defaults were chosen on the fused embedding; gcn-pca was measured on SC data only.
+    "embedding": "fused",
 }
+
+# Clustering embeddings (docs/defaults.md, session 6). "gcn-pca": the first EMBED_DIM principal
+# components of the GCN view's L2-normalised hidden output, clustered with Euclidean k-means.
+# "fused": the reference's concat(z1, z2), clustered with cosine k-means.
+# The k-means metric of each is `clustering.EMBEDDING_METRIC`.
+EMBEDDINGS = ("gcn-pca", "fused")
+EMBED_DIM = 50
 
 
 @dataclass(frozen=True)
@@ -114,8 +124,12 @@ def build_inputs(
 class TrainResult:
     """What `fit` returns.
 
-    state: CPU state dict of `ScRCL`; losses: (epochs, 4) float64 columns total, eda, nca, cvc;
+    state: CPU state dict of `ScRCL`, plus for the gcn-pca embedding the two PCA bases
+    (`embed_fused_mean` (H,), `embed_fused_components` (H, D) of the GCN view, `embed_cell_*` of
+    the MLP view); losses: (epochs, 4) float64 columns total, eda, nca, cvc;
     fused: concat(z1, z2) of the training cells in eval mode, (N, 2*O); z1: (N, O);
+    embedding: the clustering embedding (N, D) (`config.embedding`; `fused` itself for "fused");
+    cell_embedding: the per-cell (MLP view) counterpart, (N, D) (`z1` for "fused");
     gene_emb: frozen gene embedding E, (G, O); seconds: wall time of the epochs.
     """
 
@@ -123,6 +137,8 @@ class TrainResult:
     losses: np.ndarray
     fused: np.ndarray
     z1: np.ndarray
+    embedding: np.ndarray
+    cell_embedding: np.ndarray
     gene_emb: np.ndarray
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
@@ -198,7 +214,7 @@ def fit(
         log_t[epoch] = torch.stack([terms.total, terms.eda, terms.nca, terms.cvc]).detach().double()
         if on_epoch is not None:
             on_epoch(epoch, terms)
-    return _finish(model, x0, x1, a_hat, gene_prop, log_t, t_start, device)
+    return _finish(model, x0, x1, a_hat, gene_prop, log_t, t_start, device, config)
 
 
 def _setup(inputs: TrainInputs, config: TrainConfig, device: torch.device) -> tuple[Any, ...]:
@@ -216,22 +232,37 @@ def _setup(inputs: TrainInputs, config: TrainConfig, device: torch.device) -> tu
 
 
 def _finish(model: ScRCL, x0: Tensor, x1: Tensor, a_hat: Tensor, gene_prop: Tensor, log_t: Tensor, t_start: float,
-            device: torch.device, extra: dict[str, Any] | None = None) -> TrainResult:
-    """Eval-mode embedding of every cell on the whole graph, and the result record."""
+            device: torch.device, config: TrainConfig, extra: dict[str, Any] | None = None) -> TrainResult:
+    """Eval-mode embeddings of every cell on the whole graph, and the result record."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t_start
     model.eval()
     with torch.no_grad():
         out = model(x0, x1, a_hat, gene_prop)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        fused, z1 = out.fused.cpu().numpy(), out.z1.cpu().numpy()
+        if config.embedding == "gcn-pca":
+            views = {}
+            for view, h in (("fused", out.h2), ("cell", out.h1)):
+                mean, comps = hidden_pca_basis(h, EMBED_DIM)
+                state[f"embed_{view}_mean"], state[f"embed_{view}_components"] = mean.cpu(), comps.cpu()
+                views[view] = embed_hidden(h, mean, comps).cpu().numpy()
+            embedding, cell_embedding = views["fused"], views["cell"]
+        elif config.embedding == "fused":
+            embedding, cell_embedding = fused, z1
+        else:
+            raise ValueError(f"unknown embedding {config.embedding!r}; one of {EMBEDDINGS}")
     losses = log_t.cpu().numpy()
     if not np.all(np.isfinite(losses)):
         log.warning("the loss became non-finite during training; try a lower --lr")
     return TrainResult(
-        state={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        state=state,
         losses=losses,
-        fused=out.fused.cpu().numpy(),
-        z1=out.z1.cpu().numpy(),
+        fused=fused,
+        z1=z1,
+        embedding=embedding,
+        cell_embedding=cell_embedding,
         gene_emb=out.gene_emb.cpu().numpy(),
         seconds=seconds,
         extra=extra or {},
@@ -331,5 +362,5 @@ def _fit_minibatch(
         log_t[step] = torch.stack([terms.total, terms.eda, terms.nca, terms.cvc]).detach().double()
         if on_epoch is not None:
             on_epoch(step, terms)
-    return _finish(model, x0, x1, to_torch_sparse(inputs.a_hat, device), gene_prop, log_t, t_start, device,
+    return _finish(model, x0, x1, to_torch_sparse(inputs.a_hat, device), gene_prop, log_t, t_start, device, config,
                    extra={"batch_size": batch_size})

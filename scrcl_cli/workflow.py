@@ -103,14 +103,16 @@ def train_model(
         k_method = "louvain-count"
     else:
         k, scores, k_method = n_clusters, {}, "given"
-    km = clustering.cosine_kmeans(result.fused, k, seed=config.seed)
-    log.info("clustered the training cells into %d clusters (%s)", k, k_method)
-    cent_cell = clustering.unit_rows(
-        np.vstack([result.z1[km.labels == c].mean(0) for c in range(km.centroids.shape[0])])
-    )
+    metric = clustering.EMBEDDING_METRIC[config.embedding]
+    km = clustering.kmeans(result.embedding, k, seed=config.seed, metric=metric)
+    log.info("clustered the training cells into %d clusters (%s; %s k-means on the %s embedding)",
+             k, k_method, metric, config.embedding)
+    cent_cell = np.vstack([result.cell_embedding[km.labels == c].mean(0) for c in range(km.centroids.shape[0])])
+    if metric == "cosine":
+        cent_cell = clustering.unit_rows(cent_cell)
 
-    embedding = np.full((adata.n_obs, result.fused.shape[1]), np.nan, dtype=np.float32)
-    embedding[prep.cell_mask] = result.fused
+    embedding = np.full((adata.n_obs, result.embedding.shape[1]), np.nan, dtype=np.float32)
+    embedding[prep.cell_mask] = result.embedding
     labels = np.full(adata.n_obs, -1, dtype=np.int64)
     labels[prep.cell_mask] = km.labels
 
@@ -138,7 +140,8 @@ def train_model(
         "genes_sha256": genes_hash(prep.genes),
         "preprocessing": preprocessing,
         "graph": graph,
-        "model": {"hidden_dim": config.hidden_dim, "out_dim": config.out_dim, "fused_dim": 2 * config.out_dim},
+        "model": {"hidden_dim": config.hidden_dim, "out_dim": config.out_dim, "embedding": config.embedding,
+                  "fused_dim": int(result.embedding.shape[1]), "cell_dim": int(result.cell_embedding.shape[1])},
         "config": config.as_dict(),
         "seed": config.seed,
         "training": {
@@ -148,7 +151,7 @@ def train_model(
             "peak_gpu_bytes": peak_gpu,
         },
         "clusters": {
-            "n_clusters": int(km.centroids.shape[0]), "method": k_method,
+            "n_clusters": int(km.centroids.shape[0]), "method": k_method, "metric": metric,
             "k_selection": scores,
             "centroids_fused": km.centroids.tolist(), "centroids_cell": cent_cell.tolist(),
         },
@@ -208,7 +211,7 @@ def model_files(
     files["loss_log.csv"] = (header + "".join(
         f"{i + 1},{r[0]:.8g},{r[1]:.8g},{r[2]:.8g},{r[3]:.8g}\n" for i, r in enumerate(result.losses))).encode()
     emb = io.BytesIO()
-    np.save(emb, result.fused.astype(np.float32))
+    np.save(emb, result.embedding.astype(np.float32))
     files["train_embedding.npy"] = emb.getvalue()
     files["train_clusters.csv"] = ("cell,cluster\n" + "".join(
         f"{c},{l}\n" for c, l in zip(obs_names, labels_kept))).encode()

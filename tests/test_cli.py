@@ -122,3 +122,41 @@ def test_embed_and_cluster_on_a_dense_x_file_keep_x_dense_and_match_the_csr_file
     if command == "cluster":
         assert (dense.obs["scrcl_cluster"] == csr.obs["scrcl_cluster"]).all()
         assert (tmp_path / "dense_out_markers.csv").read_text() == (tmp_path / "csr_out_markers.csv").read_text()
+
+
+@pytest.mark.parametrize("embedding", ["gcn-pca", "fused"])
+def test_cluster_reproduces_training_clusters_for_both_embeddings(tmp_path, embedding):
+    """Each clustering embedding round-trips: `cluster` on the training cells (ONNX, nearest training
+    centroid in the model's metric) gives the labels `train` wrote; a format-2 manifest (no metric
+    recorded, the fused embedding) still clusters by cosine and gives the same labels."""
+    pytest.importorskip("torch")
+    import anndata as ad
+    import numpy as np
+
+    from conftest import EXAMPLE
+
+    model, train_out = tmp_path / "m", tmp_path / "train.h5ad"
+    res = CliRunner().invoke(cli, ["-q", "train", str(EXAMPLE), "-o", str(model), *FAST, "--n-clusters", "5",
+                                   "--embedding", embedding, "--out-h5ad", str(train_out)])
+    assert res.exit_code == 0, res.output
+    m = data.read_bundle(model).manifest
+    # gcn-pca: min(50 components, hidden width 32); fused: 2 * out_dim 8
+    width, metric = (32, "euclidean") if embedding == "gcn-pca" else (16, "cosine")
+    assert m["model"]["embedding"] == embedding and m["clusters"]["metric"] == metric
+    assert m["model"]["fused_dim"] == width and np.asarray(m["clusters"]["centroids_fused"]).shape == (5, width)
+    trained = ad.read_h5ad(train_out)
+    assert trained.obsm["X_scrcl"].shape[1] == width
+    if embedding == "fused":  # what a format-2 directory holds
+        path = model / data.MANIFEST_NAME
+        old = json.loads(path.read_text())
+        del old["clusters"]["metric"], old["model"]["embedding"]
+        old["format_version"] = 2
+        path.write_text(json.dumps(old))
+    res = CliRunner().invoke(cli, ["-q", "cluster", str(EXAMPLE), "-m", str(model), "-o", str(tmp_path / "c.h5ad")])
+    assert res.exit_code == 0, res.output
+    got = ad.read_h5ad(tmp_path / "c.h5ad")
+    np.testing.assert_allclose(got.obsm["X_scrcl"], trained.obsm["X_scrcl"], atol=1e-4)
+    assert (got.obs["scrcl_cluster"].astype(str) == trained.obs["scrcl_cluster"].astype(str)).mean() > 0.99
+    assert got.uns["scrcl"]["cluster"]["metric"] == metric
+    conf = got.obs["scrcl_confidence"].to_numpy()
+    assert np.all((conf >= 0) & (conf <= 1.0 + 1e-6))

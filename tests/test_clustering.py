@@ -92,3 +92,28 @@ def test_kmeans_on_a_subsample_then_all_rows_finds_the_same_partition():
     sub = clustering.cosine_kmeans(x, 6, seed=0, sample_size=500)
     assert sub.labels.shape == (3000,)
     assert ari(full.labels, sub.labels) > 0.99 and ari(y, sub.labels) > 0.95
+
+
+def test_euclidean_kmeans_matches_sklearn_inertia_and_keeps_scale():
+    """Euclidean k-means (the gcn-pca embedding's) reaches sklearn's KMeans inertia on blobs whose
+    norms differ, where spherical k-means would merge clusters along a ray."""
+    from sklearn.cluster import KMeans
+
+    x, y = _blobs(n=800, k=6, seed=4)
+    x = np.vstack([x, 3 * x[:100]])  # scaled copies: same directions, other clusters for Euclidean k-means
+    res = clustering.kmeans(x, 6, seed=0, metric="euclidean")
+    ref = KMeans(6, n_init=10, random_state=0).fit(x)
+    assert res.inertia <= ref.inertia_ * 1.001
+    assert ari(ref.labels_, res.labels) > 0.95
+    sums = np.vstack([x[res.labels == c].mean(0) for c in range(6)])
+    np.testing.assert_allclose(res.centroids, sums, rtol=1e-9, atol=1e-9)  # plain means, not unit rows
+
+
+def test_euclidean_assignment_confidence_is_one_at_a_centroid_and_zero_midway():
+    cents = np.array([[0.0, 0.0], [2.0, 0.0]])
+    x = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, 0.0], [2.0, 1.0]])
+    labels, conf = clustering.nearest_centroid(x, cents, "euclidean")
+    assert labels.tolist()[0] == 0 and labels.tolist()[3] == 1
+    np.testing.assert_allclose(conf[[0, 1, 2]], [1.0, 0.0, 1 - 0.5 / 1.5], atol=1e-6)
+    one = clustering.assignment_confidence(x, cents[:1], np.zeros(4, dtype=np.int64), "euclidean")
+    assert np.all(one == 1.0)  # a single cluster: nothing to be confused with

@@ -86,3 +86,29 @@ def test_fused_encoder_on_one_hop_batches_matches_whole_graph_torch(exported):
         sizes.append((targets.size, nodes.size))
     assert len(sizes) >= 14 and all(m < 700 for _, m in sizes)  # real batches, not the whole graph
     assert np.abs(got - want.numpy()).max() <= 1e-5
+
+
+def test_gcn_pca_encoders_match_training_embedding():
+    """With the PCA bases in the state (the default gcn-pca embedding), the fused graph gives the GCN
+    view's PCA scores and the cell graph the MLP view's, as `model.embed_hidden` computes them."""
+    from scrcl_cli.model import embed_hidden, hidden_pca_basis
+
+    model = ScRCL(G, 30, H, O, dropout=0.3, seed=2).eval()
+    x, a_hat = _cells(400, 5)
+    xt, at = torch.from_numpy(x), to_torch_sparse(a_hat)
+    with torch.no_grad():
+        e = model.gene_embedding(xt[:30], to_torch_sparse(graphs.gene_graph(sp.csr_matrix(x[:30]))))
+        h1, h2 = model.mlp_view(xt), model.gcn_view(xt, at)
+        state = dict(model.state_dict())
+        want = {}
+        for view, h in (("fused", h2), ("cell", h1)):
+            mean, comps = hidden_pca_basis(h, 8)
+            state[f"embed_{view}_mean"], state[f"embed_{view}_components"] = mean, comps
+            want[view] = embed_hidden(h, mean, comps).numpy()
+    blobs = {v: export_onnx(state, e.numpy(), view=v, metadata={}) for v in ("fused", "cell")}
+    nbr, w = graphs.padded_neighbours(a_hat)
+    feeds = {"x0": x, "xs": np.asarray(a_hat @ x, dtype=np.float32), "nbr": nbr, "w": w}
+    got = ort.InferenceSession(blobs["fused"], providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert got.shape == (400, 8) and np.abs(got - want["fused"]).max() <= 1e-5
+    got = ort.InferenceSession(blobs["cell"], providers=["CPUExecutionProvider"]).run(None, {"x0": x})[0]
+    assert got.shape == (400, 8) and np.abs(got - want["cell"]).max() <= 1e-5

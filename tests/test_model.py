@@ -48,3 +48,26 @@ def test_forward_shapes_norms_and_nonnegative_gene_embedding():
 def test_same_seed_same_initial_weights():
     a, b = ScRCL(10, 20, 8, 3, 0.3, seed=7), ScRCL(10, 20, 8, 3, 0.3, seed=7)
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+def test_hidden_pca_basis_is_the_pca_of_unit_rows_in_blocks():
+    """Basis = sklearn's PCA of the L2-normalised rows (up to sign, fixed here), however the rows are blocked."""
+    from sklearn.decomposition import PCA
+
+    from scrcl_cli.model import embed_hidden, hidden_pca_basis
+
+    h = torch.from_numpy(np.random.default_rng(3).gamma(0.5, size=(300, 20)).astype(np.float32))
+    mean, comps = hidden_pca_basis(h, 6)
+    mean_b, comps_b = hidden_pca_basis(h, 6, block=37)
+    torch.testing.assert_close(comps, comps_b, rtol=1e-5, atol=1e-5)
+    u = (h / h.norm(dim=1, keepdim=True)).double().numpy()
+    ref = PCA(6, svd_solver="full").fit(u)
+    np.testing.assert_allclose(mean.numpy(), ref.mean_, atol=1e-6)
+    c = comps.double().numpy()
+    signs = np.sign((c * ref.components_.T).sum(0))
+    np.testing.assert_allclose(c, ref.components_.T * signs, atol=1e-4)
+    # The sign rule: each component's largest-magnitude loading is positive.
+    assert (c[np.abs(c).argmax(0), np.arange(6)] > 0).all()
+    scores = embed_hidden(h, mean, comps).double().numpy()
+    np.testing.assert_allclose(np.abs(scores), np.abs(ref.transform(u)), atol=1e-4)
+    assert hidden_pca_basis(h[:4], 50)[1].shape == (20, 3)  # D = min(n_comps, N - 1, H)

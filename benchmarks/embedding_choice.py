@@ -1,0 +1,106 @@
+"""Which representation of a trained scRCL model clusters best: ARI with the true K and seed stability.
+
+One training per dataset and seed (TrainConfig defaults except the width, 256 as `--quick`), then
+k-means with the true number of types on each candidate representation of the same model:
+
+- fused:   concat(z1, z2), cosine k-means (the reference's clustering embedding);
+- gcn-pca: 50 principal components of the GCN view's L2-normalised hidden output h2, Euclidean
+           k-means (sklearn KMeans, n_init 10) -- the default since session 6 (docs/defaults.md);
+- h2, h1:  the GCN / MLP view's hidden output itself, cosine k-means;
+- e12:     concat(unit h1, unit h2), cosine k-means; e12-pca: its 50 PCs, Euclidean k-means.
+
+Labels are read only to score. Stability: mean pairwise ARI between the seeds' labels.
+Usage: python benchmarks/embedding_choice.py [--datasets A B ...] [--seeds 0 1] [--jobs 2]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import DEFAULT_DATA, SPATIAL, detect_expression, manifest_datasets  # noqa: E402
+
+COLUMNS = ("fused", "gcn-pca", "h2", "h1", "e12", "e12-pca")
+
+
+def one_run(ds: str, seed: int, hidden_dim: int, epochs: int) -> dict:
+    import anndata as ad
+    import scipy.sparse as sp
+    import torch
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    from scrcl_cli import clustering, graphs
+    from scrcl_cli.model import ScRCL, to_torch_sparse
+    from scrcl_cli.preprocessing import prepare
+    from scrcl_cli.training import TrainConfig, build_inputs, fit
+
+    torch.set_num_threads(1)
+    a = ad.read_h5ad(DEFAULT_DATA / f"{ds}.h5ad")
+    expr = detect_expression(a.X)[0]
+    cfg = TrainConfig(hidden_dim=hidden_dim, epochs=epochs, seed=seed, expression=expr)
+    prep = prepare(sp.csr_matrix(a.X, dtype=np.float32), [str(v) for v in a.var_names],
+                   n_top_genes=cfg.n_top_genes, input_mode=cfg.input_mode, expression=expr)
+    y = a.obs["cell_type"].to_numpy()[prep.cell_mask]
+    k = len(set(y))
+    inp = build_inputs(prep.model_input, prep.lognorm, cfg)
+    res = fit(inp, cfg, device=torch.device("cpu"))
+    model = ScRCL(inp.x0.shape[1], inp.x0.shape[0], cfg.hidden_dim, cfg.out_dim, cfg.dropout, seed)
+    model.load_state_dict({n: v for n, v in res.state.items() if not n.startswith("embed_")})
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(inp.x0), torch.from_numpy(inp.x1), to_torch_sparse(inp.a_hat),
+                    to_torch_sparse(inp.gene_prop))
+    h1, h2 = clustering.unit_rows(out.h1.numpy()), clustering.unit_rows(out.h2.numpy())
+    e12 = np.hstack([h1, h2])
+    cos = lambda x: clustering.cosine_kmeans(x, k, seed=seed).labels  # noqa: E731
+    euc = lambda x: KMeans(k, n_init=10, random_state=seed).fit_predict(graphs.pca_scores(x, 50))  # noqa: E731
+    labels = {"fused": cos(res.fused), "gcn-pca": euc(h2), "h2": cos(h2), "h1": cos(h1), "e12": cos(e12),
+              "e12-pca": euc(e12)}
+    return {"ds": ds, "seed": seed, "ari": {c: float(adjusted_rand_score(y, labels[c])) for c in COLUMNS},
+            "labels": {c: labels[c].tolist() for c in COLUMNS}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--datasets", nargs="+", default=None)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--hidden-dim", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if not DEFAULT_DATA.is_dir():
+        sys.exit(f"skipped: {DEFAULT_DATA} is absent (the shared datasets)")
+    sets = args.datasets or [d for d in manifest_datasets(DEFAULT_DATA) if d not in SPATIAL]
+    with ProcessPoolExecutor(args.jobs) as ex:
+        runs = list(ex.map(one_run, *zip(*[(d, s, args.hidden_dim, args.epochs) for d in sets for s in args.seeds])))
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs))
+    from sklearn.metrics import adjusted_rand_score
+
+    print("| dataset | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS))
+    means: dict[str, list[float]] = {c: [] for c in COLUMNS}
+    stabs: dict[str, list[float]] = {c: [] for c in COLUMNS}
+    for ds in sets:
+        rs = [r for r in runs if r["ds"] == ds]
+        cells = []
+        for c in COLUMNS:
+            m = float(np.mean([r["ari"][c] for r in rs]))
+            pairs = [adjusted_rand_score(a["labels"][c], b["labels"][c]) for a, b in itertools.combinations(rs, 2)]
+            st = float(np.mean(pairs)) if pairs else float("nan")
+            means[c].append(m)
+            stabs[c].append(st)
+            cells.append(f"{m:.3f} / {st:.2f}")
+        print(f"| {ds} | " + " | ".join(cells) + " |")
+    print("| **mean** | " + " | ".join(f"**{np.mean(means[c]):.3f} / {np.nanmean(stabs[c]):.2f}**" for c in COLUMNS) + " |")
+
+
+if __name__ == "__main__":
+    main()
