@@ -247,7 +247,10 @@ def _finish(model: ScRCL, x0: Tensor, x1: Tensor, a_hat: Tensor, gene_prop: Tens
             for view, h in (("fused", out.h2), ("cell", out.h1)):
                 mean, comps = hidden_pca_basis(h, EMBED_DIM)
                 state[f"embed_{view}_mean"], state[f"embed_{view}_components"] = mean.cpu(), comps.cpu()
-                views[view] = embed_hidden(h, mean, comps).cpu().numpy()
+                # In row blocks: a normalised copy of a whole (N, H) view would not fit beside the
+                # model on a GPU at a million cells.
+                views[view] = np.concatenate([embed_hidden(h[i:i + 65_536], mean, comps).cpu().numpy()
+                                              for i in range(0, h.shape[0], 65_536)])
             embedding, cell_embedding = views["fused"], views["cell"]
         elif config.embedding == "fused":
             embedding, cell_embedding = fused, z1
