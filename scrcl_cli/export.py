@@ -55,15 +55,17 @@ class _Frozen(nn.Module):
         """True for the gcn-pca embedding (the state carries the PCA bases), False for fused."""
         return hasattr(self, "embed_fused_mean")
 
+    def _mlp_hidden(self, x0: Tensor) -> Tensor:
+        return F.relu(F.linear(x0, self.mlp_w, self.mlp_b))
+
     def z1(self, x0: Tensor) -> Tensor:
-        h = F.relu(F.linear(x0, self.mlp_w, self.mlp_b))
-        return self._refine(h)
+        return self._refine(self._mlp_hidden(x0))
 
     def cell_embedding(self, x0: Tensor) -> Tensor:
         """MLP view: the PCA of its normalised hidden output (gcn-pca), or z1 (fused)."""
         if not self.pca:
             return self.z1(x0)
-        return embed_hidden(F.relu(F.linear(x0, self.mlp_w, self.mlp_b)), self.embed_cell_mean, self.embed_cell_components)
+        return embed_hidden(self._mlp_hidden(x0), self.embed_cell_mean, self.embed_cell_components)
 
     def _refine(self, h: Tensor) -> Tensor:
         z = h @ self.refine_w + self.refine_b
