@@ -138,19 +138,19 @@ def cosine_kmeans(x: np.ndarray, k: int, *, seed: int, n_init: int = 10, max_ite
     return kmeans(x, k, seed=seed, metric="cosine", n_init=n_init, max_iter=max_iter, sample_size=sample_size)
 
 
-def assignment_confidence(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, metric: str = "cosine") -> np.ndarray:
-    """How firmly each row of x (N, d) belongs to its cluster `labels` (N,), float32 (N,).
+def _centroid_scores(x: np.ndarray, centroids: np.ndarray, metric: str) -> np.ndarray:
+    """(N, k): cosine similarities (cosine) or Euclidean distances (euclidean), float64."""
+    if metric == "cosine":
+        return unit_rows(x) @ unit_rows(centroids).T
+    xd = np.asarray(x, dtype=np.float64)
+    return np.sqrt(_sq_dist(xd, np.asarray(centroids, dtype=np.float64), (xd * xd).sum(1)))
 
-    cosine: the cosine similarity to its centroid (1 at the centroid). euclidean: 1 - d_own / d_next,
-    with d_own the distance to its own centroid and d_next to the nearest other one (0 on a
-    boundary, 1 at the centroid; 1 when there is a single cluster).
-    """
-    labels = np.asarray(labels, dtype=np.int64)
+
+def _confidence(scores: np.ndarray, labels: np.ndarray, metric: str) -> np.ndarray:
     rows = np.arange(labels.size)
     if metric == "cosine":
-        return (unit_rows(x) @ unit_rows(centroids).T)[rows, labels].astype(np.float32)
-    xd = np.asarray(x, dtype=np.float64)
-    d = np.sqrt(_sq_dist(xd, np.asarray(centroids, dtype=np.float64), (xd * xd).sum(1)))
+        return scores[rows, labels].astype(np.float32)
+    d = scores.copy()
     own = d[rows, labels]
     d[rows, labels] = np.inf
     nxt = d.min(1) if d.shape[1] > 1 else np.full(labels.size, np.inf)
@@ -159,18 +159,26 @@ def assignment_confidence(x: np.ndarray, centroids: np.ndarray, labels: np.ndarr
     return np.clip(conf, 0.0, 1.0).astype(np.float32)
 
 
+def assignment_confidence(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray, metric: str = "cosine") -> np.ndarray:
+    """How firmly each row of x (N, d) belongs to its cluster `labels` (N,), float32 (N,).
+
+    cosine: the cosine similarity to its centroid (1 at the centroid). euclidean: 1 - d_own / d_next,
+    with d_own the distance to its own centroid and d_next to the nearest other one (0 on a
+    boundary, 1 at the centroid; 1 when there is a single cluster).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    return _confidence(_centroid_scores(x, centroids, metric), labels, metric)
+
+
 def nearest_centroid(x: np.ndarray, centroids: np.ndarray, metric: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
     """Label each row of x (N, d) with its nearest centroid (k, d) under `metric`.
 
-    Returns labels (N,) int64 and `assignment_confidence` of that label (N,) float32.
+    Returns labels (N,) int64 and `assignment_confidence` of that label (N,) float32, both from
+    one (N, k) score matrix.
     """
-    if metric == "cosine":
-        labels = (unit_rows(x) @ unit_rows(centroids).T).argmax(1)
-    else:
-        xd = np.asarray(x, dtype=np.float64)
-        labels = _sq_dist(xd, np.asarray(centroids, dtype=np.float64), (xd * xd).sum(1)).argmin(1)
-    labels = labels.astype(np.int64)
-    return labels, assignment_confidence(x, centroids, labels, metric)
+    scores = _centroid_scores(x, centroids, metric)
+    labels = (scores.argmax(1) if metric == "cosine" else scores.argmin(1)).astype(np.int64)
+    return labels, _confidence(scores, labels, metric)
 
 
 def louvain(adj: sp.csr_matrix, *, resolution: float = 1.0, seed: int = 0, max_levels: int = 10) -> np.ndarray:

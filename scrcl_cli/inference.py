@@ -216,7 +216,7 @@ def run_encoder(
     *, batch_size: int = 4096, progress: Progress | None = None, hidden_dim: int = 1500,
     gather_bytes: int = 256 << 20,
 ) -> np.ndarray:
-    """Run the ONNX encoder over all cells; returns float32 (N, 2*O) for fused, (N, O) for cell.
+    """Run the ONNX encoder over all cells; returns float32 (N, D): the view's embedding (model-format.md).
 
     Smoothed inputs are float32 (N, G) arrays, the one large allocation besides the output
     (`graphs.smooth_powers`). gather_bytes bounds the fused view's (B, K, hidden_dim) float32
@@ -340,7 +340,7 @@ def embed(
 ) -> EmbedReport:
     """Embed the cells of `adata` with the model's ONNX encoder.
 
-    Sets ``adata.obsm[key_added]`` (float32, (n_obs, 2*O) fused or (n_obs, O) cell) and
+    Sets ``adata.obsm[key_added]`` (float32, (n_obs, D): the view's embedding, see export.py) and
     ``adata.uns['scrcl']`` (versions, model hash, provider, parameters).
     """
     t = time.perf_counter()

@@ -36,7 +36,7 @@ class TrainedModel:
     """Everything a training run produced.
 
     files: name -> bytes of the model directory; manifest: its JSON manifest (without hashes);
-    embedding: fused embedding for every input cell, float32 (n_obs, 2*O), NaN for dropped cells;
+    embedding: clustering embedding for every input cell, float32 (n_obs, D), NaN for dropped cells;
     labels: cluster per input cell, int64 (n_obs,), -1 for dropped cells.
     """
 
