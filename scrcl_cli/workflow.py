@@ -104,7 +104,7 @@ def train_model(
     else:
         k, scores, k_method = n_clusters, {}, "given"
     metric = clustering.EMBEDDING_METRIC[config.embedding]
-    km = clustering.kmeans(result.embedding, k, seed=config.seed, metric=metric)
+    km = clustering.cluster_embedding(result.embedding, k, seed=config.seed, metric=metric)
     log.info("clustered the training cells into %d clusters (%s; %s k-means on the %s embedding)",
              k, k_method, metric, config.embedding)
     cent_cell = np.vstack([result.cell_embedding[km.labels == c].mean(0) for c in range(km.centroids.shape[0])])
