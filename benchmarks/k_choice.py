@@ -37,14 +37,12 @@ prep = prepare(sp.csr_matrix(a.X, dtype=np.float32), [str(v) for v in a.var_name
 y = a.obs["cell_type"].to_numpy()[prep.cell_mask]
 inp = build_inputs(prep.model_input, prep.lognorm, cfg)
 e = fit(inp, cfg, device=torch.device("cpu")).embedding
-n = e.shape[0]
 emb_graph = graphs.knn_to_adjacency(NearestNeighbors(n_neighbors=15).fit(e).kneighbors(e, return_distance=False))
 out = {"ds": ds, "seed": seed, "K": len(set(y))}
 for name, g in (("expr", inp.adj), ("emb", emb_graph)):
     for res in (0.5, 1.0):
         lab = clustering.louvain(g, resolution=res, seed=seed)
-        sizes = np.bincount(lab)
-        k = int(max(2, (sizes >= max(2.0, 0.005 * n)).sum()))
+        k = clustering.community_count(lab)
         km = clustering.kmeans(e, k, seed=seed, metric="euclidean").labels
         out[f"{name}_r{res}"] = [k, round(ARI(y, km), 3), round(ARI(y, lab), 3)]
 print(json.dumps(out), flush=True)

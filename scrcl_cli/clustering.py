@@ -321,6 +321,13 @@ def louvain(adj: sp.csr_matrix, *, resolution: float = 1.0, seed: int = 0, max_l
     return member.astype(np.int64)
 
 
+def community_count(labels: np.ndarray, min_fraction: float = 0.005) -> int:
+    """Communities (labels (N,) int) holding at least `min_fraction` of the N cells and at least 2
+    cells, and at least 2: the cluster count a community partition suggests."""
+    sizes = np.bincount(labels)
+    return int(max(2, (sizes >= max(2.0, min_fraction * labels.size)).sum()))
+
+
 def choose_n_clusters(
     lognorm: sp.csr_matrix | np.ndarray,
     *,
@@ -354,8 +361,7 @@ def choose_n_clusters(
         adj = cell_graph(lognorm[sub] if sub.size < n else lognorm, min(n_neighbors, sub.size), pca_threshold=0)
     labels = louvain(adj, resolution=1.0, seed=seed)
     sizes = np.bincount(labels)
-    k = int(max(2, (sizes >= max(2.0, min_fraction * sub.size)).sum()))
-    k = min(k, n)
+    k = min(community_count(labels, min_fraction), n)
     log.info("label-free cluster count: k=%d (Louvain communities of the expression kNN graph: %d)", k, sizes.size)
     return k, {"louvain_communities": float(sizes.size), "cells_used": float(sub.size)}
 
