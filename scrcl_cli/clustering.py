@@ -183,10 +183,11 @@ def ward_kmeans(
 ) -> KMeansResult:
     """Euclidean k-means started from a Ward agglomeration of k-means microclusters.
 
-    x: (N, d). Cuts the rows into M = min(N, max(k, min(10 k, 2000))) microclusters (`kmeans`,
-    three k-means++ restarts), merges their weighted centroids into k groups (`ward_merge`), and
-    runs Lloyd's iterations over all rows from the k group means, so the result is a k-means
-    fixed point (each row at its nearest centroid, what `nearest_centroid` reproduces).
+    x: (N, d). Cuts the rows (a uniform subsample of `sample_size` above that) into
+    M = min(N, max(k, min(10 k, 2000))) microclusters (`kmeans`, three k-means++ restarts), merges
+    their weighted centroids into k groups (`ward_merge`), and runs Lloyd's iterations over all rows
+    from the k group means, so the result is a k-means fixed point (each row at its nearest
+    centroid, what `nearest_centroid` reproduces).
 
     Why: on the gcn-pca embedding, k-means with k-means++ restarts lands in different minima of
     nearly equal inertia from run to run (cite_cbmc, one embedding: pairwise ARI 0.76-0.85 between
@@ -197,14 +198,22 @@ def ward_kmeans(
     xd = np.asarray(x, dtype=np.float64)
     n = xd.shape[0]
     k = max(1, min(k, n))
-    m = min(n, max(k, min(microclusters_per_cluster * k, max_microclusters)))
-    micro = kmeans(xd, m, seed=seed, metric="euclidean", n_init=3, max_iter=max_iter, sample_size=sample_size)
+    # Above sample_size the microclusters come from a uniform subsample: they only place the start,
+    # and Lloyd's iterations over all rows follow, so a full-data microcluster pass would be wasted.
+    rng = np.random.default_rng(seed)
+    fit_on = xd if n <= sample_size else xd[np.sort(rng.choice(n, size=sample_size, replace=False))]
+    m = min(fit_on.shape[0], max(k, min(microclusters_per_cluster * k, max_microclusters)))
+    micro = kmeans(fit_on, m, seed=seed, metric="euclidean", n_init=3, max_iter=max_iter, sample_size=sample_size)
     sizes = np.bincount(micro.labels, minlength=m).astype(np.float64)
     group = ward_merge(micro.centroids, sizes, k)
     # Each group's start is the mean of its cells: the size-weighted mean of its microcentroids.
     ind = sp.csr_matrix((sizes, (group, np.arange(m))), shape=(k, m))
     start = (ind @ micro.centroids) / np.asarray(ind.sum(1))
     return _by_size(_lloyd(xd, start, max_iter, "euclidean", (xd * xd).sum(1)), k)
+
+
+# What `cluster_embedding` runs for each metric, as the manifest and uns['scrcl'] record it.
+CLUSTER_ALGORITHM = {"euclidean": "ward-kmeans", "cosine": "spherical-kmeans"}
 
 
 def cluster_embedding(x: np.ndarray, k: int, *, seed: int, metric: str) -> KMeansResult:

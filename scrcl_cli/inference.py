@@ -434,6 +434,8 @@ def _cluster_query(
         ann.obs[f"{cluster_key}_refined"] = pd.Categorical([str(v) for v in refined], categories=cats)
     ann.uns["scrcl"]["cluster"] = {"method": method, "n_clusters": len(np.unique(labels)), "seed": seed, "key": cluster_key,
                                    "metric": metric}
+    if denovo:
+        ann.uns["scrcl"]["cluster"]["algorithm"] = clustering.CLUSTER_ALGORITHM[metric]
     markers = clustering.marker_table(rep.query.lognorm, bundle.genes, labels)
     return ClusterReport(embed=rep, n_clusters=len(np.unique(labels)), method=method, markers=markers)
 

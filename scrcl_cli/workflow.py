@@ -105,8 +105,8 @@ def train_model(
         k, scores, k_method = n_clusters, {}, "given"
     metric = clustering.EMBEDDING_METRIC[config.embedding]
     km = clustering.cluster_embedding(result.embedding, k, seed=config.seed, metric=metric)
-    log.info("clustered the training cells into %d clusters (%s; %s k-means on the %s embedding)",
-             k, k_method, metric, config.embedding)
+    log.info("clustered the training cells into %d clusters (%s; %s on the %s embedding)",
+             k, k_method, clustering.CLUSTER_ALGORITHM[metric], config.embedding)
     cent_cell = np.vstack([result.cell_embedding[km.labels == c].mean(0) for c in range(km.centroids.shape[0])])
     if metric == "cosine":
         cent_cell = clustering.unit_rows(cent_cell)
@@ -152,6 +152,7 @@ def train_model(
         },
         "clusters": {
             "n_clusters": int(km.centroids.shape[0]), "method": k_method, "metric": metric,
+            "algorithm": clustering.CLUSTER_ALGORITHM[metric],
             "k_selection": scores,
             "centroids_fused": km.centroids.tolist(), "centroids_cell": cent_cell.tolist(),
         },

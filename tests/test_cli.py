@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from scrcl_cli import __version__, data
+from scrcl_cli.metrics import ari
 from scrcl_cli.cli import cli
 
 from conftest import FAST, shared
@@ -143,6 +144,7 @@ def test_cluster_reproduces_training_clusters_for_both_embeddings(tmp_path, embe
     # gcn-pca: min(50 components, hidden width 32); fused: 2 * out_dim 8
     width, metric = (32, "euclidean") if embedding == "gcn-pca" else (16, "cosine")
     assert m["model"]["embedding"] == embedding and m["clusters"]["metric"] == metric
+    assert m["clusters"]["algorithm"] == ("ward-kmeans" if embedding == "gcn-pca" else "spherical-kmeans")
     assert m["model"]["fused_dim"] == width and np.asarray(m["clusters"]["centroids_fused"]).shape == (5, width)
     trained = ad.read_h5ad(train_out)
     assert trained.obsm["X_scrcl"].shape[1] == width
@@ -160,3 +162,10 @@ def test_cluster_reproduces_training_clusters_for_both_embeddings(tmp_path, embe
     assert got.uns["scrcl"]["cluster"]["metric"] == metric
     conf = got.obs["scrcl_confidence"].to_numpy()
     assert np.all((conf >= 0) & (conf <= 1.0 + 1e-6))
+    # --denovo on the training cells with train's K and seed repeats train's own clustering.
+    res = CliRunner().invoke(cli, ["-q", "cluster", str(EXAMPLE), "-m", str(model), "-o", str(tmp_path / "d.h5ad"),
+                                   "--denovo", "--n-clusters", "5", "--seed", "0"])
+    assert res.exit_code == 0, res.output
+    denovo = ad.read_h5ad(tmp_path / "d.h5ad")
+    assert denovo.uns["scrcl"]["cluster"]["algorithm"] == m["clusters"]["algorithm"]
+    assert ari(trained.obs["scrcl_cluster"].astype(str), denovo.obs["scrcl_cluster"].astype(str)) > 0.95

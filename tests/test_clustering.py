@@ -178,3 +178,11 @@ def test_cluster_embedding_uses_ward_for_euclidean_and_kmeans_for_cosine():
                           clustering.ward_kmeans(x, 5, seed=1).labels)
     assert np.array_equal(clustering.cluster_embedding(x, 5, seed=1, metric="cosine").labels,
                           clustering.cosine_kmeans(x, 5, seed=1).labels)
+
+
+def test_ward_kmeans_above_sample_size_starts_from_a_subsample_and_labels_every_row():
+    x, y = _blobs(n=3000, k=6, seed=8, noise=0.6)
+    full = clustering.ward_kmeans(x, 6, seed=0)
+    sub = clustering.ward_kmeans(x, 6, seed=0, sample_size=400)
+    assert sub.labels.shape == (3000,)
+    assert ari(full.labels, sub.labels) > 0.99 and ari(y, sub.labels) > 0.95
