@@ -24,33 +24,23 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import DEFAULT_DATA, SPATIAL, detect_expression, manifest_datasets  # noqa: E402
+from accuracy import DEFAULT_DATA, SPATIAL, manifest_datasets  # noqa: E402
+from in_process import train_dataset  # noqa: E402
 
 COLUMNS = ("fused", "gcn-pca", "h2", "h1", "e12", "e12-pca")
 
 
 def one_run(ds: str, seed: int, hidden_dim: int, epochs: int) -> dict:
-    import anndata as ad
-    import scipy.sparse as sp
     import torch
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score
 
     from scrcl_cli import clustering, graphs
     from scrcl_cli.model import ScRCL, to_torch_sparse
-    from scrcl_cli.preprocessing import prepare
-    from scrcl_cli.training import TrainConfig, build_inputs, fit
 
-    torch.set_num_threads(1)
-    a = ad.read_h5ad(DEFAULT_DATA / f"{ds}.h5ad")
-    expr = detect_expression(a.X)[0]
-    cfg = TrainConfig(hidden_dim=hidden_dim, epochs=epochs, seed=seed, expression=expr)
-    prep = prepare(sp.csr_matrix(a.X, dtype=np.float32), [str(v) for v in a.var_names],
-                   n_top_genes=cfg.n_top_genes, input_mode=cfg.input_mode, expression=expr)
-    y = a.obs["cell_type"].to_numpy()[prep.cell_mask]
+    t = train_dataset(ds, seed, hidden_dim=hidden_dim, epochs=epochs)
+    cfg, inp, res, y = t.config, t.inputs, t.result, t.labels
     k = len(set(y))
-    inp = build_inputs(prep.model_input, prep.lognorm, cfg)
-    res = fit(inp, cfg, device=torch.device("cpu"))
     model = ScRCL(inp.x0.shape[1], inp.x0.shape[0], cfg.hidden_dim, cfg.out_dim, cfg.dropout, seed)
     model.load_state_dict({n: v for n, v in res.state.items() if not n.startswith("embed_")})
     model.eval()

@@ -12,31 +12,20 @@ import json
 import sys
 from pathlib import Path
 
-import anndata as ad
-import numpy as np
-import scipy.sparse as sp
-import torch
 from sklearn.metrics import adjusted_rand_score as ARI
 from sklearn.neighbors import NearestNeighbors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import DEFAULT_DATA, detect_expression  # noqa: E402
+from accuracy import DEFAULT_DATA  # noqa: E402
+from in_process import train_dataset  # noqa: E402
 
 from scrcl_cli import clustering, graphs  # noqa: E402
-from scrcl_cli.preprocessing import prepare  # noqa: E402
-from scrcl_cli.training import TrainConfig, build_inputs, fit  # noqa: E402
 
-torch.set_num_threads(1)
 ds, seed = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0
 if not DEFAULT_DATA.is_dir():
     sys.exit(f"skipped: {DEFAULT_DATA} is absent (the shared datasets)")
-a = ad.read_h5ad(DEFAULT_DATA / f"{ds}.h5ad")
-expr = detect_expression(a.X)[0]
-cfg = TrainConfig(hidden_dim=256, seed=seed, expression=expr)
-prep = prepare(sp.csr_matrix(a.X, dtype=np.float32), [str(v) for v in a.var_names], expression=expr)
-y = a.obs["cell_type"].to_numpy()[prep.cell_mask]
-inp = build_inputs(prep.model_input, prep.lognorm, cfg)
-e = fit(inp, cfg, device=torch.device("cpu")).embedding
+t = train_dataset(ds, seed)
+inp, e, y = t.inputs, t.result.embedding, t.labels
 emb_graph = graphs.knn_to_adjacency(NearestNeighbors(n_neighbors=15).fit(e).kneighbors(e, return_distance=False))
 out = {"ds": ds, "seed": seed, "K": len(set(y))}
 for name, g in (("expr", inp.adj), ("emb", emb_graph)):

@@ -26,33 +26,23 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import DEFAULT_DATA, SPATIAL, detect_expression, manifest_datasets  # noqa: E402
+from accuracy import DEFAULT_DATA, SPATIAL, manifest_datasets  # noqa: E402
+from in_process import train_dataset  # noqa: E402
 
 COLUMNS = ("K kmeans++", "K ward", "free kmeans++", "free ward", "emb-K ward")
 
 
 def one_run(ds: str, seed: int, hidden_dim: int, epochs: int) -> dict:
-    import anndata as ad
-    import scipy.sparse as sp
-    import torch
     from sklearn.metrics import adjusted_rand_score
     from sklearn.neighbors import NearestNeighbors
 
     from scrcl_cli import clustering, graphs
-    from scrcl_cli.preprocessing import prepare
-    from scrcl_cli.training import TrainConfig, build_inputs, fit
 
-    torch.set_num_threads(1)
-    a = ad.read_h5ad(DEFAULT_DATA / f"{ds}.h5ad")
-    expr = detect_expression(a.X)[0]
-    cfg = TrainConfig(hidden_dim=hidden_dim, epochs=epochs, seed=seed, expression=expr)
-    prep = prepare(sp.csr_matrix(a.X, dtype=np.float32), [str(v) for v in a.var_names],
-                   n_top_genes=cfg.n_top_genes, input_mode=cfg.input_mode, expression=expr)
-    y = a.obs["cell_type"].to_numpy()[prep.cell_mask]
-    inp = build_inputs(prep.model_input, prep.lognorm, cfg)
-    e = fit(inp, cfg, device=torch.device("cpu")).embedding
+    t = train_dataset(ds, seed, hidden_dim=hidden_dim, epochs=epochs)
+    e, y = t.result.embedding, t.labels
     k_true = len(set(y))
-    k_free, _ = clustering.choose_n_clusters(prep.lognorm, seed=seed, n_neighbors=cfg.n_neighbors, adj=inp.adj)
+    k_free, _ = clustering.choose_n_clusters(t.prep.lognorm, seed=seed, n_neighbors=t.config.n_neighbors,
+                                           adj=t.inputs.adj)
     emb_graph = graphs.knn_to_adjacency(NearestNeighbors(n_neighbors=15).fit(e).kneighbors(e, return_distance=False))
     k_emb = clustering.community_count(clustering.louvain(emb_graph, resolution=0.5, seed=seed))
     plus = lambda k: clustering.kmeans(e, k, seed=seed, metric="euclidean").labels  # noqa: E731
