@@ -16,18 +16,12 @@ Usage: python benchmarks/kmeans_init.py [--datasets A B ...] [--seeds 0 1 2] [--
 """
 from __future__ import annotations
 
-import argparse
-import itertools
-import json
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import DEFAULT_DATA, SPATIAL, manifest_datasets  # noqa: E402
-from in_process import train_dataset  # noqa: E402
+from in_process import ari_cells, run_grid, train_dataset  # noqa: E402
 
 COLUMNS = ("K kmeans++", "K ward", "free kmeans++", "free ward", "emb-K ward")
 
@@ -55,43 +49,19 @@ def one_run(ds: str, seed: int, hidden_dim: int, epochs: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--datasets", nargs="+", default=None)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--hidden-dim", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--json", default=None)
-    args = p.parse_args()
-    if not DEFAULT_DATA.is_dir():
-        sys.exit(f"skipped: {DEFAULT_DATA} is absent (the shared datasets)")
-    sets = args.datasets or [d for d in manifest_datasets(DEFAULT_DATA) if d not in SPATIAL]
-    with ProcessPoolExecutor(args.jobs) as ex:
-        runs = list(ex.map(one_run, *zip(*[(d, s, args.hidden_dim, args.epochs) for d in sets for s in args.seeds])))
-    if args.json:
-        Path(args.json).write_text(json.dumps(runs))
-    from sklearn.metrics import adjusted_rand_score
-
+    sets, runs = run_grid(one_run, __doc__.splitlines()[0], seeds=(0, 1, 2))
     print("| dataset | true K | label-free K | emb-K | " + " | ".join(COLUMNS) + " |\n|---|---|---|---|" + "---|" * len(COLUMNS))
-    means: dict[str, list[float]] = {c: [] for c in COLUMNS}
-    stabs: dict[str, list[float]] = {c: [] for c in COLUMNS}
+    rows, mean_row = ari_cells(sets, runs, COLUMNS)
     in_range = {"free": 0, "emb": 0}
     for ds in sets:
         rs = [r for r in runs if r["ds"] == ds]
-        cells = []
-        for c in COLUMNS:
-            pairs = [adjusted_rand_score(a["labels"][c], b["labels"][c]) for a, b in itertools.combinations(rs, 2)]
-            means[c].append(float(np.mean([r["ari"][c] for r in rs])))
-            stabs[c].append(float(np.mean(pairs)) if pairs else float("nan"))
-            cells.append(f"{means[c][-1]:.3f} / {stabs[c][-1]:.3f}")
         kt = rs[0]["k"]["true"]
         for kind in in_range:  # every seed's K within ±30 % of the true K
             in_range[kind] += all(abs(r["k"][kind] - kt) <= 0.3 * kt for r in rs)
         ks = {kind: ",".join(str(r["k"][kind]) for r in rs) for kind in in_range}
-        print(f"| {ds} | {kt} | {ks['free']} | {ks['emb']} | " + " | ".join(cells) + " |")
+        print(f"| {ds} | {kt} | {ks['free']} | {ks['emb']} | " + " | ".join(rows[ds]) + " |")
     print(f"| **mean** | | {in_range['free']} of {len(sets)} within ±30 % | {in_range['emb']} of {len(sets)} | "
-          + " | ".join(f"**{np.mean(means[c]):.3f} / {np.nanmean(stabs[c]):.3f}**" for c in COLUMNS) + " |")
-
+          + " | ".join(mean_row) + " |")
 
 if __name__ == "__main__":
     main()
