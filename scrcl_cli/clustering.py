@@ -104,7 +104,8 @@ def kmeans(
     """k-means on the rows of `x` (N, d) with k-means++ seeding and `n_init` restarts.
 
     metric "cosine": spherical k-means on the unit rows (the reference's clustering of the
-    fused embedding); "euclidean": Lloyd's k-means (for the gcn-pca embedding, as sklearn's KMeans).
+    fused embedding); "euclidean": Lloyd's k-means, as sklearn's KMeans (the microclusters of
+    `ward_kmeans`, which clusters the gcn-pca embedding).
     The restart with the smallest final inertia wins. Labels are renumbered by decreasing
     cluster size, so the output does not depend on which restart found them.
     Above `sample_size` rows the restarts run on a uniform random subsample of that size and
