@@ -370,10 +370,10 @@ def choose_n_clusters(
     if adj is None or sub.size < n:
         adj = cell_graph(lognorm[sub] if sub.size < n else lognorm, min(n_neighbors, sub.size), pca_threshold=0)
     labels = louvain(adj, resolution=1.0, seed=seed)
-    sizes = np.bincount(labels)
+    n_communities = int(labels.max()) + 1  # louvain numbers its communities 0..C-1
     k = min(community_count(labels, min_fraction), n)
-    log.info("label-free cluster count: k=%d (Louvain communities of the expression kNN graph: %d)", k, sizes.size)
-    return k, {"louvain_communities": float(sizes.size), "cells_used": float(sub.size)}
+    log.info("label-free cluster count: k=%d (Louvain communities of the expression kNN graph: %d)", k, n_communities)
+    return k, {"louvain_communities": float(n_communities), "cells_used": float(sub.size)}
 
 
 def marker_table(
