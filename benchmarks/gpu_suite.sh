@@ -14,14 +14,14 @@
 #   4. benchmarks/end_to_end.py --device cuda: `scrcl-cli train` (every default) + `cluster`
 #      wall time and peak RSS against N (full suite: up to 1,000,000 cells), with log-log slopes.
 # SUITE=lease fits a short GPU loan (LEASE_S seconds, default 540, checked before each step):
-#   a. the GPU-marked tests (same-seed CUDA determinism);
-#   b. benchmarks/accuracy.py at the full defaults (H 1500, 100 epochs) on CUDA, three seeds, with the
-#      baselines taken from BASELINES_JSON (a CPU run of `accuracy.py --skip-scrcl --json`), so the
-#      GPU host needs no scanpy; one run at a time (six at once on 16 cores and one GPU took 150-290 s
-#      per run in the first loan, against about 22 s alone);
-#   c. benchmarks/train_memory.py --device cuda: one step, linear vs dense, N 10,000 and 40,000;
-#   d. benchmarks/tf32_parity.py: float32 vs TF32 training on pbmc_10x_4k_top2000;
-#   e. benchmarks/end_to_end.py --device cuda at 50,000 cells, if time is left.
+#   a. benchmarks/accuracy.py at the full defaults (H 1500, 100 epochs) on CUDA, three seeds, with the
+#      baselines taken from BASELINES_JSON (a CPU run of `accuracy.py --json`), so the GPU host needs
+#      no scanpy; ACC_JOBS (3) runs at once with ACC_THREADS (5) CPU threads each (six at once with
+#      uncapped BLAS pools took 150-290 s per run in the first loan, against about 22 s alone);
+#      then the label-free embeddings go to embeddings_full.npz for CPU study;
+#   b. the GPU-marked tests (same-seed CUDA determinism);
+#   c. benchmarks/end_to_end.py --device cuda at 50,000 cells, if time is left.
+# DEVICE=cpu ACC_ARGS="--quick --seeds 0" ACC_DATASETS=yan_rpkm rehearses it without a GPU.
 # Installs nothing except `pip install -e .[train,gpu]` when scrcl_cli, torch or onnxruntime-gpu
 # is missing. Generated data and models go to $SCRCL_BENCH_DIR (default /tmp/scrcl_bench_gpu).
 set -uo pipefail
@@ -55,7 +55,7 @@ if [ "$DEVICE" = cuda ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda
   say "error: torch sees no CUDA device; this suite needs a GPU"; exit 1
 fi
 { nvidia-smi || true; } > "$RESULTS/nvidia-smi.txt" 2>&1
-scrcl-cli info > "$RESULTS/env.txt" 2>&1
+$PY -m scrcl_cli info > "$RESULTS/env.txt" 2>&1
 nproc >> "$RESULTS/env.txt"; free -g >> "$RESULTS/env.txt"
 git rev-parse HEAD >> "$RESULTS/env.txt" 2>/dev/null || true
 say "suite=$SUITE results=$RESULTS data=$SRC"
@@ -123,15 +123,36 @@ EOF
   fi
   BASE=${BASELINES_JSON:-$DATA/../accuracy_baselines.json}
   echo >> "$SUMMARY"; echo "## Steps" >> "$SUMMARY"; echo >> "$SUMMARY"
+  # Three scrcl-cli runs at once, five CPU threads each (--threads caps the BLAS pools too): their
+  # CPU phases (reading, graphs, export, k-means) overlap the short GPU phases of the others. The
+  # datasets that cannot train at full width on a 2-core CPU go first.
+  ACC_JOBS=${ACC_JOBS:-3}; ACC_THREADS=${ACC_THREADS:-5}
+  ACC_DATASETS=${ACC_DATASETS:-cite_cbmc_top2000 worm_neuron pbmc_10x_4k_top2000 baron_human_subset2142 mouse_bladder_2100 mouse_bladder_top2000 pbmc68k_reduced_700 pollen_log_simlr yan_rpkm}
+  ACC_WORK="$SCRCL_BENCH_DIR/accuracy_full"
+  rm -rf "$ACC_WORK"
+  step accuracy_full "${ACC_S:-420}" env OMP_NUM_THREADS="$ACC_THREADS" OPENBLAS_NUM_THREADS="$ACC_THREADS" \
+    $PY benchmarks/accuracy.py --data-dir "$DATA" --baselines-from "$BASE" --device "$DEVICE" \
+    --datasets $ACC_DATASETS --jobs "$ACC_JOBS" --threads "$ACC_THREADS" --keep --workdir "$ACC_WORK" \
+    ${ACC_ARGS:-} --json "$RESULTS/accuracy_full.json" --output "$RESULTS/accuracy_full.md"
+  # The label-free runs' embeddings, so that cluster-count rules can be studied at full width on a CPU.
+  $PY - "$ACC_WORK/outputs" "$RESULTS/embeddings_full.npz" >> "$RESULTS/suite.log" 2>&1 <<'EOF'
+import sys
+from pathlib import Path
+import anndata as ad
+import numpy as np
+arrays = {}
+for f in sorted(Path(sys.argv[1]).glob("*_free.h5ad")):
+    a = ad.read_h5ad(f)
+    for key in a.obsm:
+        arrays[f"{f.stem}:{key}"] = np.asarray(a.obsm[key], dtype=np.float16)
+    arrays[f"{f.stem}:obs_names"] = np.asarray(a.obs_names, dtype=str)
+    arrays[f"{f.stem}:scrcl_cluster"] = np.asarray(a.obs["scrcl_cluster"].astype(str), dtype=str)
+np.savez_compressed(sys.argv[2], **arrays)
+print(f"embeddings: {len(arrays)} arrays -> {sys.argv[2]}")
+EOF
   step gpu_tests 90 $PY -m pytest -q -s -m gpu -p no:cacheprovider tests/test_determinism.py
-  step accuracy_full 300 $PY benchmarks/accuracy.py --data-dir "$DATA" --baselines-from "$BASE" --device cuda \
-    --jobs 1 --scrcl-timeout 280 --json "$RESULTS/accuracy_full.json" --output "$RESULTS/accuracy_full.md"
-  step train_memory 120 $PY benchmarks/train_memory.py --device cuda --hidden-dim 1500 --out-dim 16 \
-    --sizes 10000,40000 --dense-max 40000 --steps 3 --child-timeout 60 --source "$SRC" \
-    --json "$RESULTS/train_memory_cuda.jsonl" --md "$RESULTS/train_memory_cuda.md"
-  step tf32_parity 100 $PY benchmarks/tf32_parity.py --source "$SRC" --json "$RESULTS/tf32_parity.json"
   if [ "$(left)" -ge 150 ]; then
-    step end_to_end 200 $PY benchmarks/end_to_end.py --device cuda --sizes 50000 --source "$SRC" \
+    step end_to_end 200 $PY benchmarks/end_to_end.py --device "$DEVICE" --sizes 50000 --source "$SRC" \
       --timeout 180 --json "$RESULTS/end_to_end_cuda.json" --md "$RESULTS/end_to_end_cuda.md"
   fi
   say "lease suite done after $(( SECONDS - START )) s: $SUMMARY"

@@ -206,6 +206,11 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int], Callable[..., None
 
 def _set_threads(threads: int) -> None:
     if threads > 0:
+        # BLAS and OpenMP pools (numpy, scipy, scikit-learn) too, not just torch's: several runs
+        # sharing one host (a benchmark's --jobs, a pipeline's forks) would oversubscribe it.
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads)
         try:
             import torch
 

@@ -169,3 +169,21 @@ def test_cluster_reproduces_training_clusters_for_both_embeddings(tmp_path, embe
     denovo = ad.read_h5ad(tmp_path / "d.h5ad")
     assert denovo.uns["scrcl"]["cluster"]["algorithm"] == m["clusters"]["algorithm"]
     assert ari(trained.obs["scrcl_cluster"].astype(str), denovo.obs["scrcl_cluster"].astype(str)) > 0.95
+
+
+def test_threads_option_caps_blas_pools_as_well_as_torch() -> None:
+    """--threads N reaches numpy/scipy's BLAS pools, not only torch: a benchmark's --jobs or a
+    pipeline running several processes per node would otherwise oversubscribe the host."""
+    import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from scrcl_cli.cli import _set_threads
+
+    before = torch.get_num_threads()
+    with threadpool_limits():  # restores every pool's size on exit
+        _set_threads(1)
+        pools = threadpool_info()
+        assert pools, "no BLAS/OpenMP pool found to limit"
+        assert all(p["num_threads"] == 1 for p in pools)
+        assert torch.get_num_threads() == 1
+    torch.set_num_threads(before)
