@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Accuracy benchmark: scrcl-cli against the scanpy standard pipeline on the shared datasets.
 
-Regenerates docs/accuracy.md (issue 9). For every non-spatial dataset in ../shared/data:
+Regenerates docs/accuracy.md (issue 9; docs/accuracy-quick.md with --quick). For every non-spatial
+dataset in ../shared/data:
 
 - baselines (benchmarks/baselines.py): scanpy standard pipeline -> Leiden at resolution 1.0,
   Leiden bisected to K clusters, k-means with K on the PCA;
@@ -15,8 +16,8 @@ gene names only, written to the work directory.
 
 Usage (from the repository root)::
 
-    python benchmarks/accuracy.py                      # everything, 3 seeds, full scrcl-cli
-    python benchmarks/accuracy.py --quick              # CPU: fewer epochs, narrower model
+    python benchmarks/accuracy.py                      # everything, 3 seeds, full scrcl-cli (GPU: ~5 min)
+    python benchmarks/accuracy.py --quick              # CPU: narrower model -> docs/accuracy-quick.md
     python benchmarks/accuracy.py --skip-scrcl         # baselines only
     python benchmarks/accuracy.py --skip-scrcl --json base.json   # baselines once (CPU) ...
     python benchmarks/accuracy.py --baselines-from base.json      # ... then scrcl-cli alone (GPU)
@@ -62,6 +63,7 @@ log = logging.getLogger("accuracy")
 
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 DEFAULT_OUTPUT = REPO / "docs" / "accuracy.md"
+QUICK_OUTPUT = REPO / "docs" / "accuracy-quick.md"  # the reduced CPU setting keeps its own page
 SPATIAL = ("dlpfc_151510_top500", "osmfish_sscortex")  # covered by the spatial issue
 LABEL_KEY = "cell_type"
 QUICK = {"epochs": 100, "hidden_dim": 256}
@@ -534,7 +536,8 @@ def write_report(path: Path, datasets: list[Dataset], runs: list[Run], args: arg
           "model on the same cells, so both protocols score the same trained network.")
     if getattr(args, "baselines_command", None):
         a(f"- Baselines: not recomputed in this run; taken from `{args.baselines_from}`, written by "
-          f"`{args.baselines_command}` (the same CPU code, datasets and seeds).")
+          f"`{args.baselines_command}` (the same CPU code, datasets and seeds; their run times are that "
+          "run's, on its machine).")
     L.extend(environment(cli))
     if set(names) != set(manifest_datasets(Path(args.data_dir))):
         a(f"- **Partial run**: {len(names)} of the {len(manifest_datasets(Path(args.data_dir)))} datasets.")
@@ -787,7 +790,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="scrcl-cli runs at once (default 1); with 2 cores use --jobs 2 --threads 1")
     p.add_argument("--scrcl-args", default="", help="extra arguments for scrcl-cli train, e.g. '--input counts'")
     p.add_argument("--scrcl-timeout", type=float, default=None, help="seconds per scrcl-cli run (default: none)")
-    p.add_argument("--output", default=str(DEFAULT_OUTPUT), help="report path (default: docs/accuracy.md)")
+    p.add_argument("--output", default=None,
+                   help="report path (default: docs/accuracy.md, or docs/accuracy-quick.md with --quick)")
     p.add_argument("--json", default=None, help="also write every run's scores here")
     p.add_argument("--workdir", default=None, help="inputs, models and outputs (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep scrcl-cli model folders and outputs")
@@ -795,6 +799,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.epochs = args.epochs or QUICK["epochs"]
         args.hidden_dim = args.hidden_dim or QUICK["hidden_dim"]
+    if args.output is None:
+        args.output = str(QUICK_OUTPUT if args.quick else DEFAULT_OUTPUT)
     return args
 
 

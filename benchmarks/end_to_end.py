@@ -39,13 +39,17 @@ def run_size(n: int, src: make_large.Source, args: argparse.Namespace, work: Pat
     data = work / f"cells_{n}.h5ad"
     make_large.write_resampled(src, n, data, seed=args.seed)
     model, train_out, clustered = work / f"model_{n}", work / f"train_{n}.h5ad", work / f"cluster_{n}.h5ad"
-    common = ["--seed", str(args.seed), "--device", args.device, "--threads", str(args.threads), "-q"]
-    train = ["scrcl-cli", "train", str(data), "-o", str(model), "--out-h5ad", str(train_out), *common]
+    common = ["--seed", str(args.seed), "--threads", str(args.threads), "-q"]
+    train = ["scrcl-cli", "train", str(data), "-o", str(model), "--out-h5ad", str(train_out), "--device", args.device,
+             *common]
     if args.epochs:
         train += ["--epochs", str(args.epochs)]
     if args.hidden_dim:
         train += ["--hidden-dim", str(args.hidden_dim)]
-    cluster = ["scrcl-cli", "cluster", str(data), "-m", str(model), "-o", str(clustered), *common]
+    # auto, not cuda: ONNX Runtime's CUDA provider is a separate package (onnxruntime-gpu), and a
+    # torch-only GPU host should still time the CPU provider; the output records which one ran.
+    cluster = ["scrcl-cli", "cluster", str(data), "-m", str(model), "-o", str(clustered),
+               "--device", "cpu" if args.device == "cpu" else "auto", *common]
     row: dict[str, Any] = {"n": n, "train_cmd": " ".join(train[1:]), "cluster_cmd": " ".join(cluster[1:])}
     for name, cmd in (("train", train), ("cluster", cluster)):
         g = benchutil.run_guarded(cmd, timeout=args.timeout, rss_limit=args.rss_limit, poll_s=0.2)
