@@ -26,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score as ARI
 from sklearn.neighbors import NearestNeighbors
 
@@ -37,10 +38,9 @@ from scrcl_cli import clustering, graphs  # noqa: E402
 EMB_RESOLUTIONS = (0.5, 0.75, 1.0)
 
 
-def embedding_count(e: np.ndarray, resolution: float, seed: int) -> int:
-    """Communities (>= 0.5 % of the cells) of the Euclidean 15-NN graph of an embedding (N, D)."""
-    g = graphs.knn_to_adjacency(NearestNeighbors(n_neighbors=15).fit(e).kneighbors(e, return_distance=False))
-    return clustering.community_count(clustering.louvain(g, resolution=resolution, seed=seed))
+def embedding_graph(e: np.ndarray) -> sp.csr_matrix:
+    """The Euclidean 15-NN graph of an embedding (N, D), binary and symmetric, CSR (N, N)."""
+    return graphs.knn_to_adjacency(NearestNeighbors(n_neighbors=15).fit(e).kneighbors(e, return_distance=False))
 
 
 def one_trained(ds: str, seed: int) -> dict:
@@ -48,9 +48,8 @@ def one_trained(ds: str, seed: int) -> dict:
 
     t = train_dataset(ds, seed)
     inp, e, y = t.inputs, t.result.embedding, t.labels
-    emb_graph = graphs.knn_to_adjacency(NearestNeighbors(n_neighbors=15).fit(e).kneighbors(e, return_distance=False))
     out: dict = {"ds": ds, "seed": seed, "K": len(set(y))}
-    for name, g in (("expr", inp.adj), ("emb", emb_graph)):
+    for name, g in (("expr", inp.adj), ("emb", embedding_graph(e))):
         for res in (0.5, 1.0):
             lab = clustering.louvain(g, resolution=res, seed=seed)
             k = clustering.community_count(lab)
@@ -76,12 +75,13 @@ def from_embeddings(path: Path) -> list[dict]:
         train_labels = z[f"{run}:scrcl_cluster"]
         row = {"ds": ds, "seed": seed, "K": len(set(y)),
                "expression, res. 1 (default)": (len(set(train_labels)), ARI(y, train_labels))}
+        g = embedding_graph(e)
         for res in EMB_RESOLUTIONS:
-            k = embedding_count(e, res, seed)
+            k = clustering.community_count(clustering.louvain(g, resolution=res, seed=seed))
             row[f"embedding, res. {res:g}"] = (k, ARI(y, clustering.cluster_embedding(e, k, seed=seed,
                                                                                    metric="euclidean").labels))
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items()}), file=sys.stderr, flush=True)
+        print(json.dumps(row), file=sys.stderr, flush=True)
     return rows
 
 
