@@ -46,6 +46,16 @@ def train_dataset(ds: str, seed: int, *, hidden_dim: int = 256, epochs: int = 10
     return Trained(cfg, prep, inputs, result, a.obs["cell_type"].to_numpy()[prep.cell_mask])
 
 
+def embedding_graph(e: np.ndarray) -> Any:
+    """The Euclidean 15-NN graph of an embedding (N, D), binary and symmetric, CSR (N, N): the graph
+    whose Louvain communities the benchmarks compare with the default cluster count."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from scrcl_cli.graphs import knn_to_adjacency
+
+    return knn_to_adjacency(NearestNeighbors(n_neighbors=15).fit(e).kneighbors(e, return_distance=False))
+
+
 def run_grid(one_run: Callable[[str, int, int, int], dict], description: str, *,
              seeds: tuple[int, ...] = (0, 1)) -> tuple[list[str], list[dict]]:
     """The command line these benchmarks share (--datasets, --seeds, --hidden-dim, --epochs,

@@ -26,21 +26,15 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score as ARI
-from sklearn.neighbors import NearestNeighbors
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import DEFAULT_DATA  # noqa: E402
+from accuracy import DEFAULT_DATA, k_within  # noqa: E402
+from in_process import embedding_graph  # noqa: E402
 
-from scrcl_cli import clustering, graphs  # noqa: E402
+from scrcl_cli import clustering  # noqa: E402
 
 EMB_RESOLUTIONS = (0.5, 0.75, 1.0)
-
-
-def embedding_graph(e: np.ndarray) -> sp.csr_matrix:
-    """The Euclidean 15-NN graph of an embedding (N, D), binary and symmetric, CSR (N, N)."""
-    return graphs.knn_to_adjacency(NearestNeighbors(n_neighbors=15).fit(e).kneighbors(e, return_distance=False))
 
 
 def one_trained(ds: str, seed: int) -> dict:
@@ -100,7 +94,7 @@ def table(rows: list[dict]) -> str:
         for rule in rules:
             ks = [r[rule][0] for r in rs]
             ari = float(np.mean([r[rule][1] for r in rs]))
-            ok = all(abs(k - true_k) <= 0.3 * true_k for k in ks)
+            ok = k_within(ks, true_k)
             within[rule] += ok
             means[rule].append(ari)
             cells.append(f"{','.join(map(str, ks))} ({ari:.3f}){' ✓' if ok else ''}")

@@ -21,24 +21,23 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from in_process import ari_cells, run_grid, train_dataset  # noqa: E402
+from accuracy import k_within  # noqa: E402
+from in_process import ari_cells, embedding_graph, run_grid, train_dataset  # noqa: E402
 
 COLUMNS = ("K kmeans++", "K ward", "free kmeans++", "free ward", "emb-K ward")
 
 
 def one_run(ds: str, seed: int, hidden_dim: int, epochs: int) -> dict:
     from sklearn.metrics import adjusted_rand_score
-    from sklearn.neighbors import NearestNeighbors
 
-    from scrcl_cli import clustering, graphs
+    from scrcl_cli import clustering
 
     t = train_dataset(ds, seed, hidden_dim=hidden_dim, epochs=epochs)
     e, y = t.result.embedding, t.labels
     k_true = len(set(y))
     k_free, _ = clustering.choose_n_clusters(t.prep.lognorm, seed=seed, n_neighbors=t.config.n_neighbors,
                                            adj=t.inputs.adj)
-    emb_graph = graphs.knn_to_adjacency(NearestNeighbors(n_neighbors=15).fit(e).kneighbors(e, return_distance=False))
-    k_emb = clustering.community_count(clustering.louvain(emb_graph, resolution=0.5, seed=seed))
+    k_emb = clustering.community_count(clustering.louvain(embedding_graph(e), resolution=0.5, seed=seed))
     plus = lambda k: clustering.kmeans(e, k, seed=seed, metric="euclidean").labels  # noqa: E731
     ward = lambda k: clustering.ward_kmeans(e, k, seed=seed).labels  # noqa: E731
     labels = {"K kmeans++": plus(k_true), "K ward": ward(k_true), "free kmeans++": plus(k_free),
@@ -56,8 +55,8 @@ def main() -> None:
     for ds in sets:
         rs = [r for r in runs if r["ds"] == ds]
         kt = rs[0]["k"]["true"]
-        for kind in in_range:  # every seed's K within ±30 % of the true K
-            in_range[kind] += all(abs(r["k"][kind] - kt) <= 0.3 * kt for r in rs)
+        for kind in in_range:
+            in_range[kind] += k_within([r["k"][kind] for r in rs], kt)
         ks = {kind: ",".join(str(r["k"][kind]) for r in rs) for kind in in_range}
         print(f"| {ds} | {kt} | {ks['free']} | {ks['emb']} | " + " | ".join(rows[ds]) + " |")
     print(f"| **mean** | | {in_range['free']} of {len(sets)} within ±30 % | {in_range['emb']} of {len(sets)} | "
