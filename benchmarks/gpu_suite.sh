@@ -130,8 +130,7 @@ EOF
   ACC_DATASETS=${ACC_DATASETS:-cite_cbmc_top2000 worm_neuron pbmc_10x_4k_top2000 baron_human_subset2142 mouse_bladder_2100 mouse_bladder_top2000 pbmc68k_reduced_700 pollen_log_simlr yan_rpkm}
   ACC_WORK="$SCRCL_BENCH_DIR/accuracy_full"
   rm -rf "$ACC_WORK"
-  step accuracy_full "${ACC_S:-420}" env OMP_NUM_THREADS="$ACC_THREADS" OPENBLAS_NUM_THREADS="$ACC_THREADS" \
-    $PY benchmarks/accuracy.py --data-dir "$DATA" --baselines-from "$BASE" --device "$DEVICE" \
+  step accuracy_full "${ACC_S:-420}" $PY benchmarks/accuracy.py --data-dir "$DATA" --baselines-from "$BASE" --device "$DEVICE" \
     --datasets $ACC_DATASETS --jobs "$ACC_JOBS" --threads "$ACC_THREADS" --keep --workdir "$ACC_WORK" \
     ${ACC_ARGS:-} --json "$RESULTS/accuracy_full.json" --output "$RESULTS/accuracy_full.md"
   # The label-free runs' embeddings, so that cluster-count rules can be studied at full width on a CPU.
