@@ -14,7 +14,7 @@ args = ap.parse_args()
 torch.set_num_threads(args.threads)
 from scrcl_cli.training import TrainConfig
 from scrcl_cli.workflow import train_model
-from scrcl_cli.data import validate_adata
+from scrcl_cli.io.h5ad import validate_adata
 from sklearn.metrics import adjusted_rand_score as ARI
 from scrcl_cli import clustering
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scrcl_cli import data, inference
+from scrcl_cli import inference
+from scrcl_cli import bundle
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
     ap.add_argument("--cells", type=int, default=40_000, help="cells timed per batch size")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
-    bundle = data.read_bundle(args.model)
+    bundle = bundle.read_bundle(args.model)
     session, provider = inference.open_session(bundle, "cell", device="cpu", threads=args.threads)
     g = len(bundle.genes)
     rng = np.random.default_rng(0)

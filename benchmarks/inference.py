@@ -88,7 +88,9 @@ def do_child(args: argparse.Namespace, n: int, view: str, backend: str) -> dict[
     import anndata  # noqa: F401  (imported before the clock starts, as the CLI has it loaded too)
     import numpy as np
 
-    from scrcl_cli import data, inference
+    from scrcl_cli import inference
+from scrcl_cli import bundle
+from scrcl_cli.io import h5ad
 
     if backend == "torch":
         import torch  # imported up front: its import cost (memory, time) belongs to the torch path
@@ -97,10 +99,10 @@ def do_child(args: argparse.Namespace, n: int, view: str, backend: str) -> dict[
             torch.set_num_threads(args.threads)
     base_rss = rss_now()
     t: dict[str, float] = {}
-    bundle = data.read_bundle(Path(args.model))
+    bundle = bundle.read_bundle(Path(args.model))
     pre, params = bundle.manifest["preprocessing"], bundle.manifest["graph"]
     t0 = time.perf_counter()
-    adata = data.read_h5ad_checked(query_path(args, n), expression=pre["expression"])
+    adata = h5ad.read_h5ad_checked(query_path(args, n), expression=pre["expression"])
     t["read_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     query = inference.prepare_query(adata, bundle, min_gene_overlap=0.5, name="query")
@@ -170,7 +172,7 @@ def ensure_model(args: argparse.Namespace) -> Path:
                "--seed", str(args.seed), "--device", "cpu" if args.device == "cpu" else "auto", "-q", *extra]
         print("training the benchmark model:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
-    from scrcl_cli.data import FORMAT_VERSION
+    from scrcl_cli.bundle import FORMAT_VERSION
 
     if json.loads(manifest_path.read_text())["format_version"] < FORMAT_VERSION:
         # A cached model from an older scrcl-cli: same weights, encoders of the current format.

@@ -35,10 +35,10 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from scrcl_cli import data
+    from scrcl_cli import bundle
     from scrcl_cli.export import export_onnx
 
-    bundle = data.read_bundle(args.model)
+    bundle = bundle.read_bundle(args.model)
     state = torch.load(io.BytesIO(bundle.read_bytes("weights.pt")), weights_only=True)
     e = state.pop("gene_emb").double()
     folded = dict(state)

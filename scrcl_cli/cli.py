@@ -8,6 +8,7 @@ traceback. Logs and progress go to stderr; stdout carries only what scripts read
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -72,55 +73,183 @@ class _Interrupted(click.ClickException):
         click.echo(f"error: {self.message}", err=True)
 
 
+def _resource_error(exc: BaseException) -> ScrclError | None:
+    """One line for running out of memory or disk, naming the size where the error gives it; None otherwise."""
+    import re
+
+    from .io.output import disk_full_error
+
+    text = str(exc)
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and (
+            "out of memory" in text.lower() or "can't allocate memory" in text or type(exc).__name__ == "OutOfMemoryError")):
+        size = re.search(r"(\d+(?:\.\d+)?\s*[KMGT]i?B)|allocate (\d+) bytes", text)
+        what = f" (an allocation of {size.group(1) or size.group(2) + ' bytes'} failed)" if size else ""
+        return ScrclError(f"ran out of memory{what}",
+                          "Use a smaller --batch-size or --hidden-dim, fewer cells per run, or a machine with more memory")
+    if isinstance(exc, OSError):
+        full = disk_full_error(exc)
+        if full is not None:
+            return full
+        if exc.errno is not None and exc.strerror:
+            where = f" {exc.filename}" if exc.filename else ""
+            return ScrclError(f"cannot write or read{where} ({exc.strerror})", "Check the path, its permissions and free space")
+    return None
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
+        def debug() -> bool:  # ctx.obj is set by the group's callback, inside super().invoke
+            return bool(ctx.obj and ctx.obj.get("debug"))
+
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            _finish_logging(ctx, ok=True)
+            return result
         except KeyboardInterrupt:
+            _finish_logging(ctx, ok=False)
             # Click would print "Aborted!" and exit 1; temporaries were already removed on the way here.
             raise _Interrupted("interrupted; partial outputs were removed. Re-run the command to produce them.") from None
         except ScrclError as exc:
-            if ctx.obj and ctx.obj.get("debug"):
+            _finish_logging(ctx, ok=False)
+            if debug():
                 raise
             raise _UserError(exc.message) from None
-        except MemoryError:
-            if ctx.obj and ctx.obj.get("debug"):
+        except (MemoryError, RuntimeError, OSError) as exc:
+            _finish_logging(ctx, ok=False)
+            mapped = _resource_error(exc)
+            if mapped is None or debug():
                 raise
-            raise _UserError("ran out of memory. Use a smaller --batch-size or --hidden-dim, or a machine with more memory") from None
+            raise _UserError(mapped.message) from None
 
 
-def _setup_logging(verbose: int, quiet: bool, log_file: Path | None) -> None:
+class _HeldLog(logging.Handler):
+    """Terminal log records held until the command ends: shown on success, dropped on failure.
+
+    A failed run's stderr is then exactly its one ``error:`` line, which is what a pipeline's
+    `.command.err` shows; ``--verbose`` streams the records instead, and ``--log-file`` keeps them all.
+    """
+
+    def __init__(self, target: logging.Handler) -> None:
+        super().__init__(logging.DEBUG)
+        self.target = target
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def show(self) -> None:
+        for record in self.records:
+            if record.levelno >= self.target.level:
+                self.target.handle(record)
+        self.records.clear()
+
+
+class _LogFile(logging.StreamHandler):  # type: ignore[type-arg]
+    """The --log-file handler: a write failure (full disk) is remembered and ends the run with one line."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        super().__init__(os.fdopen(fd, "a", encoding="utf-8"))
+        self.path = path
+        self.error: BaseException | None = None
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.error = self.error or sys.exc_info()[1]
+
+    def close(self) -> None:
+        try:
+            self.flush()
+            self.stream.close()
+        except OSError as exc:
+            self.error = self.error or exc
+        super().close()
+
+
+_ROOT = "scrcl_cli"
+_WARNINGS = "py.warnings"
+
+
+def _setup_logging(ctx: click.Context, verbose: int, quiet: bool) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
 
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    root = logging.getLogger("scrcl_cli")
-    root.handlers.clear()
-    root.setLevel(logging.DEBUG)
-    handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False)
-    handler.setLevel(level)
-    root.addHandler(handler)
-    if log_file is not None:
-        try:
-            fh = logging.FileHandler(log_file)
-        except OSError as exc:
-            raise ScrclError(f"cannot open --log-file {log_file} ({exc.strerror or exc})",
-                             "Choose a log file in a writable directory") from exc
-        fh.setLevel(logging.DEBUG)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(fh)
+    terminal = RichHandler(console=Console(stderr=True), show_path=False, show_time=False)
+    terminal.setLevel(level)
+    held = None if verbose else _HeldLog(terminal)
+    memory = _HeldLog(logging.NullHandler())  # everything, for a --log-file opened after the output checks
+    logging.captureWarnings(True)  # library warnings go to the log at debug level, never loose on stderr
+    for name in (_ROOT, _WARNINGS):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+        logger.addHandler(memory)
+        if name == _ROOT or verbose:
+            logger.addHandler(held if held is not None else terminal)
+    ctx.obj.update(terminal=terminal, held=held, memory=memory)
     for noisy in ("torch.onnx", "onnxscript", "torch._dynamo", "torch.export"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _attach_log_file(ctx: click.Context) -> None:
+    """Open the checked --log-file and replay what was logged so far into it."""
+    from .io.output import open_log
+
+    path = ctx.obj.get("log_file")
+    memory: _HeldLog | None = ctx.obj.get("memory")
+    if path is None or memory is None or ctx.obj.get("log_handler") is not None:
+        return
+    handler = _LogFile(open_log(path), path)
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for record in memory.records:
+        handler.handle(record)
+    for name in (_ROOT, _WARNINGS):
+        logger = logging.getLogger(name)
+        logger.removeHandler(memory)
+        logger.addHandler(handler)
+    memory.records.clear()
+    ctx.obj["log_handler"] = handler
+
+
+def _finish_logging(ctx: click.Context, *, ok: bool) -> None:
+    obj = ctx.obj or {}
+    held: _HeldLog | None = obj.get("held")
+    if held is not None:
+        if ok:
+            held.show()
+        held.records.clear()
+    after = obj.pop("after", [])
+    if ok and after:
+        from rich.console import Console
+
+        for table in after:
+            Console(stderr=True).print(table)
+    handler: _LogFile | None = obj.pop("log_handler", None)
+    if handler is not None:
+        for name in (_ROOT, _WARNINGS):
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
+        if ok and handler.error is not None:
+            exc = handler.error
+            full = _resource_error(exc) if isinstance(exc, OSError) else None
+            raise ScrclError(f"writing --log-file {handler.path} failed ({full.problem if full else exc})",
+                             "Free space or choose another log file")
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     # Turn SIGTERM/SIGINT into an exception so that temporaries beside outputs are removed on the way
     # out. Python drops an exception raised inside a weakref callback or __del__ ("Exception ignored
     # in ..."), so the flag also stops every later commit of an output.
-    from . import data
+    from .io.output import request_stop
 
-    data.request_stop()
+    request_stop()
     raise KeyboardInterrupt
+
+
+def _install_signal_handlers() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, _on_sigterm)
 
 
 def _unraisable(args: Any) -> None:
@@ -132,18 +261,31 @@ def _unraisable(args: Any) -> None:
 
 @click.group(cls=_Group, help=MAIN_HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", message="%(version)s", help="Print the bare version and exit.")
-@click.option("-v", "--verbose", count=True, help="More log output (debug messages).")
+@click.option("-v", "--verbose", count=True, help="More log output (debug messages, library warnings), streamed as it comes.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
-@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="Also write a full debug log here.")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also append a full debug log here (checked like every output; its folder is created).")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks for errors (for bug reports).")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: bool, log_file: Path | None, debug: bool) -> None:
-    ctx.obj = {"quiet": quiet, "debug": debug}
-    _setup_logging(verbose, quiet, log_file)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    signal.signal(signal.SIGINT, _on_sigterm)
+    ctx.obj = {"quiet": quiet, "debug": debug, "log_file": log_file}
+    _setup_logging(ctx, verbose, quiet)
+    _install_signal_handlers()
     if sys.unraisablehook is sys.__unraisablehook__:  # leave a host's hook (pytest's) alone
         sys.unraisablehook = _unraisable
+
+
+def _guard(ctx: click.Context, outputs: list[tuple[Path | None, str, str]], inputs: tuple[Path, ...], *,
+           overwrite: bool) -> None:
+    """Check every output of the command (and --log-file) before any work, then open the log file."""
+    from .io.output import Output, check_outputs
+
+    outs = [Output(Path(p), option, kind) for p, option, kind in outputs if p is not None]  # type: ignore[arg-type]
+    log_file = (ctx.obj or {}).get("log_file")
+    if log_file is not None:
+        outs.append(Output(Path(log_file), "--log-file", "log"))
+    check_outputs(outs, inputs=inputs, overwrite=overwrite)
+    _attach_log_file(ctx)
 
 
 # ---------------------------------------------------------------- shared options
@@ -155,14 +297,32 @@ def _opt(*decls: str, **kw: Any) -> Callable[[Callable[..., Any]], Callable[...,
 
 device_option = _opt("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                      help="Where to compute; the device actually used is reported.")
-threads_option = _opt("--threads", type=click.IntRange(min=0), default=0, help="CPU threads (0: library default).")
-seed_option = _opt("--seed", type=int, default=0, help="Random seed; same seed, same CPU result.")
+# More threads than cores only adds contention: --threads 3000 on 2 cores ran 30x slower than 2.
+THREAD_CAP = 4 * (os.cpu_count() or 1)
+threads_option = _opt("--threads", type=click.IntRange(0, THREAD_CAP), default=0,
+                      help=f"CPU threads (0: library default; at most 4 x the CPUs, here {THREAD_CAP}).")
+seed_option = _opt("--seed", type=click.IntRange(0, 2**32 - 1), default=0,
+                   help="Random seed in [0, 2^32); same seed, same CPU result.")
+
+
 def _quiet_callback(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
     if value:
-        ctx.ensure_object(dict)["quiet"] = True
-        for h in logging.getLogger("scrcl_cli").handlers:
-            if not isinstance(h, logging.FileHandler):
-                h.setLevel(logging.WARNING)
+        obj = ctx.find_root().ensure_object(dict)
+        obj["quiet"] = True
+        if obj.get("terminal") is not None:
+            obj["terminal"].setLevel(logging.WARNING)
+    return value
+
+
+KEY_PATTERN = r"[A-Za-z_][A-Za-z0-9_.-]{0,99}"
+
+
+def _check_key(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    import re
+
+    if not re.fullmatch(KEY_PATTERN, value):
+        raise click.BadParameter(f"{value!r} is not a valid obsm key: use letters, digits, '_', '.', '-' "
+                                 "(starting with a letter or '_'), e.g. X_scrcl")
     return value
 
 
@@ -174,8 +334,8 @@ model_option = _opt("-m", "--model", "model_dir", required=True, type=click.Path
                     help="Model directory written by 'scrcl-cli train'.")
 view_option = _opt("--view", type=click.Choice(["fused", "cell"]), default="fused",
                    help="fused: the embedding training clustered (GCN view), needs the query kNN graph; cell: the MLP view only, per cell.")
-key_option = _opt("--key-added", default="X_scrcl", help="obsm key for the embedding.")
-batch_option = _opt("--batch-size", type=click.IntRange(min=1), default=4096, help="Cells per ONNX Runtime call.")
+key_option = _opt("--key-added", default="X_scrcl", callback=_check_key, help="obsm key for the embedding.")
+batch_option = _opt("--batch-size", type=click.IntRange(1, 1_000_000), default=4096, help="Cells per ONNX Runtime call.")
 overlap_option = _opt("--min-gene-overlap", type=click.FloatRange(0, 1), default=0.5,
                       help="Minimum fraction of model genes the query must contain.")
 
@@ -186,11 +346,12 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int], Callable[..., None
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    if not enabled:
+    console = Console(stderr=True)
+    if not enabled or not console.is_terminal:  # bars on a terminal only; cleared when the command ends
         yield lambda desc, total: (lambda *a, **k: None)
         return
     prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=True)
 
     def make(desc: str, total: int) -> Callable[..., None]:
         task = prog.add_task(desc, total=total, info="")
@@ -224,12 +385,15 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
     from rich.table import Table
 
     ctx = click.get_current_context(silent=True)
-    if ctx is not None and (ctx.obj or {}).get("quiet"):
+    if ctx is not None and (ctx.find_root().obj or {}).get("quiet"):
         return
     table = Table(title=title, show_header=False, title_justify="left")
     for k, v in rows:
         table.add_row(k, v)
-    Console(stderr=True).print(table)
+    if ctx is not None and ctx.find_root().obj is not None:
+        ctx.find_root().obj.setdefault("after", []).append(table)  # printed after the held log, on success
+    else:
+        Console(stderr=True).print(table)
 
 
 # ---------------------------------------------------------------- train
@@ -239,21 +403,21 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 @_opt("-o", "--output", required=True, type=click.Path(path_type=Path), help="Model directory to write.")
 @_opt("--out-h5ad", type=click.Path(dir_okay=False, path_type=Path),
       help="Also write a copy of the input with obsm['X_scrcl'] and obs['scrcl_cluster'].")
-@_opt("--epochs", type=click.IntRange(min=1), default=100)
-@_opt("--hidden-dim", type=click.IntRange(min=1), default=1500)
-@_opt("--out-dim", type=click.IntRange(min=1), default=16, help="Refined embedding width O (the fused embedding is 2*O).")
+@_opt("--epochs", type=click.IntRange(1, 100_000), default=100)
+@_opt("--hidden-dim", type=click.IntRange(1, 16_384), default=1500)
+@_opt("--out-dim", type=click.IntRange(2, 4_096), default=16, help="Refined embedding width O (the fused embedding is 2*O).")
 @_opt("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.3)
 @_opt("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4)
 @_opt("--weight-decay", type=click.FloatRange(min=0), default=0.1)
 @_opt("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.1)
 @_opt("--lambda1", type=click.FloatRange(min=0), default=100.0, help="Weight of the NCA loss.")
 @_opt("--lambda2", type=click.FloatRange(min=0), default=1.0, help="Weight of the CVC loss.")
-@_opt("--t0", type=click.IntRange(min=0), default=4, help="Graph smoothing steps for the MLP view input (Â^t0 X).")
-@_opt("--t1", type=click.IntRange(min=0), default=2, help="Graph smoothing steps for the GCN view input (Â^t1 X).")
-@_opt("--n-neighbors", type=click.IntRange(min=2), default=15, help="k of the cell kNN graph, the cell included.")
-@_opt("--gene-neighbors", type=click.IntRange(min=1), default=5,
+@_opt("--t0", type=click.IntRange(0, 64), default=4, help="Graph smoothing steps for the MLP view input (Â^t0 X).")
+@_opt("--t1", type=click.IntRange(0, 64), default=2, help="Graph smoothing steps for the GCN view input (Â^t1 X).")
+@_opt("--n-neighbors", type=click.IntRange(2, 1_000), default=15, help="k of the cell kNN graph, the cell included.")
+@_opt("--gene-neighbors", type=click.IntRange(1, 1_000), default=5,
       help="k of the gene kNN graph that mixes gene embeddings, the gene included (1: no mixing).")
-@_opt("--n-top-genes", type=click.IntRange(min=1), default=None,
+@_opt("--n-top-genes", type=click.IntRange(1, 1_000_000), default=None,
       help="Highly variable genes: 2000 (seurat flavour) by default, 3000 (seurat_v3) with --spatial.")
 @_opt("--input", "input_mode", type=click.Choice(["counts", "lognorm"]), default="lognorm",
       help="Model input: log-normalised HVGs, or raw HVG counts as the reference does.")
@@ -262,12 +426,12 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 @_opt("--embedding", type=click.Choice(["gcn-pca", "fused"]), default="gcn-pca",
       help="What is clustered and exported: 50 principal components of the GCN view's normalised hidden output "
       "(Euclidean k-means), or the reference's concat(z1, z2) (cosine k-means) (docs/defaults.md).")
-@_opt("--n-clusters", type=click.IntRange(min=1), default=None, help="Clusters for the training cells (default: chosen without labels).")
+@_opt("--n-clusters", type=click.IntRange(1, 100_000), default=None, help="Clusters for the training cells (default: chosen without labels).")
 @_opt("--spatial", is_flag=True, help="Spatial mode: graph from obsm['spatial'], seurat_v3 genes, scaled input, neighbour vote. "
       "Options not given take the spatial defaults: --epochs 100 --hidden-dim 128 --out-dim 32 --temperature 1 "
       "--lambda1 10 --t0 5 --t1 5 --n-top-genes 3000 --embedding fused, no gene-graph mixing (docs/spatial.md).")
-@_opt("--refine-neighbours", type=click.IntRange(min=1), default=50, help="With --spatial: spots in the neighbour vote.")
-@_opt("--batch-size", "batch_size", type=click.IntRange(min=2), default=None,
+@_opt("--refine-neighbours", type=click.IntRange(1, 10_000), default=50, help="With --spatial: spots in the neighbour vote.")
+@_opt("--batch-size", "batch_size", type=click.IntRange(2, 100_000_000), default=None,
       help="Train on mini-batches of about this many cells, one batch per epoch (default: full batch when it fits in memory).")
 @_opt("--no-export", is_flag=True, help="Skip the ONNX export (weights only).")
 @seed_option
@@ -279,16 +443,18 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | None, n_clusters: int | None,
           spatial: bool, refine_neighbours: int, batch_size: int | None, no_export: bool, seed: int, device: str, threads: int, overwrite: bool, **hyper: Any) -> None:
     """Train scRCL on the raw counts in INPUT_H5AD and write a model directory."""
-    from . import data
+    from .bundle import write_model_dir
+    from .io.h5ad import read_h5ad_checked, write_h5ad_atomic
+    from .io.output import check_stop
 
     t = time.perf_counter()
-    data.check_output(output, overwrite=overwrite, inputs=(input_h5ad,))
-    if out_h5ad is not None:
-        data.check_output(out_h5ad, overwrite=overwrite, inputs=(input_h5ad,))
-    adata = data.read_h5ad_checked(input_h5ad, expression=hyper["expression"])
+    _guard(ctx, [(output, "-o/--output", "model"), (out_h5ad, "--out-h5ad", "file")], (input_h5ad,), overwrite=overwrite)
+    adata = read_h5ad_checked(input_h5ad, expression=hyper["expression"], check_names=True)
     # torch is imported only now, so that bad input fails in about a second instead of after its import.
-    from .training import SPATIAL_DEFAULTS, TrainConfig
+    from ._device import resolve_torch_device
+    from .training import SPATIAL_DEFAULTS, TrainConfig, check_fits
 
+    resolve_torch_device(device)  # an unusable --device fails before any work
     _set_threads(threads)
     if not spatial and "spatial" in adata.obsm:
         log.info("%s has obsm['spatial']: for spatial domains, train with --spatial", input_h5ad.name)
@@ -302,6 +468,10 @@ def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | N
     elif hyper["n_top_genes"] is None:
         hyper["n_top_genes"] = 2000
     config = TrainConfig(seed=seed, **hyper)
+    if n_clusters is not None and n_clusters > adata.n_obs:
+        raise ScrclError(f"--n-clusters {n_clusters} is more than the {adata.n_obs} cells of {input_h5ad.name}",
+                         f"Pass --n-clusters between 1 and {adata.n_obs}, or leave it out to choose it from the data")
+    check_fits(config, adata.n_obs, adata.n_vars, batch_size=batch_size)
     from .workflow import train_model
 
     with _progress(not ctx.obj["quiet"]) as make:
@@ -310,19 +480,20 @@ def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | N
         every = max(1, config.epochs // 100)
 
         def on_epoch(epoch: int, terms: Any) -> None:
-            data.check_stop()
+            check_stop()
             if (epoch + 1) % every == 0 or epoch + 1 == config.epochs:
                 bar(epoch + 1, info=f"loss {terms.total.item():.4f}")
 
         trained = train_model(adata, config, device=device, n_clusters=n_clusters, export=not no_export, batch_size=batch_size,  # type: ignore[arg-type]
                               spatial={"refine_neighbours": refine_neighbours} if spatial else None,
                               on_epoch=on_epoch, on_graph=lambda d, n: graph_bar(d, n))
-    data.write_model_dir(output, trained.files, trained.manifest, overwrite=overwrite)
-    outputs = [str(output)]
-    if out_h5ad is not None:
+    outputs = []
+    if out_h5ad is not None:  # the copy first: it is the output most likely to fail on odd input metadata
         _annotate(adata, trained)
-        data.write_h5ad_atomic(adata, out_h5ad, overwrite=overwrite)
+        _write_h5ad(adata, out_h5ad, overwrite=overwrite)
         outputs.append(str(out_h5ad))
+    write_model_dir(output, trained.files, trained.manifest, overwrite=overwrite)
+    outputs.insert(0, str(output))
     _summary("scrcl-cli train", [
         ("cells", f"{int((trained.labels >= 0).sum())} used of {adata.n_obs}"),
         ("genes used", str(trained.n_genes)),
@@ -332,6 +503,19 @@ def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | N
         ("time", f"{time.perf_counter() - t:.1f} s (training {trained.seconds:.1f} s)"),
         ("written", ", ".join(outputs)),
     ])
+
+
+def _write_h5ad(adata: Any, dest: Path, *, overwrite: bool) -> None:
+    from .io.h5ad import write_h5ad_atomic
+
+    try:
+        write_h5ad_atomic(adata, dest, overwrite=overwrite)
+    except (ScrclError, KeyboardInterrupt, OSError, MemoryError):
+        raise
+    except Exception as exc:  # anndata cannot write some metadata it read (object references, odd encodings)
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ScrclError(f"anndata could not write --out-h5ad {dest} ({first})",
+                         "Drop --out-h5ad, or remove the offending uns/obs entries from the input") from None
 
 
 def _annotate(adata: Any, trained: Any) -> None:
@@ -353,13 +537,13 @@ def _write_csv(path: Path, header: list[str], rows: Any, *, overwrite: bool) -> 
     import csv
     import io
 
-    from . import data
+    from .io.output import write_text_atomic
 
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
     w.writerows(rows)
-    data.write_text_atomic(buf.getvalue(), path, overwrite=overwrite)
+    write_text_atomic(buf.getvalue(), path, overwrite=overwrite)
 
 
 @cli.command(epilog=EMBED_EXAMPLES)
@@ -380,21 +564,22 @@ def _write_csv(path: Path, header: list[str], rows: Any, *, overwrite: bool) -> 
 def embed(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, view: str, key_added: str, spatial: bool,
           csv_path: Path | None, batch_size: int, min_gene_overlap: float, device: str, threads: int, overwrite: bool) -> None:
     """Embed the cells of INPUT_H5AD with a trained model (ONNX Runtime, no torch)."""
-    from . import data, inference
+    from . import inference
+    from .bundle import ONNX_FILES, check_mode, read_bundle
+    from .io.h5ad import ChunkedH5ad, write_h5ad_patched
 
     t = time.perf_counter()
-    for p in filter(None, (output, csv_path)):
-        data.check_output(p, overwrite=overwrite, inputs=(input_h5ad, model_dir))
-    bundle = data.read_bundle(model_dir)
-    data.check_mode(bundle, spatial=spatial)
-    bundle.file(inference.ONNX_FILES[view])  # a model trained with --no-export fails here, before the query's graph
-    # X is read in blocks of cells and the output is a copy of the input plus the new elements (data.py).
-    query = data.ChunkedH5ad(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
+    _guard(ctx, [(output, "-o/--output", "file"), (csv_path, "--csv", "file")], (input_h5ad, model_dir), overwrite=overwrite)
+    bundle = read_bundle(model_dir)
+    check_mode(bundle, spatial=spatial)
+    bundle.require(ONNX_FILES[view])  # a model trained with --no-export fails here, before the query's graph
+    # X is read in blocks of cells and the output is a copy of the input plus the new elements (io/h5ad.py).
+    query = ChunkedH5ad(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
     with _progress(not ctx.obj["quiet"]) as make:
         rep = inference.embed_file(query, bundle, view=view, device=device, threads=threads, batch_size=batch_size,  # type: ignore[arg-type]
                                    min_gene_overlap=min_gene_overlap, key_added=key_added,
                                    progress=make("embedding", query.n_obs))
-    data.write_h5ad_patched(input_h5ad, output, rep.annotations, overwrite=overwrite)
+    write_h5ad_patched(input_h5ad, output, rep.annotations, overwrite=overwrite)
     if csv_path is not None:
         emb = rep.annotations.obsm[key_added]
         _write_csv(csv_path, ["cell"] + [f"{key_added}_{i}" for i in range(emb.shape[1])],
@@ -415,9 +600,10 @@ def embed(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, v
 @_opt("--markers", type=click.Path(dir_okay=False, path_type=Path), default=None,
       help="Marker-gene table (CSV). Default: <output stem>_markers.csv.")
 @_opt("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
-      help="With --spatial: write a PNG domain map (needs matplotlib, the 'plot' extra).")
+      help="Write a PNG: the spatial domain map with --spatial, else a 2-D layout of the embedding coloured by cluster "
+      "(needs matplotlib, the 'plot' extra).")
 @_opt("--denovo", is_flag=True, help="Cluster the query itself (k-means, the model's metric) instead of using training centroids.")
-@_opt("--n-clusters", type=click.IntRange(min=1), default=None, help="With --denovo: number of clusters (default: chosen without labels).")
+@_opt("--n-clusters", type=click.IntRange(1, 100_000), default=None, help="With --denovo: number of clusters (default: chosen without labels).")
 @view_option
 @key_option
 @_opt("--spatial", is_flag=True, help="Spatial model: use the query's obsm['spatial'] graph (must match how the model was trained).")
@@ -435,30 +621,44 @@ def cluster(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path,
     """Embed INPUT_H5AD and assign every cell to a cluster (ONNX Runtime, no torch)."""
     import numpy as np
 
-    from . import data, inference
+    from . import inference
+    from .bundle import ONNX_FILES, check_mode, read_bundle
+    from .io.h5ad import ChunkedH5ad, write_h5ad_patched
 
     t = time.perf_counter()
+    if n_clusters is not None and not denovo:
+        raise ScrclError("--n-clusters applies only with --denovo (the default labels cells by the training centroids)",
+                         "Add --denovo to cluster the query itself into that many clusters, or drop --n-clusters")
+    if output.name in ("", ".", ".."):
+        raise ScrclError(f"-o/--output {str(output)!r} is not a file path", "Pass the path of the output .h5ad")
     markers = markers or output.with_name(output.stem + "_markers.csv")
-    for p in filter(None, (output, markers, plot)):
-        data.check_output(p, overwrite=overwrite, inputs=(input_h5ad, model_dir))
-    bundle = data.read_bundle(model_dir)
-    data.check_mode(bundle, spatial=spatial)
-    bundle.file(inference.ONNX_FILES[view])  # a model trained with --no-export fails here, before the query's graph
-    query = data.ChunkedH5ad(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
-    if plot is not None and query.spatial is None:  # checked before any work or output
+    _guard(ctx, [(output, "-o/--output", "file"), (markers, "--markers", "file"), (plot, "--plot", "file")],
+           (input_h5ad, model_dir), overwrite=overwrite)
+    bundle = read_bundle(model_dir)
+    check_mode(bundle, spatial=spatial)
+    bundle.require(ONNX_FILES[view])  # a model trained with --no-export fails here, before the query's graph
+    query = ChunkedH5ad(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
+    if plot is not None and spatial and query.spatial is None:  # checked before any work or output
         raise ScrclError(f"--plot needs obsm['spatial'] and {input_h5ad.name} has none", "Drop --plot or pass a section with coordinates")
+    if plot is not None:
+        _require_matplotlib()
     with _progress(not ctx.obj["quiet"]) as make:
         rep = inference.cluster_file(query, bundle, denovo=denovo, n_clusters=n_clusters, seed=seed, view=view, device=device,
                                      threads=threads, batch_size=batch_size, min_gene_overlap=min_gene_overlap,
                                      key_added=key_added, progress=make("embedding", query.n_obs))
     new = rep.embed.annotations
-    data.write_h5ad_patched(input_h5ad, output, new, overwrite=overwrite)
+    write_h5ad_patched(input_h5ad, output, new, overwrite=overwrite)
     if plot is not None:
-        from .spatial import plot_domains
-
         key = "scrcl_cluster_refined" if "scrcl_cluster_refined" in new.obs else "scrcl_cluster"
-        assert query.spatial is not None
-        plot_domains(query.spatial, np.asarray(new.obs[key]), plot, title=f"{input_h5ad.name}: {key}", overwrite=overwrite)
+        if query.spatial is not None and bundle.is_spatial:
+            from .spatial import plot_domains
+
+            plot_domains(query.spatial, np.asarray(new.obs[key]), plot, title=f"{input_h5ad.name}: {key}", overwrite=overwrite)
+        else:
+            from .plotting import plot_embedding
+
+            plot_embedding(new.obsm[key_added], np.asarray(new.obs[key]), plot, seed=seed,
+                           title=f"{input_h5ad.name}: {key}", overwrite=overwrite)
     _write_csv(markers, ["cluster", "rank", "gene", "log2_fold_change", "mean_lognorm_in_cluster", "fraction_expressing"],
                ([c, r, g, f"{a:.4f}", f"{b:.4f}", f"{f:.4f}"] for c, r, g, a, b, f in rep.markers), overwrite=overwrite)
     _summary("scrcl-cli cluster", [
@@ -475,28 +675,15 @@ def cluster(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path,
 
 @cli.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
-def export(model_dir: Path) -> None:
-    """Re-export the ONNX encoders of MODEL_DIR from its torch weights."""
-    import io
-    import pickle
+@quiet_option
+@click.pass_context
+def export(ctx: click.Context, model_dir: Path) -> None:
+    """Re-export the ONNX encoders of MODEL_DIR from its torch weights (the folder is rewritten atomically)."""
+    from .bundle import re_export
 
-    import torch
-
-    from . import data
-    from .workflow import export_files
-
-    bundle = data.read_bundle(model_dir)
-    try:
-        state = torch.load(io.BytesIO(bundle.read_bytes("weights.pt")), weights_only=True)
-    except pickle.UnpicklingError as exc:  # weights_only refuses anything but tensors: never unpickle code
-        raise ScrclError(f"weights.pt in {model_dir} holds objects other than tensors, which are never unpickled",
-                         "Use a model directory written by scrcl-cli train, from a trusted source") from exc
-    gene_emb = state.pop("gene_emb").numpy()
-    files = {name: bundle.read_bytes(name) for name in bundle.manifest["files"]}
-    files.update(export_files(state, gene_emb, bundle.manifest))
-    manifest = {k: v for k, v in bundle.manifest.items() if k not in ("files", "format_version", "scrcl_version")}
-    data.write_model_dir(model_dir, files, manifest, overwrite=True)
-    log.info("re-exported %s", ", ".join(sorted(n for n in files if n.endswith(".onnx"))))
+    _guard(ctx, [], (model_dir,), overwrite=False)
+    written = re_export(model_dir)
+    log.info("re-exported %s", ", ".join(written))
 
 
 @cli.command()
@@ -526,8 +713,8 @@ def info() -> None:
 @cli.command()
 @_opt("-o", "--output", "outdir", type=click.Path(file_okay=False, path_type=Path), default=Path("scrcl_demo"),
       help="Folder for the model and the clustered copy.")
-@_opt("--epochs", type=click.IntRange(min=1), default=100)
-@_opt("--hidden-dim", type=click.IntRange(min=1), default=256)
+@_opt("--epochs", type=click.IntRange(1, 100_000), default=100)
+@_opt("--hidden-dim", type=click.IntRange(1, 16_384), default=256)
 @seed_option
 @device_option
 @overwrite_option
@@ -543,7 +730,6 @@ def demo(ctx: click.Context, outdir: Path, epochs: int, hidden_dim: int, seed: i
     from .metrics import ari_against_annotation
 
     example = Path(str(resources.files("scrcl_cli") / "data" / "pbmc68k_reduced_700.h5ad"))
-    outdir.mkdir(parents=True, exist_ok=True)
     model, clustered = outdir / "model", outdir / "pbmc68k_clustered.h5ad"
     ctx.invoke(train, input_h5ad=example, output=model, out_h5ad=None, n_clusters=None, spatial=False, refine_neighbours=50, batch_size=None, no_export=False, seed=seed,
                device=device, threads=0, overwrite=overwrite, epochs=epochs, hidden_dim=hidden_dim, out_dim=16,
@@ -558,8 +744,16 @@ def demo(ctx: click.Context, outdir: Path, epochs: int, hidden_dim: int, seed: i
                f"({len(set(pred))} clusters, 10 annotated types); outputs in {outdir}")
 
 
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ScrclError("--plot needs matplotlib, which is not installed", "pip install 'scrcl-cli[plot]' or drop --plot") from None
+
+
 def main() -> None:
     """Console entry point."""
+    _install_signal_handlers()  # before parsing, so that an early SIGTERM still removes temporaries
     try:
         cli(prog_name="scrcl-cli")
     except KeyboardInterrupt:

@@ -8,7 +8,7 @@ batching changes nothing in the result while the encoder's memory stays bounded 
 
 `embed`/`cluster` take an AnnData in memory and annotate it; `embed_file`/`cluster_file` (the
 CLI's path) read the query in blocks of cells with `data.ChunkedH5ad`, keep only the
-model-gene matrices (N, G), and return the new elements for `data.write_h5ad_patched`.
+model-gene matrices (N, G), and return the new elements for `io.h5ad.write_h5ad_patched`.
 """
 
 from __future__ import annotations
@@ -26,14 +26,9 @@ import scipy.sparse as sp
 from . import clustering, graphs
 from ._device import Device, check_session_provider, ort_providers
 from ._version import __version__
-from .data import (
-    MIN_ENCODER_FORMAT,
-    Annotations,
-    ChunkedH5ad,
-    ModelBundle,
-    gene_selection,
-)
+from .bundle import ONNX_FILES, ModelBundle
 from .errors import ScrclError
+from .io.h5ad import Annotations, ChunkedH5ad, check_coords, gene_selection
 from .preprocessing import lognormalize, transform_query
 
 if TYPE_CHECKING:
@@ -42,7 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
-ONNX_FILES = {"fused": "encoder_fused.onnx", "cell": "encoder_cell.onnx"}
 
 
 def open_session(bundle: ModelBundle, view: str, *, device: Device = "auto", threads: int = 0) -> tuple[Any, str]:
@@ -62,17 +56,43 @@ def open_session(bundle: ModelBundle, view: str, *, device: Device = "auto", thr
         opts.inter_op_num_threads = 1
     if device != "cuda":
         opts.log_severity_level = 3  # keep ORT's CUDA fallback chatter off the user's screen in auto mode
-    version = int(bundle.manifest["format_version"])
-    if version < MIN_ENCODER_FORMAT:
-        raise ScrclError(f"{bundle.path} holds encoders of model format {version}, which this scrcl-cli no longer runs",
-                         f"Re-export them with: scrcl-cli export {bundle.path}")
-    blob = bundle.read_bytes(ONNX_FILES[view])  # hash-checked again right before loading
+    blob = bundle.encoder(view)  # hash-checked and validated right before loading
     try:
         session = ort.InferenceSession(blob, sess_options=opts, providers=providers)
     except Exception as exc:
-        raise ScrclError(f"ONNX Runtime could not load {ONNX_FILES[view]} ({str(exc).splitlines()[0][:120]})",
+        raise ScrclError(f"ONNX Runtime could not load {ONNX_FILES[view]} ({_first_line(exc)})",
                          "Re-export the model with scrcl-cli export, or upgrade onnxruntime") from exc
     return session, check_session_provider(session.get_providers(), device)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
+
+
+def run_session(session: Any, feeds: dict[str, np.ndarray], rows: int, width: int) -> np.ndarray:
+    """One encoder call, checked: float32 (rows, width), every value finite; a one-line error otherwise.
+
+    The encoder comes from a model folder, which is untrusted: its runtime failures and wrong or
+    non-finite outputs are reported, never passed on.
+    """
+    try:
+        z = session.run(None, feeds)[0]
+    except MemoryError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
+        if "alloc" in str(exc).lower() or "memory" in str(exc).lower():
+            raise MemoryError(_first_line(exc)) from None
+        raise ScrclError(f"the model's encoder failed in ONNX Runtime ({_first_line(exc)})",
+                         "Re-export the model with scrcl-cli export, or retrain") from None
+    z = np.asarray(z)
+    if z.shape != (rows, width):
+        raise ScrclError(f"the model's encoder returned shape {z.shape} where ({rows}, {width}) was expected",
+                         "The model folder is damaged: re-export it with scrcl-cli export, or retrain")
+    if not np.isfinite(z).all():
+        raise ScrclError("the model's encoder returned NaN or infinite values",
+                         "The model folder is damaged or the training diverged: retrain (e.g. with a lower --lr)")
+    return z.astype(np.float32, copy=False)
 
 
 @dataclass
@@ -87,7 +107,7 @@ class QueryData:
 def _prepare_rows(x: sp.csr_matrix, sel: sp.csr_matrix, pre: dict[str, Any]) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     """(lognorm, model_input) of a block of cells, both CSR (B, G).
 
-    x: float32 CSR (B, n_vars), all query genes; sel: `data.gene_selection`, (n_vars, G).
+    x: float32 CSR (B, n_vars), all query genes; sel: `io.h5ad.gene_selection`, (n_vars, G).
     Every step is row-wise (each cell is normalised by its own total over all its genes), so
     blocks of rows give exactly the rows of the whole matrix.
     """
@@ -166,7 +186,9 @@ def query_graph(
     n = lognorm.shape[0]
     k = int(graph_params["n_neighbors"])
     if n < 2:
-        raise ScrclError(f"the query has {n} cell; the fused view needs at least 2", "Use --view cell for single cells")
+        fix = ("Use --view cell for single cells" if int(graph_params["t0"]) == 0 and graph_params.get("kind") != "spatial"
+               else "Embed at least 2 cells together: this model smooths each cell over its neighbours in the query")
+        raise ScrclError(f"the query has {n} cell, and this model needs the query's own kNN graph", fix)
     if graph_params.get("kind") == "spatial":
         from .spatial import spatial_graph
 
@@ -211,10 +233,17 @@ def _one_hop_batches(
         start += targets.size
 
 
+def _output_width(session: Any) -> int:
+    dim = session.get_outputs()[0].shape[-1]
+    if not isinstance(dim, int):
+        raise ScrclError("the model's encoder has no fixed output width", "Re-export the model with scrcl-cli export")
+    return dim
+
+
 def run_encoder(
     session: Any, view: str, model_input: sp.csr_matrix, a_hat: sp.csr_matrix | None, graph_params: dict[str, Any],
     *, batch_size: int = 4096, progress: Progress | None = None, hidden_dim: int = 1500,
-    gather_bytes: int = 256 << 20,
+    gather_bytes: int = 256 << 20, width: int | None = None,
 ) -> np.ndarray:
     """Run the ONNX encoder over all cells; returns float32 (N, D): the view's embedding (model-format.md).
 
@@ -232,7 +261,8 @@ def run_encoder(
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             rows = x0[start:stop]
-            z = session.run(None, {"x0": rows.toarray() if sp.issparse(rows) else rows})[0]
+            z = run_session(session, {"x0": rows.toarray() if sp.issparse(rows) else rows}, stop - start,
+                            width if width is not None else _output_width(session))
             out = np.empty((n, z.shape[1]), dtype=np.float32) if out is None else out
             out[start:stop] = z
             if progress:
@@ -253,7 +283,8 @@ def run_encoder(
             x0 = np.asarray(a_hat[targets] @ xs, dtype=np.float32)
         else:
             x0 = smoothed[t0][targets]
-        z = session.run(None, {"x0": x0, "xs": xs[nodes], "nbr": nbr, "w": w})[0]
+        z = run_session(session, {"x0": x0, "xs": xs[nodes], "nbr": nbr, "w": w}, targets.size,
+                        width if width is not None else _output_width(session))
         out = np.empty((n, z.shape[1]), dtype=np.float32) if out is None else out
         out[targets] = z
         done += targets.size
@@ -269,7 +300,7 @@ class EmbedReport:
 
     annotations: the elements computed for the query (obsm[key_added], uns['scrcl'], and for
     `cluster` the obs columns); `embed`/`cluster` set them on the AnnData, `embed_file`/
-    `cluster_file` leave them for `data.write_h5ad_patched`.
+    `cluster_file` leave them for `io.h5ad.write_h5ad_patched`.
     """
 
     provider: str
@@ -294,17 +325,34 @@ def _embed_query(
     batch_size: int = 4096,
     key_added: str = "X_scrcl",
     progress: Progress | None = None,
+    session: tuple[Any, str] | None = None,
+    name: str = "the query",
 ) -> EmbedReport:
-    """Graph, session and encoder for prepared query cells; coords: obsm['spatial'] (N, 2) or None."""
+    """Graph, session and encoder for prepared query cells; coords: obsm['spatial'] (N, 2) or None.
+
+    `session`: (ONNX Runtime session, provider) from `open_session`, opened by the caller before
+    the query was read so that a bad device or encoder fails first; opened here when None.
+    """
     t = time.perf_counter()
     params = bundle.manifest["graph"]
+    n = query.model_input.shape[0]
+    n_empty = int(np.count_nonzero(np.diff(query.model_input.indptr) == 0))
+    if n_empty == n:
+        raise ScrclError(f"all {n} cells of {name} have zero counts in the model's genes",
+                         "Check that the query holds expression values and the same gene identifiers as the training data")
+    if n_empty:
+        log.warning("%d of %d cells of %s have zero counts in the model's genes: they are embedded, but their "
+                    "embedding and cluster carry no information (uns['scrcl']['n_cells_empty'])", n_empty, n, name)
     need_graph = view == "fused" or int(params["t0"]) > 0
+    if params.get("kind") == "spatial" and coords is not None:
+        coords = check_coords(coords, n, name)
     if params.get("kind") != "spatial" and coords is not None:
         log.info("this file has obsm['spatial']; models trained with --spatial use it")
+    session, provider = session if session is not None else open_session(bundle, view, device=device, threads=threads)
     a_hat = query_graph(query.lognorm, params, coords=coords) if need_graph else None
-    session, provider = open_session(bundle, view, device=device, threads=threads)
     emb = run_encoder(session, view, query.model_input, a_hat, params, batch_size=batch_size, progress=progress,
-                      hidden_dim=int(bundle.manifest["model"]["hidden_dim"]))
+                      hidden_dim=int(bundle.manifest["model"]["hidden_dim"]),
+                      width=int(bundle.manifest["model"][f"{view}_dim"]))
     uns = {
         "scrcl_version": __version__,
         "model_sha256": bundle.manifest["files"][ONNX_FILES[view]],
@@ -314,6 +362,7 @@ def _embed_query(
         "key_added": key_added,
         "n_genes_found": query.n_genes_found,
         "n_genes_model": len(bundle.genes),
+        "n_cells_empty": n_empty,
         "graph": {k: params[k] for k in ("n_neighbors", "t0", "t1")},
     }
     return EmbedReport(provider=provider, view=view, n_cells=emb.shape[0], n_genes_found=query.n_genes_found,
@@ -344,9 +393,10 @@ def embed(
     ``adata.uns['scrcl']`` (versions, model hash, provider, parameters).
     """
     t = time.perf_counter()
+    session = open_session(bundle, view, device=device, threads=threads)
     query = prepare_query(adata, bundle, min_gene_overlap=min_gene_overlap, name=name)
-    rep = _embed_query(query, _coords(adata.obsm), bundle, view=view, device=device, threads=threads,
-                       batch_size=batch_size, key_added=key_added, progress=progress)
+    rep = _embed_query(query, _coords(adata.obsm), bundle, view=view, session=session,
+                       batch_size=batch_size, key_added=key_added, progress=progress, name=name)
     rep.annotations.apply(adata)
     rep.seconds = time.perf_counter() - t
     return rep
@@ -364,17 +414,18 @@ def embed_file(
     key_added: str = "X_scrcl",
     progress: Progress | None = None,
 ) -> EmbedReport:
-    """`embed` for an `.h5ad` file read in row blocks (`data.ChunkedH5ad`); nothing is written.
+    """`embed` for an `.h5ad` file read in row blocks (`io.h5ad.ChunkedH5ad`); nothing is written.
 
     A path is opened with the model's expression. The embedding and uns['scrcl'] are in
     ``report.annotations``, equal to what `embed` sets; write them with
-    ``data.write_h5ad_patched``.
+    ``io.h5ad.write_h5ad_patched``.
     """
     t = time.perf_counter()
+    session = open_session(bundle, view, device=device, threads=threads)
     source = _open(source, bundle)
     query = prepare_query_file(source, bundle, min_gene_overlap=min_gene_overlap)
-    rep = _embed_query(query, source.spatial, bundle, view=view, device=device, threads=threads,
-                       batch_size=batch_size, key_added=key_added, progress=progress)
+    rep = _embed_query(query, source.spatial, bundle, view=view, session=session,
+                       batch_size=batch_size, key_added=key_added, progress=progress, name=source.name)
     rep.seconds = time.perf_counter() - t
     return rep
 
@@ -406,7 +457,7 @@ def _cluster_query(
     ann = rep.annotations
     emb = ann.obsm[key_added]
     # Models written before the gcn-pca embedding have no metric recorded: they cluster by cosine.
-    metric = str(bundle.manifest["clusters"].get("metric", "cosine"))
+    metric = str(bundle.manifest["clusters"]["metric"])
     if denovo:
         k = n_clusters
         method = "given"
@@ -458,13 +509,20 @@ def cluster(
     metric on the query embedding with `n_clusters` or the label-free count. Sets ``obs[cluster_key]`` (categorical),
     for spatial models ``obs[cluster_key + '_refined']``, and everything `embed` sets.
     """
+    if n_clusters is not None and not denovo:
+        raise ScrclError("--n-clusters applies only with --denovo (the default labels cells by the training centroids)",
+                         "Add --denovo to cluster the query itself into that many clusters, or drop --n-clusters")
     if denovo:
         clustering.check_n_clusters(n_clusters, adata.n_obs)
     t = time.perf_counter()
-    query = prepare_query(adata, bundle, min_gene_overlap=embed_kwargs.pop("min_gene_overlap", 0.5),
-                          name=embed_kwargs.pop("name", "the query"))
+    embed_kwargs["session"] = open_session(bundle, embed_kwargs.get("view", "fused"), device=embed_kwargs.pop("device", "auto"),
+                                           threads=embed_kwargs.pop("threads", 0))
+    name = embed_kwargs.pop("name", "the query")
+    query = prepare_query(adata, bundle, min_gene_overlap=embed_kwargs.pop("min_gene_overlap", 0.5), name=name)
     coords = _coords(adata.obsm)
-    rep = _embed_query(query, coords, bundle, **embed_kwargs)
+    if coords is not None and bundle.manifest["graph"].get("kind") == "spatial":
+        coords = check_coords(coords, adata.n_obs, name)
+    rep = _embed_query(query, coords, bundle, name=name, **embed_kwargs)
     out = _cluster_query(rep, coords, bundle, denovo=denovo, n_clusters=n_clusters, seed=seed, cluster_key=cluster_key,
                          key_added=embed_kwargs.get("key_added", "X_scrcl"))
     rep.annotations.apply(adata)
@@ -486,15 +544,23 @@ def cluster_file(
     """`cluster` for an `.h5ad` file read in row blocks; nothing is written.
 
     The embedding, the obs columns and uns['scrcl'] are in ``report.embed.annotations``, equal
-    to what `cluster` sets; write them with ``data.write_h5ad_patched``.
+    to what `cluster` sets; write them with ``io.h5ad.write_h5ad_patched``.
     """
+    if n_clusters is not None and not denovo:
+        raise ScrclError("--n-clusters applies only with --denovo (the default labels cells by the training centroids)",
+                         "Add --denovo to cluster the query itself into that many clusters, or drop --n-clusters")
+    embed_kwargs["session"] = open_session(bundle, embed_kwargs.get("view", "fused"), device=embed_kwargs.pop("device", "auto"),
+                                           threads=embed_kwargs.pop("threads", 0))
     source = _open(source, bundle)
     if denovo:
         clustering.check_n_clusters(n_clusters, source.n_obs)
     t = time.perf_counter()
     query = prepare_query_file(source, bundle, min_gene_overlap=min_gene_overlap)
-    rep = _embed_query(query, source.spatial, bundle, **embed_kwargs)
-    out = _cluster_query(rep, source.spatial, bundle, denovo=denovo, n_clusters=n_clusters, seed=seed,
+    coords = source.spatial
+    if coords is not None and bundle.manifest["graph"].get("kind") == "spatial":
+        coords = check_coords(coords, source.n_obs, source.name)
+    rep = _embed_query(query, coords, bundle, name=source.name, **embed_kwargs)
+    out = _cluster_query(rep, coords, bundle, denovo=denovo, n_clusters=n_clusters, seed=seed,
                          cluster_key=cluster_key, key_added=embed_kwargs.get("key_added", "X_scrcl"))
     rep.seconds = time.perf_counter() - t
     return out

@@ -414,7 +414,7 @@ def plot_domains(
               frameon=False)
     fig.tight_layout()
     path = Path(path)
-    from .data import atomic_path  # the package's one atomic-write path (permissions, signals, clean-up)
+    from .io.output import atomic_path  # the package's one atomic-write path (permissions, signals, clean-up)
 
     try:
         with atomic_path(path, overwrite=overwrite) as tmp:

@@ -162,6 +162,28 @@ def free_memory_bytes(device: torch.device) -> int:
         return 1 << 62
 
 
+def check_fits(config: TrainConfig, n_cells: int, n_genes: int, *, batch_size: int | None = None) -> None:
+    """Refuse, before any work, a run whose host memory need exceeds what is available.
+
+    Counted: what mini-batches cannot shrink (parameters of both views with their gradients and
+    Adam state, 8 x (G, H) float32 each, and the two dense smoothed inputs, 2 x (N, G)), plus
+    one step on the smallest batch the run could use. The message states the estimate.
+    """
+    from .errors import ScrclError
+
+    g = max(1, min(int(config.n_top_genes), n_genes))
+    h = int(config.hidden_dim)
+    fixed = 4 * (2 * 4 * g * h) + 4 * 2 * n_cells * g
+    step = estimate_full_batch_bytes(min(n_cells, batch_size or 1024), g, h)
+    need = fixed + step
+    free = free_memory_bytes(torch.device("cpu"))
+    if need > free:
+        raise ScrclError(
+            f"training {n_cells} cells x {g} genes with --hidden-dim {h} needs about {need / 2**30:.1f} GiB of memory "
+            f"and {free / 2**30:.1f} GiB are available",
+            "Lower --hidden-dim or --n-top-genes, or use a machine with more memory")
+
+
 def choose_batch_size(n: int, g: int, h: int, device: torch.device, requested: int | None) -> int | None:
     """Mini-batch size to use: `requested`, or one that fits when full batch would not (None = full batch)."""
     if requested is not None:

@@ -1,11 +1,12 @@
 """`scrcl-cli train` end to end: AnnData in, model files and per-cell results out.
 
 Reads arrays from the AnnData once at the top, calls preprocessing, graphs, training,
-clustering and export, and returns everything `data.write_model_dir` needs. Writes nothing.
+clustering and export, and returns everything `bundle.write_model_dir` needs. Writes nothing.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import logging
@@ -18,8 +19,7 @@ import scipy.sparse as sp
 
 from . import clustering, graphs
 from ._device import Device, describe_torch_device, resolve_torch_device
-from .data import genes_hash
-from .inference import ONNX_FILES
+from .bundle import ONNX_FILES, genes_hash, onnx_metadata
 from .preprocessing import prepare
 
 if TYPE_CHECKING:
@@ -168,25 +168,12 @@ def train_model(
 def spatial_coords(adata: AnnData) -> np.ndarray:
     """obsm['spatial'] as float64 (n_obs, 2); a one-line error when it is missing."""
     from .errors import ScrclError
+    from .io.h5ad import check_coords
 
     if "spatial" not in adata.obsm:
         raise ScrclError("--spatial needs spot coordinates in obsm['spatial'], which this file lacks",
                          "Add them (e.g. from the Visium tissue_positions file) or drop --spatial")
-    return np.asarray(adata.obsm["spatial"], dtype=np.float64)
-
-
-def onnx_metadata(manifest: dict[str, Any]) -> dict[str, str]:
-    """Key manifest fields repeated in each ONNX file's metadata_props."""
-    from ._version import __version__
-
-    return {
-        "scrcl_version": __version__,
-        "genes_sha256": manifest["genes_sha256"],
-        "n_genes": str(len(manifest["genes"])),
-        "preprocessing": json.dumps(manifest["preprocessing"]),
-        "graph": json.dumps(manifest["graph"]),
-        "out_dim": str(manifest["model"]["out_dim"]),
-    }
+    return check_coords(adata.obsm["spatial"], adata.n_obs, "the input")
 
 
 def export_files(state: dict[str, Any], gene_emb: np.ndarray, manifest: dict[str, Any]) -> dict[str, bytes]:
@@ -214,8 +201,11 @@ def model_files(
     emb = io.BytesIO()
     np.save(emb, result.embedding.astype(np.float32))
     files["train_embedding.npy"] = emb.getvalue()
-    files["train_clusters.csv"] = ("cell,cluster\n" + "".join(
-        f"{c},{l}\n" for c, l in zip(obs_names, labels_kept))).encode()
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")  # cell names may hold commas or quotes
+    writer.writerow(["cell", "cluster"])
+    writer.writerows(zip(obs_names, (int(v) for v in labels_kept)))
+    files["train_clusters.csv"] = table.getvalue().encode()
     if export:
         files.update(export_files(result.state, result.gene_emb, manifest))
     return files

@@ -80,3 +80,17 @@ def poisson_counts(n_cells: int, n_genes: int, seed: int = 0, lam: float = 1.0) 
     rates = np.full((n_cells, n_genes), lam)
     rates[: n_cells // 2, : n_genes // 2] *= 4
     return rng.poisson(rates).astype(np.float32)
+
+
+def minimal_manifest(genes: list[str], **extra: object) -> dict:
+    """The smallest manifest `bundle.validate_manifest` accepts (1 cluster, widths 2), for format tests."""
+    from scrcl_cli import bundle
+
+    return {
+        "genes": genes, "genes_sha256": bundle.genes_hash(genes),
+        "preprocessing": {"mode": "sc", "input_mode": "lognorm", "expression": "counts", "target_sum": 1e4},
+        "graph": {"kind": "expression", "n_neighbors": 15, "t0": 4, "t1": 2, "pca_threshold": 0},
+        "model": {"hidden_dim": 4, "out_dim": 2, "embedding": "gcn-pca", "fused_dim": 2, "cell_dim": 2},
+        "clusters": {"n_clusters": 1, "metric": "euclidean", "centroids_fused": [[0.0, 0.0]], "centroids_cell": [[0.0, 0.0]]},
+        "config": {}, "training": {}, **extra,
+    }

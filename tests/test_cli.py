@@ -8,7 +8,8 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from scrcl_cli import __version__, data
+from scrcl_cli import __version__
+from scrcl_cli import bundle
 from scrcl_cli.metrics import ari
 from scrcl_cli.cli import cli
 
@@ -39,11 +40,11 @@ def test_train_on_pbmc4k_writes_complete_model_directory(tmp_path):
     out = tmp_path / "model"
     res = CliRunner().invoke(cli, ["-q", "train", str(src), "-o", str(out), *FAST, "--seed", "1"])
     assert res.exit_code == 0, res.output
-    bundle = data.read_bundle(out)  # checks every hash
-    names = set(bundle.manifest["files"])
+    model = bundle.read_bundle(out)  # checks every hash
+    names = set(model.manifest["files"])
     assert {"weights.pt", "encoder_fused.onnx", "encoder_cell.onnx", "genes.txt", "loss_log.csv",
             "train_embedding.npy", "train_clusters.csv"} <= names
-    m = bundle.manifest
+    m = model.manifest
     assert len(m["genes"]) == 2000 and m["seed"] == 1 and m["training"]["device"] == "cpu"
     assert len(m["clusters"]["centroids_fused"]) == m["clusters"]["n_clusters"]
     assert (out / "loss_log.csv").read_text().count("\n") == 3 + 1
@@ -51,7 +52,7 @@ def test_train_on_pbmc4k_writes_complete_model_directory(tmp_path):
 
     state = torch.load(out / "weights.pt", weights_only=True)
     assert state["mlp_w"].shape == (32, 2000)
-    assert json.loads((out / data.MANIFEST_NAME).read_text())["format_version"] == data.FORMAT_VERSION
+    assert json.loads((out / bundle.MANIFEST_NAME).read_text())["format_version"] == bundle.FORMAT_VERSION
 
 
 def test_export_rewrites_onnx_with_new_hashes(trained_model, tmp_path):
@@ -61,7 +62,7 @@ def test_export_rewrites_onnx_with_new_hashes(trained_model, tmp_path):
     shutil.copytree(trained_model, copy)
     res = CliRunner().invoke(cli, ["-q", "export", str(copy)])
     assert res.exit_code == 0, res.output
-    assert data.read_bundle(copy).manifest["genes"] == data.read_bundle(trained_model).manifest["genes"]
+    assert bundle.read_bundle(copy).manifest["genes"] == bundle.read_bundle(trained_model).manifest["genes"]
 
 
 def test_info_reports_torch_and_onnxruntime():
@@ -76,7 +77,7 @@ def test_demo_trains_clusters_and_scores_the_bundled_example(tmp_path):
     assert res.exit_code == 0, res.output
     assert re.search(r"demo: ARI against the published PBMC annotation = -?\d\.\d{3}", res.output)
     assert (tmp_path / "d" / "pbmc68k_clustered.h5ad").exists()
-    assert data.read_bundle(tmp_path / "d" / "model").manifest["training"]["n_cells"] == 700
+    assert bundle.read_bundle(tmp_path / "d" / "model").manifest["training"]["n_cells"] == 700
 
 
 def test_train_option_defaults_are_the_training_defaults():
@@ -140,7 +141,7 @@ def test_cluster_reproduces_training_clusters_for_both_embeddings(tmp_path, embe
     res = CliRunner().invoke(cli, ["-q", "train", str(EXAMPLE), "-o", str(model), *FAST, "--n-clusters", "5",
                                    "--embedding", embedding, "--out-h5ad", str(train_out)])
     assert res.exit_code == 0, res.output
-    m = data.read_bundle(model).manifest
+    m = bundle.read_bundle(model).manifest
     # gcn-pca: min(50 components, hidden width 32); fused: 2 * out_dim 8
     width, metric = (32, "euclidean") if embedding == "gcn-pca" else (16, "cosine")
     assert m["model"]["embedding"] == embedding and m["clusters"]["metric"] == metric
@@ -148,12 +149,6 @@ def test_cluster_reproduces_training_clusters_for_both_embeddings(tmp_path, embe
     assert m["model"]["fused_dim"] == width and np.asarray(m["clusters"]["centroids_fused"]).shape == (5, width)
     trained = ad.read_h5ad(train_out)
     assert trained.obsm["X_scrcl"].shape[1] == width
-    if embedding == "fused":  # what a format-2 directory holds
-        path = model / data.MANIFEST_NAME
-        old = json.loads(path.read_text())
-        del old["clusters"]["metric"], old["model"]["embedding"]
-        old["format_version"] = 2
-        path.write_text(json.dumps(old))
     res = CliRunner().invoke(cli, ["-q", "cluster", str(EXAMPLE), "-m", str(model), "-o", str(tmp_path / "c.h5ad")])
     assert res.exit_code == 0, res.output
     got = ad.read_h5ad(tmp_path / "c.h5ad")

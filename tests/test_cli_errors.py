@@ -27,7 +27,7 @@ from robustness_helpers import (
     write_adata,
 )
 
-from scrcl_cli import data
+from scrcl_cli import bundle
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ INPUT_CASES = [
     Case("duplicate_genes", _train("duplicate_genes.h5ad"), ("duplicate gene names", "var_names_make_unique")),
     Case("all_zero", _train("all_zero.h5ad"), ("zero counts", "expression values")),
     Case("fewer_cells_than_k_plus_1", _train("few_cells.h5ad", "--no-export"), ("fewer than --n-neighbors + 1", "smaller --n-neighbors")),
-    Case("gene_overlap_too_low", _embed("good.h5ad"), ("model genes were found", "--min-gene-overlap", "or retrain")),
+    Case("gene_overlap_too_low", _embed("good.h5ad"), ("none of the", "model genes were found", "gene identifiers")),
     Case("missing_file_embed", _embed("nope.h5ad"), ("does not exist", "check the path")),
 ]
 
@@ -120,7 +120,7 @@ def test_cluster_single_cell_fused_view_exits_1_with_one_line_error(tmp_path: Pa
 
     ad.read_h5ad(EXAMPLE)[:1].copy().write_h5ad(tmp_path / "one.h5ad")
     res = run_cli("-q", "cluster", tmp_path / "one.h5ad", "-m", trained_model, "-o", tmp_path / "out.h5ad")
-    assert_one_line_error(res.stderr, res.returncode, "1 cell", "--view cell")
+    assert_one_line_error(res.stderr, res.returncode, "1 cell", "at least 2 cells")
 
 
 @pytest.mark.parametrize("command", ["train", "cluster"])
@@ -145,7 +145,7 @@ def test_train_drops_all_zero_cells_and_genes_with_a_count_in_the_log(bad: Path,
                                    "--n-neighbors", "5", "--no-export"])
     assert res.exit_code == 0, res.output
     assert "dropped 5 all-zero cells and 3 all-zero genes" in " ".join(res.stderr.split())
-    assert data.read_bundle(tmp_path / "model").manifest["training"]["n_cells_dropped"] == 5
+    assert bundle.read_bundle(tmp_path / "model").manifest["training"]["n_cells_dropped"] == 5
 
 
 # ----------------------------------------------------------------------------- model directories
@@ -158,14 +158,14 @@ def _copy_model(model: Path, tmp: Path) -> Path:
 
 
 def _edit_manifest(model: Path, edit: Callable[[dict], None]) -> None:
-    path = model / data.MANIFEST_NAME
+    path = model / bundle.MANIFEST_NAME
     manifest = json.loads(path.read_text())
     edit(manifest)
     path.write_text(json.dumps(manifest))
 
 
 def _corrupt_manifest(m: Path) -> None:
-    (m / data.MANIFEST_NAME).write_text('{"format_version": 1, "files": ')
+    (m / bundle.MANIFEST_NAME).write_text('{"format_version": 1, "files": ')
 
 
 def _tamper_onnx(m: Path) -> None:
@@ -178,7 +178,7 @@ def _tamper_genes(m: Path) -> None:
 
 
 def _newer_format(m: Path) -> None:
-    _edit_manifest(m, lambda d: d.update(format_version=data.FORMAT_VERSION + 1))
+    _edit_manifest(m, lambda d: d.update(format_version=bundle.FORMAT_VERSION + 1))
 
 
 def _older_format(m: Path) -> None:
@@ -187,7 +187,7 @@ def _older_format(m: Path) -> None:
 
 def _path_outside(m: Path) -> None:
     (m.parent / "outside.bin").write_bytes(b"x")
-    _edit_manifest(m, lambda d: d["files"].update({"../outside.bin": data.sha256_bytes(b"x")}))
+    _edit_manifest(m, lambda d: d["files"].update({"../outside.bin": bundle.sha256_bytes(b"x")}))
 
 
 def _missing_listed_file(m: Path) -> None:
@@ -195,7 +195,7 @@ def _missing_listed_file(m: Path) -> None:
 
 
 def _no_manifest(m: Path) -> None:
-    (m / data.MANIFEST_NAME).unlink()
+    (m / bundle.MANIFEST_NAME).unlink()
 
 
 def _no_onnx(m: Path) -> None:  # what `train --no-export` writes
@@ -205,19 +205,19 @@ def _no_onnx(m: Path) -> None:  # what `train --no-export` writes
 
 
 MODEL_CASES = [
-    ("corrupt_manifest", _corrupt_manifest, ("is corrupt", "restore the model directory")),
+    ("corrupt_manifest", _corrupt_manifest, ("manifest of", "is invalid", "not json")),
     ("tampered_onnx_hash_mismatch", _tamper_onnx, ("encoder_fused.onnx", "does not match the sha256", "restore")),
-    ("tampered_gene_list", _tamper_genes, ("gene list", "does not match its hash", "restore")),
+    ("tampered_gene_list", _tamper_genes, ("gene list does not match genes_sha256", "retrain")),
     ("newer_format", _newer_format, ("newer than this scrcl-cli supports", "upgrade scrcl-cli")),
-    ("older_format_encoders", _older_format, ("model format 1", "no longer runs", "scrcl-cli export")),
-    ("path_outside_model_dir", _path_outside, ("outside the model directory", "trusted model directory")),
+    ("older_format", _older_format, ("model format 1", "does not read", "retrain")),
+    ("path_outside_model_dir", _path_outside, ("names a file outside the model folder",)),
     ("listed_file_missing", _missing_listed_file, ("is missing encoder_cell.onnx", "restore")),
     ("no_manifest", _no_manifest, ("has no scrcl_model.json", "scrcl-cli train")),
     ("no_onnx_export", _no_onnx, ("has no encoder_fused.onnx", "scrcl-cli export")),
 ]
 
 
-# embed and cluster share data.read_bundle, so cluster is run on the hash mismatch only.
+# embed and cluster share bundle.read_bundle, so cluster is run on the hash mismatch only.
 MODEL_RUNS = [("embed", *c) for c in MODEL_CASES] + [("cluster", *c) for c in MODEL_CASES if c[1] is _tamper_onnx]
 
 
@@ -232,28 +232,17 @@ def test_bad_model_directory_exits_1_with_one_line_error(command: str, damage: C
     assert not (tmp_path / "out.h5ad").exists()
 
 
-def test_export_upgrades_an_older_format_directory(trained_model: Path, tmp_path: Path):
-    pytest.importorskip("torch")
-    model = _copy_model(trained_model, tmp_path)
-    _older_format(model)
-    res = run_cli("-q", "export", model)
-    assert res.returncode == 0, res.stderr
-    assert json.loads((model / data.MANIFEST_NAME).read_text())["format_version"] == data.FORMAT_VERSION
-    res = run_cli("-q", "embed", EXAMPLE, "-m", model, "-o", tmp_path / "out.h5ad")
-    assert res.returncode == 0, res.stderr
-
-
 def _rehash(model: Path, name: str, blob: bytes) -> None:
     """Replace a model file and update its manifest hash, as a deliberate tamperer would."""
     (model / name).write_bytes(blob)
-    _edit_manifest(model, lambda d: d["files"].update({name: data.sha256_bytes(blob)}))
+    _edit_manifest(model, lambda d: d["files"].update({name: bundle.sha256_bytes(blob)}))
 
 
 def test_rehashed_garbage_onnx_exits_1(trained_model: Path, tmp_path: Path):
     model = _copy_model(trained_model, tmp_path)
     _rehash(model, "encoder_fused.onnx", b"not an onnx model")
     res = run_cli("-q", "embed", EXAMPLE, "-m", model, "-o", tmp_path / "out.h5ad")
-    assert_one_line_error(res.stderr, res.returncode, "ONNX Runtime could not load encoder_fused.onnx", "re-export")
+    assert_one_line_error(res.stderr, res.returncode, "encoder_fused.onnx", "not a valid scrcl-cli encoder", "re-export")
 
 
 _PICKLED_CODE = """
@@ -283,7 +272,7 @@ def test_export_refuses_weights_with_pickled_code(trained_model: Path, tmp_path:
 
 @pytest.mark.parametrize(("model_arg", "needles"), [
     ("nope", ("does not exist", "scrcl-cli train")),
-    ("file", ("is not a model directory", "scrcl-cli train")),
+    ("file", ("is a file, not a model folder", "scrcl-cli train")),
 ], ids=["missing_model_dir", "model_is_a_file"])
 def test_model_path_that_is_no_model_directory_exits_1(model_arg: str, needles: tuple[str, ...], bad: Path,
                                                         tmp_path: Path):
@@ -321,7 +310,7 @@ def test_output_that_is_the_input_exits_1_even_with_force(command: str, trained_
     before = sha256_file(src)
     extra = FAST_TRAIN if command == "train" else ["-m", str(trained_model)]
     res = run_cli("-q", command, src, "-o", src, "--force", *extra)
-    assert_one_line_error(res.stderr, res.returncode, "is an input", "another output path")
+    assert_one_line_error(res.stderr, res.returncode, "is the input", "another output path")
     assert sha256_file(src) == before
 
 
@@ -330,14 +319,14 @@ def test_unwritable_output_directory_exits_1(where: str, bad: Path, trained_mode
     # Tests run as root, so a chmod-ed folder would still be writable: use paths no one can write.
     out = bad / "regular_file" / "out.h5ad" if where == "parent_is_a_file" else Path("/proc/scrcl_test/out.h5ad")
     res = run_cli("-q", "embed", EXAMPLE, "-m", trained_model, "-o", out)
-    problem = "it is a file, not a directory" if where == "parent_is_a_file" else "cannot write into"
-    assert_one_line_error(res.stderr, res.returncode, problem, "writable directory")
+    problem = "is a file, not a folder" if where == "parent_is_a_file" else "cannot write -o/--output"
+    assert_one_line_error(res.stderr, res.returncode, problem, "writable folder")
 
 
 def test_unwritable_log_file_exits_1(bad: Path, trained_model: Path, tmp_path: Path):
     res = run_cli("-q", "--log-file", bad / "regular_file" / "log.txt", "embed", EXAMPLE, "-m", trained_model,
                   "-o", tmp_path / "out.h5ad")
-    assert_one_line_error(res.stderr, res.returncode, "cannot open --log-file", "writable directory")
+    assert_one_line_error(res.stderr, res.returncode, "--log-file", "is a file, not a folder")
 
 
 # ----------------------------------------------------------------------------- devices
@@ -412,8 +401,9 @@ def test_bad_usage_exits_2_with_click_message(args: list[str], tmp_path: Path):
     assert any(line.startswith("Error: ") for line in error_lines(res.stderr)), res.stderr
 
 
-def test_cluster_plot_without_coordinates_fails_before_writing(tmp_path: Path, trained_model: Path):
-    out = tmp_path / "out.h5ad"
-    res = run_cli("-q", "cluster", EXAMPLE, "-m", trained_model, "-o", out, "--plot", tmp_path / "map.png")
-    assert_one_line_error(res.stderr, res.returncode, "--plot needs obsm['spatial']", "Drop --plot")
-    assert not out.exists() and not (tmp_path / "map.png").exists()
+def test_cluster_plot_of_an_expression_model_writes_a_layout_png(tmp_path: Path, trained_model: Path):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "out.h5ad", tmp_path / "layout.png"
+    res = run_cli("-q", "cluster", EXAMPLE, "-m", trained_model, "-o", out, "--plot", png)
+    assert res.returncode == 0, res.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from scrcl_cli import data
+from scrcl_cli import bundle
 from scrcl_cli.cli import cli
 
 from conftest import shared
@@ -35,7 +35,7 @@ def test_spatial_train_then_cluster_writes_refined_domains(section, tmp_path):
                               "--hidden-dim", "32", "--out-dim", "6", "--n-clusters", "5", "--refine-neighbours", "10",
                               "--out-h5ad", str(tmp_path / "train.h5ad")])
     assert res.exit_code == 0, res.output
-    m = data.read_bundle(model).manifest
+    m = bundle.read_bundle(model).manifest
     assert m["preprocessing"]["mode"] == "spatial" and len(m["preprocessing"]["gene_std"]) == len(m["genes"]) == 33
     assert m["graph"]["kind"] == "spatial" and m["graph"]["refine_neighbours"] == 10
     # Options given on the command line win; the others take the spatial defaults, not SC's.

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from robustness_helpers import error_lines, write_adata
 
-from scrcl_cli import data
+from scrcl_cli import bundle
 from scrcl_cli.cli import cli
 
 FUZZ = settings(max_examples=20, deadline=None, derandomize=True, print_blob=True,
@@ -190,7 +190,7 @@ def test_train_succeeds_with_finite_outputs_or_one_line_error(case: RandomH5ad, 
         if not _assert_success_or_one_line_error(_invoke(args), case.desc):
             assert not model.exists() and not out.exists(), "a failed run left an output behind"
             return
-        bundle = data.read_bundle(model)
+        bundle = bundle.read_bundle(model)
         assert np.isfinite(np.load(model / "train_embedding.npy")).all()
         adata = _read(out)
         used = adata.obs["scrcl_cluster"].notna().to_numpy()
@@ -202,7 +202,7 @@ def test_train_succeeds_with_finite_outputs_or_one_line_error(case: RandomH5ad, 
 
 @pytest.fixture(scope="module")
 def model_genes(trained_model: Path) -> list[str]:
-    return data.read_bundle(trained_model).genes
+    return bundle.read_bundle(trained_model).genes
 
 
 @FUZZ

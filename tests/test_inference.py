@@ -9,7 +9,9 @@ import anndata
 import numpy as np
 import pytest
 
-from scrcl_cli import data, inference
+from scrcl_cli import inference
+from scrcl_cli import bundle
+from scrcl_cli.io import h5ad
 from scrcl_cli.metrics import ari
 
 from conftest import EXAMPLE, FAST, shared
@@ -17,35 +19,35 @@ from conftest import EXAMPLE, FAST, shared
 
 def _query():
     a = anndata.read_h5ad(EXAMPLE)
-    data.validate_adata(a, name="example")
+    h5ad.validate_adata(a, name="example")
     return a
 
 
 def test_cluster_on_training_cells_reproduces_training_clusters(trained_model):
     trained = anndata.read_h5ad(trained_model.parent / "train.h5ad")
     q = _query()
-    rep = inference.cluster(q, data.read_bundle(trained_model))
+    rep = inference.cluster(q, bundle.read_bundle(trained_model))
     assert rep.embed.provider == "CPUExecutionProvider"
     assert np.abs(q.obsm["X_scrcl"] - trained.obsm["X_scrcl"]).max() <= 1e-4
     assert ari(trained.obs["scrcl_cluster"].to_numpy(), q.obs["scrcl_cluster"].to_numpy()) >= 0.99
 
 
 def test_shuffled_gene_order_gives_identical_embedding(trained_model):
-    bundle = data.read_bundle(trained_model)
+    model = bundle.read_bundle(trained_model)
     a, b = _query(), _query()
     perm = np.random.default_rng(0).permutation(b.n_vars)
     b = b[:, perm].copy()
-    inference.embed(a, bundle)
-    inference.embed(b, bundle)
+    inference.embed(a, model)
+    inference.embed(b, model)
     np.testing.assert_array_equal(a.obsm["X_scrcl"], b.obsm["X_scrcl"])
 
 
 def test_thirty_percent_missing_genes_runs_and_reports_overlap(trained_model):
-    bundle = data.read_bundle(trained_model)
+    model = bundle.read_bundle(trained_model)
     q = _query()
     keep = np.random.default_rng(1).permutation(q.n_vars)[: int(0.7 * q.n_vars)]
     q = q[:, np.sort(keep)].copy()
-    rep = inference.embed(q, bundle)
+    rep = inference.embed(q, model)
     assert rep.n_genes_found == len(keep) and rep.n_genes_model == q.uns["scrcl"]["n_genes_model"]
     assert np.isfinite(q.obsm["X_scrcl"]).all()
 
@@ -53,15 +55,15 @@ def test_thirty_percent_missing_genes_runs_and_reports_overlap(trained_model):
 def test_eighty_percent_missing_genes_is_overlap_error(trained_model):
     q = _query()
     q = q[:, : int(0.2 * q.n_vars)].copy()
-    with pytest.raises(data.ScrclError, match=r"only \d+ of \d+ model genes were found"):
-        inference.embed(q, data.read_bundle(trained_model))
+    with pytest.raises(h5ad.ScrclError, match=r"only \d+ of \d+ model genes were found"):
+        inference.embed(q, bundle.read_bundle(trained_model))
 
 
 def test_fused_batches_equal_one_batch(trained_model):
-    bundle = data.read_bundle(trained_model)
+    model = bundle.read_bundle(trained_model)
     a, b = _query(), _query()
-    inference.embed(a, bundle, batch_size=100000)
-    inference.embed(b, bundle, batch_size=37)
+    inference.embed(a, model, batch_size=100000)
+    inference.embed(b, model, batch_size=37)
     assert np.abs(a.obsm["X_scrcl"] - b.obsm["X_scrcl"]).max() <= 1e-5
 
 
@@ -112,12 +114,12 @@ def test_real_query_half_clustered_with_model_trained_on_other_half(tmp_path):
 
 def test_fused_batches_bounded_by_gather_budget_give_same_embedding(trained_model):
     """A tiny gather budget forces many small two-hop batches; the result must not change."""
-    bundle = data.read_bundle(trained_model)
+    model = bundle.read_bundle(trained_model)
     q = _query()
-    query = inference.prepare_query(q, bundle, min_gene_overlap=0.5, name="q")
-    a_hat = inference.query_graph(query.lognorm, bundle.manifest["graph"])
-    session, _ = inference.open_session(bundle, "fused")
-    params = bundle.manifest["graph"]
+    query = inference.prepare_query(q, model, min_gene_overlap=0.5, name="q")
+    a_hat = inference.query_graph(query.lognorm, model.manifest["graph"])
+    session, _ = inference.open_session(model, "fused")
+    params = model.manifest["graph"]
     whole = inference.run_encoder(session, "fused", query.model_input, a_hat, params, batch_size=100000, hidden_dim=64)
     calls = []
     small = inference.run_encoder(session, "fused", query.model_input, a_hat, params, batch_size=100000, hidden_dim=64,
@@ -138,12 +140,12 @@ def _reference_prepare(x, var_names, bundle):
 
     pre = bundle.manifest["preprocessing"]
     x = sp.csr_matrix(x, dtype=np.float32)
-    lognorm, found = data.align_genes(lognormalize(x, pre["expression"]), var_names, bundle.genes, min_overlap=0.5, name="q")
+    lognorm, found = h5ad.align_genes(lognormalize(x, pre["expression"]), var_names, bundle.genes, min_overlap=0.5, name="q")
     if pre.get("mode") == "spatial":
         model_input = sp.csr_matrix(scale_with(lognorm, np.asarray(pre["gene_std"]), float(pre["max_value"])),
                                     dtype=np.float32)
         return lognorm, model_input, found
-    raw = lognorm if pre["input_mode"] == "lognorm" else data.align_genes(x, var_names, bundle.genes, min_overlap=0.0,
+    raw = lognorm if pre["input_mode"] == "lognorm" else h5ad.align_genes(x, var_names, bundle.genes, min_overlap=0.0,
                                                                           name="q")[0]
     return lognorm, transform_query(lognorm, raw, pre["input_mode"]), found
 
@@ -169,22 +171,22 @@ def test_prepare_query_file_is_bitwise_the_whole_prepare_on_real_data(mode):
     from scrcl_cli.inference import prepare_query_file
 
     path = shared("pbmc_10x_4k_top2000.h5ad")
-    whole = data.read_h5ad_checked(path)
+    whole = h5ad.read_h5ad_checked(path)
     rng = np.random.default_rng(0)
     genes = list(rng.permutation(np.asarray(whole.var_names))[:1200]) + [f"absent{i}" for i in range(100)]
     genes = [str(g) for g in rng.permutation(genes)]
     pre = dict(PREPROCESSING[mode], gene_std=list(rng.uniform(0.2, 2.0, len(genes))))
-    bundle = data.ModelBundle(path=path.parent, manifest={"genes": genes, "preprocessing": pre})
-    ref_lognorm, ref_input, ref_found = _reference_prepare(whole.X, [str(v) for v in whole.var_names], bundle)
+    model = bundle.ModelBundle(path=path.parent, manifest={"genes": genes, "preprocessing": pre})
+    ref_lognorm, ref_input, ref_found = _reference_prepare(whole.X, [str(v) for v in whole.var_names], model)
 
-    reader = data.ChunkedH5ad(path, chunk_rows=333)
+    reader = h5ad.ChunkedH5ad(path, chunk_rows=333)
     assert reader.n_obs > 4 * reader.chunk_rows
-    got = prepare_query_file(reader, bundle, min_gene_overlap=0.5)
+    got = prepare_query_file(reader, model, min_gene_overlap=0.5)
     assert got.n_genes_found == ref_found == 1200
     _assert_bitwise(got.lognorm, ref_lognorm)
     _assert_bitwise(got.model_input, ref_input)
     assert (got.model_input is got.lognorm) == (mode == "lognorm")  # one matrix, not two copies
-    mem = inference.prepare_query(whole, bundle, min_gene_overlap=0.5, name="q")  # the in-memory API agrees too
+    mem = inference.prepare_query(whole, model, min_gene_overlap=0.5, name="q")  # the in-memory API agrees too
     _assert_bitwise(mem.lognorm, ref_lognorm)
     _assert_bitwise(mem.model_input, ref_input)
 
@@ -196,12 +198,12 @@ def test_prepare_query_file_reports_bad_values_before_missing_genes(trained_mode
     x = poisson_counts(300, 20)
     x[290, 3] = np.nan
     write_adata(tmp_path / "q.h5ad", x)  # gene names g0..g19: none is a model gene
-    bundle = data.read_bundle(trained_model)
-    with pytest.raises(data.ScrclError, match="1 NaN or infinite values"):
-        inference.embed_file(data.ChunkedH5ad(tmp_path / "q.h5ad", chunk_rows=50), bundle)
+    model = bundle.read_bundle(trained_model)
+    with pytest.raises(h5ad.ScrclError, match="1 NaN or infinite values"):
+        inference.embed_file(h5ad.ChunkedH5ad(tmp_path / "q.h5ad", chunk_rows=50), model)
     write_adata(tmp_path / "q.h5ad", np.nan_to_num(x))
-    with pytest.raises(data.ScrclError, match=r"only 0 of \d+ model genes were found in q.h5ad"):
-        inference.embed_file(tmp_path / "q.h5ad", bundle)
+    with pytest.raises(h5ad.ScrclError, match=r"none of the \d+ model genes were found in q.h5ad"):
+        inference.embed_file(tmp_path / "q.h5ad", model)
 
 
 @pytest.mark.parametrize("command", ["embed", "cluster"])
@@ -216,20 +218,20 @@ def test_file_path_output_equals_the_in_memory_path_and_input_is_unchanged(comma
     src = tmp_path / "in.h5ad"
     shutil.copyfile(EXAMPLE, src)
     before = hashlib.sha256(src.read_bytes()).hexdigest()
-    bundle = data.read_bundle(trained_model)
-    reader = data.ChunkedH5ad(src, chunk_rows=97)
-    mem = data.read_h5ad_checked(src)
+    model = bundle.read_bundle(trained_model)
+    reader = h5ad.ChunkedH5ad(src, chunk_rows=97)
+    mem = h5ad.read_h5ad_checked(src)
     if command == "embed":
-        rep = inference.embed_file(reader, bundle, batch_size=64)
+        rep = inference.embed_file(reader, model, batch_size=64)
         ann = rep.annotations
-        inference.embed(mem, bundle, batch_size=64)
+        inference.embed(mem, model, batch_size=64)
     else:
-        crep = inference.cluster_file(reader, bundle, denovo=True, n_clusters=5, seed=3, batch_size=64)
+        crep = inference.cluster_file(reader, model, denovo=True, n_clusters=5, seed=3, batch_size=64)
         ann = crep.embed.annotations
-        mem_rep = inference.cluster(mem, bundle, denovo=True, n_clusters=5, seed=3, batch_size=64)
+        mem_rep = inference.cluster(mem, model, denovo=True, n_clusters=5, seed=3, batch_size=64)
         assert crep.markers == mem_rep.markers
-    data.write_h5ad_patched(src, tmp_path / "out.h5ad", ann, overwrite=False)
-    data.write_h5ad_atomic(mem, tmp_path / "mem.h5ad", overwrite=False)
+    h5ad.write_h5ad_patched(src, tmp_path / "out.h5ad", ann, overwrite=False)
+    h5ad.write_h5ad_atomic(mem, tmp_path / "mem.h5ad", overwrite=False)
     assert hashlib.sha256(src.read_bytes()).hexdigest() == before
     got, ref = anndata.read_h5ad(tmp_path / "out.h5ad"), anndata.read_h5ad(tmp_path / "mem.h5ad")
     assert (got.X != ref.X).nnz == 0 and got.X.dtype == ref.X.dtype

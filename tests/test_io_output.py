@@ -8,6 +8,7 @@ unchanged.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ import pytest
 import scipy.sparse as sp
 from conftest import EXAMPLE
 from robustness_helpers import (
+    minimal_manifest,
     FAST_TRAIN,
     assert_one_line_error,
     run_cli,
@@ -29,11 +31,12 @@ from robustness_helpers import (
     sha256_tree,
 )
 
-from scrcl_cli import data
+from scrcl_cli import bundle
+from scrcl_cli.io import output
 
 
 def _temporaries(dest: Path) -> list[Path]:
-    return sorted(dest.parent.glob(f".{dest.name}{data.TMP_TAG}*"))
+    return sorted(dest.parent.glob(f".{dest.name}{output.TMP_TAG}*"))
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def large_query(tmp_path_factory: pytest.TempPathFactory, trained_model: Path) -
     """Cells with the model's genes and a ~60 MB random layer: cheap to embed, slow to write (gzip)."""
     import anndata as ad
 
-    genes = data.read_bundle(trained_model).genes
+    genes = bundle.read_bundle(trained_model).genes
     rng = np.random.default_rng(0)
     n = 10_000
     x = sp.random(n, len(genes), density=0.05, format="csr", random_state=1, dtype=np.float32)
@@ -108,7 +111,7 @@ def test_embed_sigkill_during_write_leaves_nothing_or_the_previous_file(
     else:
         assert not out.exists()
     assert tmp.exists(), "SIGKILL cannot clean up, so the temporary must still be there"
-    assert tmp.name.startswith(f".{out.name}{data.TMP_TAG}{proc.pid}-")
+    assert tmp.name.startswith(f".{out.name}{output.TMP_TAG}{proc.pid}-")
     assert sha256_file(large_query) == before
 
     # The next run to the same destination removes the killed run's temporary and writes a complete file.
@@ -137,13 +140,15 @@ def test_embed_sigterm_during_write_removes_temporaries_and_exits_130(
 
 # write_model_dir with large files, in a process of its own, so that a SIGKILL lands mid-write.
 _WRITE_MODEL = """
+import json
 import sys
 from pathlib import Path
-from scrcl_cli import data
-blob = bytes(range(256)) * (64 * 1024)  # 16 MiB
-files = {f"part{i}.bin": blob for i in range(12)}
-manifest = {"genes": ["a", "b"], "genes_sha256": data.genes_hash(["a", "b"]), "run": sys.argv[2]}
-data.write_model_dir(Path(sys.argv[1]), files, manifest, overwrite=True)
+from scrcl_cli import bundle
+blob = bytes(range(256)) * (128 * 1024)  # 32 MiB
+files = {name: blob for name in ("weights.pt", "encoder_fused.onnx", "encoder_cell.onnx", "train_embedding.npy",
+                                 "loss_log.csv", "train_clusters.csv")}
+manifest = json.loads(sys.argv[2])
+bundle.write_model_dir(Path(sys.argv[1]), files, manifest, overwrite=True)
 """
 
 
@@ -153,10 +158,10 @@ def test_model_directory_sigkill_during_write_leaves_nothing_or_the_previous_mod
 ):
     dest = tmp_path / "model"
     if previous:
-        data.write_model_dir(dest, {"weights.bin": b"old"}, {"genes": ["a"], "genes_sha256": data.genes_hash(["a"])},
-                             overwrite=False)
+        bundle.write_model_dir(dest, {"weights.pt": b"old"}, minimal_manifest(["a"]), overwrite=False)
     old = sha256_tree(dest) if previous else None
-    proc = subprocess.Popen([sys.executable, "-c", _WRITE_MODEL, str(dest), "killed"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _WRITE_MODEL, str(dest),
+                             json.dumps(minimal_manifest(["a", "b"], run="killed"))], stderr=subprocess.PIPE, text=True)
     _reap.append(proc)
     end = time.monotonic() + 120
     while not any(t.is_dir() and any(t.iterdir()) for t in _temporaries(dest)):
@@ -167,26 +172,26 @@ def test_model_directory_sigkill_during_write_leaves_nothing_or_the_previous_mod
     proc.wait(timeout=60)
     if previous:
         assert sha256_tree(dest) == old
-        assert data.read_bundle(dest).manifest["files"] == {"weights.bin": data.sha256_bytes(b"old")}
+        assert bundle.read_bundle(dest).manifest["files"] == {"weights.pt": bundle.sha256_bytes(b"old")}
     else:
         assert not dest.exists()
     # A complete write afterwards removes the stale temporary directory.
-    data.write_model_dir(dest, {"weights.bin": b"new"}, {"genes": ["a"], "genes_sha256": data.genes_hash(["a"])},
-                         overwrite=True)
+    output.check_outputs([output.Output(dest, "-o", "model")], inputs=(), overwrite=True)  # removes the killed run's temporary
+    bundle.write_model_dir(dest, {"weights.pt": b"new"}, minimal_manifest(["a"]), overwrite=True)
     assert _temporaries(dest) == []
-    assert (dest / "weights.bin").read_bytes() == b"new"
+    assert (dest / "weights.pt").read_bytes() == b"new"
 
 
 def test_atomic_path_commits_nothing_when_a_stop_was_requested_during_the_write(tmp_path: Path,
                                                                                monkeypatch: pytest.MonkeyPatch):
     # Python may lose the KeyboardInterrupt of a SIGTERM (raised inside a weakref callback); the
     # handler's stop flag must still keep the half-interrupted output from being committed.
-    monkeypatch.setattr(data, "_stop_requested", False)
+    monkeypatch.setattr(output, "_stop_requested", False)
     dest = tmp_path / "out.csv"
     dest.write_text("previous\n")
-    with pytest.raises(KeyboardInterrupt), data.atomic_path(dest, overwrite=True) as tmp:
+    with pytest.raises(KeyboardInterrupt), output.atomic_path(dest, overwrite=True) as tmp:
         tmp.write_text("new\n")
-        data.request_stop()
+        output.request_stop()
     assert dest.read_text() == "previous\n"
     assert _temporaries(dest) == []
 
@@ -200,16 +205,24 @@ def _dead_pid() -> int:
 def test_next_run_removes_stale_temporaries_but_not_those_of_a_live_run(trained_model: Path, tmp_path: Path):
     out = tmp_path / "out.h5ad"
     dead = _dead_pid()
-    stale_file = tmp_path / f".{out.name}{data.TMP_TAG}{dead}-0badc0de"
+    stale_file = tmp_path / f".{out.name}{output.TMP_TAG}{dead}-0badc0de"
     stale_file.write_bytes(b"partial")
-    stale_dir = tmp_path / f".{out.name}{data.TMP_TAG}{dead}-0badc0df"
+    stale_dir = tmp_path / f".{out.name}{output.TMP_TAG}{dead}-0badc0df"
     stale_dir.mkdir()
-    (stale_dir / "x").write_bytes(b"partial")
-    live = tmp_path / f".{out.name}{data.TMP_TAG}{os.getpid()}-0000beef"  # this test process is alive
+    (stale_dir / "weights.pt").write_bytes(b"partial")
+    # Named like temporaries, but not ours to delete: a folder holding a user's file, a file with another link.
+    foreign_dir = tmp_path / f".{out.name}{output.TMP_TAG}{dead}-0badc0e0"
+    foreign_dir.mkdir()
+    (foreign_dir / "notes.txt").write_text("mine")
+    linked = tmp_path / f".{out.name}{output.TMP_TAG}{dead}-0badc0e1"
+    linked.write_text("mine")
+    os.link(linked, tmp_path / "my_data.txt")
+    live = tmp_path / f".{out.name}{output.TMP_TAG}{os.getpid()}-0000beef"  # this test process is alive
     live.write_bytes(b"being written")
     res = run_cli("-q", "embed", EXAMPLE, "-m", trained_model, "-o", out, "--view", "cell")
     assert res.returncode == 0, res.stderr
     assert not stale_file.exists() and not stale_dir.exists()
+    assert (foreign_dir / "notes.txt").read_text() == "mine" and linked.read_text() == "mine"
     assert live.exists()
     assert out.exists()
 

@@ -1,4 +1,4 @@
-"""Reading `.h5ad` X in row blocks (data.ChunkedH5ad) and writing outputs as patched copies.
+"""Reading `.h5ad` X in row blocks (h5ad.ChunkedH5ad) and writing outputs as patched copies.
 
 The block reader must give exactly the float32 CSR matrix of the whole read, for X stored as
 CSR, dense or CSC, and fail with exactly the whole read's one-line error wherever the bad value
@@ -20,7 +20,7 @@ import scipy.sparse as sp
 from conftest import EXAMPLE
 from robustness_helpers import poisson_counts, write_adata
 
-from scrcl_cli import data
+from scrcl_cli.io import h5ad
 
 CHUNK = 97  # rows per block in these tests: smaller than N and not a divisor of it
 
@@ -29,7 +29,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _stacked(reader: data.ChunkedH5ad) -> sp.csr_matrix:
+def _stacked(reader: h5ad.ChunkedH5ad) -> sp.csr_matrix:
     blocks = list(reader.chunks())
     assert all(b.shape[0] <= reader.chunk_rows and b.dtype == np.float32 for b in blocks)
     return sp.csr_matrix(sp.vstack(blocks, format="csr"))
@@ -56,8 +56,8 @@ def _example_as(layout: str, dtype: str, path: Path) -> Path:
 @pytest.mark.parametrize("layout", ["csr", "dense", "csc"])
 def test_chunked_h5ad_blocks_equal_the_whole_read(layout: str, dtype: str, tmp_path: Path):
     path = _example_as(layout, dtype, tmp_path / f"{layout}.h5ad")
-    reader = data.ChunkedH5ad(path, chunk_rows=CHUNK)
-    whole = data.read_h5ad_checked(path)
+    reader = h5ad.ChunkedH5ad(path, chunk_rows=CHUNK)
+    whole = h5ad.read_h5ad_checked(path)
     assert reader.layout == layout and reader.chunk_rows == CHUNK
     assert (reader.n_obs, reader.n_vars) == whole.shape
     assert list(reader.var_names) == list(whole.var_names) and list(reader.obs_names) == list(whole.obs_names)
@@ -70,15 +70,15 @@ def test_chunked_h5ad_reads_obsm_spatial(tmp_path: Path):
     xy = np.random.default_rng(0).random((30, 2))
     a.obsm["spatial"] = xy
     a.write_h5ad(tmp_path / "s.h5ad")
-    np.testing.assert_array_equal(data.ChunkedH5ad(tmp_path / "s.h5ad").spatial, xy)
+    np.testing.assert_array_equal(h5ad.ChunkedH5ad(tmp_path / "s.h5ad").spatial, xy)
 
 
 def test_chunked_h5ad_default_block_follows_the_byte_budget(tmp_path: Path):
     path = _example_as("dense", "float32", tmp_path / "dense.h5ad")
     n_vars = ad.read_h5ad(EXAMPLE, backed="r").n_vars
-    reader = data.ChunkedH5ad(path, chunk_bytes=8 * n_vars * 50)  # the float64 copy of 50 rows
+    reader = h5ad.ChunkedH5ad(path, chunk_bytes=8 * n_vars * 50)  # the float64 copy of 50 rows
     assert reader.chunk_rows == 50
-    _assert_same_csr(_stacked(reader), data.read_h5ad_checked(path).X)
+    _assert_same_csr(_stacked(reader), h5ad.read_h5ad_checked(path).X)
 
 
 def test_chunked_h5ad_reads_files_from_anndata_before_0_7_whole(tmp_path: Path):
@@ -89,20 +89,20 @@ def test_chunked_h5ad_reads_files_from_anndata_before_0_7_whole(tmp_path: Path):
         f.create_dataset("X", data=x)
         f.create_dataset("obs", data=np.array([(f"c{i}".encode(),) for i in range(20)], dtype=[("index", "S8")]))
         f.create_dataset("var", data=np.array([(f"g{i}".encode(),) for i in range(6)], dtype=[("index", "S8")]))
-    reader = data.ChunkedH5ad(path, chunk_rows=7)
+    reader = h5ad.ChunkedH5ad(path, chunk_rows=7)
     assert list(reader.var_names) == [f"g{i}" for i in range(6)] and reader.n_obs == 20
     _assert_same_csr(_stacked(reader), sp.csr_matrix(x))
 
 
 def _whole_error(path: Path, **kw: object) -> str:
-    with pytest.raises(data.ScrclError) as exc:
-        data.read_h5ad_checked(path, **kw)  # type: ignore[arg-type]
+    with pytest.raises(h5ad.ScrclError) as exc:
+        h5ad.read_h5ad_checked(path, **kw)  # type: ignore[arg-type]
     return str(exc.value)
 
 
 def _chunked_error(path: Path, **kw: object) -> str:
-    with pytest.raises(data.ScrclError) as exc:
-        data.ChunkedH5ad(path, chunk_rows=CHUNK, **kw).validate()  # type: ignore[arg-type]
+    with pytest.raises(h5ad.ScrclError) as exc:
+        h5ad.ChunkedH5ad(path, chunk_rows=CHUNK, **kw).validate()  # type: ignore[arg-type]
     return str(exc.value)
 
 
@@ -129,7 +129,7 @@ def test_chunked_h5ad_bad_value_in_a_late_block_gives_the_whole_read_error(case:
     path = write_adata(tmp_path / "bad.h5ad", sp.csr_matrix(x) if layout == "csr" else x)
     for kw in ({}, {"from_model": True}, {"expression": "continuous"}):
         if kw.get("expression") == "continuous" and "fraction" in case and "huge" not in case:
-            data.ChunkedH5ad(path, chunk_rows=CHUNK, **kw).validate()  # fractions are fine for TPM
+            h5ad.ChunkedH5ad(path, chunk_rows=CHUNK, **kw).validate()  # fractions are fine for TPM
             continue
         expected = _whole_error(path, **kw)
         assert _chunked_error(path, **kw) == expected
@@ -177,8 +177,8 @@ def test_chunked_h5ad_metadata_errors_equal_the_whole_read(kind: str, tmp_path: 
     elif kind == "non_numeric":
         write_adata(path, np.ones((5, 4), dtype=bool))
     expected = _whole_error(path)
-    with pytest.raises(data.ScrclError) as exc:
-        data.ChunkedH5ad(path)  # raised on opening, before any block of X is read
+    with pytest.raises(h5ad.ScrclError) as exc:
+        h5ad.ChunkedH5ad(path)  # raised on opening, before any block of X is read
     assert str(exc.value) == expected
 
 
@@ -186,24 +186,24 @@ def test_value_check_in_pieces_equals_one_check():
     rng = np.random.default_rng(0)
     values = rng.poisson(3, 1000).astype(np.float64)
     values[[10, 500, 900]] = [-1.0, -4.0, 0.5]
-    whole = data.ValueCheck("x")
+    whole = h5ad.ValueCheck("x")
     whole.update(values)
-    parts = data.ValueCheck("x")
+    parts = h5ad.ValueCheck("x")
     for piece in np.array_split(values, 7):
         parts.update(piece)
     assert (parts.n_neg, parts.min, parts.max, parts.first_nonint) == (whole.n_neg, whole.min, whole.max,
                                                                        whole.first_nonint) == (2, -4.0, values.max(), 0.5)
-    with pytest.raises(data.ScrclError, match=r"x has 2 negative values in X \(min -4\)"):
+    with pytest.raises(h5ad.ScrclError, match=r"x has 2 negative values in X \(min -4\)"):
         parts.raise_first()
 
 
 # ----------------------------------------------------------------------------- patched outputs
 
 
-def _annotations(n: int) -> data.Annotations:
+def _annotations(n: int) -> h5ad.Annotations:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, n)
-    return data.Annotations(
+    return h5ad.Annotations(
         obsm={"X_scrcl": rng.random((n, 4)).astype(np.float32)},
         obs={"scrcl_cluster": pd.Categorical([str(v) for v in labels], categories=["0", "1", "2"]),
              "scrcl_confidence": rng.random(n).astype(np.float32)},
@@ -216,11 +216,11 @@ def test_write_h5ad_patched_equals_writing_the_annotated_anndata(layout: str, tm
     src = _example_as(layout, "float32", tmp_path / "in.h5ad")
     before = _sha(src)
     ann = _annotations(700)
-    data.write_h5ad_patched(src, tmp_path / "out.h5ad", ann, overwrite=False)
+    h5ad.write_h5ad_patched(src, tmp_path / "out.h5ad", ann, overwrite=False)
     assert _sha(src) == before
     expected = ad.read_h5ad(src)
     ann.apply(expected)
-    data.write_h5ad_atomic(expected, tmp_path / "whole.h5ad", overwrite=False)
+    h5ad.write_h5ad_atomic(expected, tmp_path / "whole.h5ad", overwrite=False)
     got, ref = ad.read_h5ad(tmp_path / "out.h5ad"), ad.read_h5ad(tmp_path / "whole.h5ad")
     # X keeps the input's own storage: dense stays dense, CSR stays CSR, values unchanged.
     assert isinstance(got.X, np.ndarray) == (layout == "dense")
@@ -241,7 +241,7 @@ def test_write_h5ad_patched_replaces_existing_elements(tmp_path: Path):
     a.layers["counts"] = a.X.copy()
     a.write_h5ad(tmp_path / "in.h5ad")
     ann = _annotations(40)
-    data.write_h5ad_patched(tmp_path / "in.h5ad", tmp_path / "out.h5ad", ann, overwrite=False)
+    h5ad.write_h5ad_patched(tmp_path / "in.h5ad", tmp_path / "out.h5ad", ann, overwrite=False)
     out = ad.read_h5ad(tmp_path / "out.h5ad")
     np.testing.assert_array_equal(out.obsm["X_scrcl"], ann.obsm["X_scrcl"])
     assert list(out.obs.columns) == ["scrcl_cluster", "keep", "scrcl_confidence"]  # replaced in place, others kept
@@ -253,7 +253,7 @@ def test_write_h5ad_patched_replaces_existing_elements(tmp_path: Path):
 
 def test_write_h5ad_patched_refuses_an_existing_output_without_overwrite(tmp_path: Path):
     (tmp_path / "out.h5ad").write_bytes(b"previous")
-    with pytest.raises(data.ScrclError, match="already exists"):
-        data.write_h5ad_patched(EXAMPLE, tmp_path / "out.h5ad", _annotations(700), overwrite=False)
+    with pytest.raises(h5ad.ScrclError, match="already exists"):
+        h5ad.write_h5ad_patched(EXAMPLE, tmp_path / "out.h5ad", _annotations(700), overwrite=False)
     assert (tmp_path / "out.h5ad").read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5ad"]

@@ -1,9 +1,10 @@
-"""Reading and validating `.h5ad` input, gene alignment, atomic writes, model directories.
+"""Reading, validating and patching `.h5ad` files.
 
 Every check that can fail on user data runs here, before any expensive work, and raises
-:class:`~scrcl_cli.errors.ScrclError` with the problem and the fix. Inputs are opened
-read-only; every output is written to a temporary name beside its destination and then
-renamed, so a killed job leaves either nothing or the previous complete file.
+:class:`~scrcl_cli.errors.ScrclError` with the problem and the fix. Inputs are untrusted: the
+file must be a regular HDF5 file with no external links, external storage or virtual datasets
+(which would make the tool read other files), and the sparse structure of X (`indptr`,
+`indices`) is checked block by block before any value is used.
 
 Queries for embed/cluster are read with `ChunkedH5ad` (X in blocks of cells, the same checks
 and messages as `read_h5ad_checked`), and their outputs written with `write_h5ad_patched` (a
@@ -12,15 +13,11 @@ copy of the input plus the new elements), so neither step holds X whole.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import shutil
-import uuid
+import stat
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -28,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
-from ._version import __version__
-from .errors import ScrclError
+from ..errors import ScrclError
+from .output import atomic_path, check_stop, copy_file
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -37,34 +34,87 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Expression = Literal["counts", "continuous", "log"]
-TMP_TAG = ".scrcl-tmp-"
-MANIFEST_NAME = "scrcl_model.json"
-FORMAT_VERSION = 3
-# Format 3 added the gcn-pca clustering embedding (manifest model.embedding, clusters.metric; PCA
-# bases in weights.pt): an older reader would cluster its embedding by cosine, so it must refuse.
-# Format-2 directories have neither key and are the fused embedding with cosine clusters.
-# Format 2 changed the fused encoder's inputs (x1 -> xs = Â^(t1+1) X, targets vs neighbourhood);
-# older directories still load (for `scrcl-cli export`), but their encoders are not run.
-MIN_ENCODER_FORMAT = 2
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
-# --------------------------------------------------------------------------- input
-
-
 def _check_h5ad_file(path: Path) -> None:
-    """The file checks that come before any HDF5 read: it exists, is a file and has the HDF5 signature."""
-    if not path.exists():
-        raise ScrclError(f"{path} does not exist", "Check the path and the current directory")
-    if path.is_dir():
+    """The checks before anndata reads anything: a regular HDF5 file that names no other file.
+
+    A FIFO or device would block or never end, so only regular files are opened. HDF5 external
+    links, datasets with external storage and virtual datasets would make the tool read files it
+    was not given: they are refused. Loom and 10x `.h5` files get their own message.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ScrclError(f"{path} does not exist", "Check the path and the current directory") from None
+    except OSError as exc:
+        raise ScrclError(f"{path} cannot be read ({exc.strerror})", "Check the path and its permissions") from None
+    if stat.S_ISDIR(st.st_mode):
         raise ScrclError(f"{path} is a directory, not an .h5ad file", "Pass the path of the .h5ad file itself")
-    with path.open("rb") as fh:
-        head = fh.read(8)
+    if not stat.S_ISREG(st.st_mode):
+        raise ScrclError(f"{path} is not a regular file (a pipe, socket or device)", "Pass the path of an .h5ad file")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise ScrclError(f"{path} cannot be read ({exc.strerror})", "Check the file's permissions") from None
     if head != _HDF5_SIGNATURE:
         raise ScrclError(
             f"{path} is not an HDF5/.h5ad file",
             "Convert it with anndata (e.g. anndata.read_csv(...).write_h5ad(...)) first",
         )
+    _check_hdf5_tree(path)
+
+
+def _open_hdf5(path: Path) -> Any:
+    import h5py
+
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        text = str(exc).lower()
+        if "unable to lock file" in text:
+            raise ScrclError(f"{path} is locked by another program that is writing it",
+                             "Wait for that program to finish, or set HDF5_USE_FILE_LOCKING=FALSE if the file is complete") from None
+        raise _unreadable(path, exc) from None
+
+
+def _check_hdf5_tree(path: Path) -> None:
+    """Refuse links and storage that point outside the file; recognise loom and 10x files."""
+    import h5py
+
+    def refuse(where: str, what: str) -> ScrclError:
+        return ScrclError(f"{path} holds {what} at /{where}, which would make scrcl-cli read another file",
+                          "Write a self-contained copy with anndata (adata.write_h5ad) and pass that")
+
+    with _open_hdf5(path) as f:
+        if "matrix" in f and isinstance(f["matrix"], h5py.Dataset) and "row_attrs" in f:
+            raise ScrclError(f"{path} is a loom file, not an .h5ad file",
+                             "Convert it: anndata.read_loom(path).write_h5ad('out.h5ad')")
+        if "X" not in f and "obs" not in f and any(
+                isinstance(f.get(k), h5py.Group) and "barcodes" in f[k] for k in list(f.keys())[:8]):
+            raise ScrclError(f"{path} is a 10x Genomics .h5 matrix, not an .h5ad file",
+                             "Convert it: scanpy.read_10x_h5(path).write_h5ad('out.h5ad')")
+        stack: list[tuple[str, Any]] = [("", f)]
+        while stack:
+            prefix, group = stack.pop()
+            for key in group.keys():
+                where = f"{prefix}{key}"
+                link = group.get(key, getlink=True)
+                if isinstance(link, h5py.ExternalLink):
+                    raise refuse(where, "an external link")
+                if isinstance(link, h5py.SoftLink):
+                    raise ScrclError(f"{path} holds a soft link at /{where}, which .h5ad files do not use",
+                                     "Write a clean copy with anndata (adata.write_h5ad) and pass that")
+                obj = group.get(key)
+                if isinstance(obj, h5py.Group):
+                    stack.append((where + "/", obj))
+                elif isinstance(obj, h5py.Dataset):
+                    if obj.is_virtual:
+                        raise refuse(where, "a virtual dataset")
+                    if obj.external:
+                        raise refuse(where, "a dataset with external storage")
 
 
 def _unreadable(path: Path, exc: BaseException) -> ScrclError:
@@ -75,7 +125,8 @@ def _unreadable(path: Path, exc: BaseException) -> ScrclError:
     )
 
 
-def read_h5ad_checked(path: Path, *, expression: Expression = "counts", from_model: bool = False) -> AnnData:
+def read_h5ad_checked(path: Path, *, expression: Expression = "counts", from_model: bool = False,
+                      check_names: bool = False) -> AnnData:
     """Read an `.h5ad` file and validate its `X` for scRCL.
 
     Parameters
@@ -88,6 +139,9 @@ def read_h5ad_checked(path: Path, *, expression: Expression = "counts", from_mod
     from_model
         `expression` comes from a model's manifest (embed, cluster), not from ``--expression``;
         only the suggested fix differs.
+    check_names
+        Also require gene names that a model can store (training): non-empty, printable, at most
+        1,000 characters.
 
     Returns
     -------
@@ -104,10 +158,23 @@ def read_h5ad_checked(path: Path, *, expression: Expression = "counts", from_mod
             warnings.filterwarnings("ignore", message=r".* names are not unique", category=UserWarning)
             adata = anndata.read_h5ad(path)
     except Exception as exc:  # h5py/anndata raise many types for damaged files
+        if "unable to lock file" in str(exc).lower():
+            _open_hdf5(path).close()  # raises the locked-file error
         raise _unreadable(path, exc) from exc
     validate_adata(adata, name=path.name, expression=expression, from_model=from_model)
     _warn_duplicate_cells(adata.obs_names, path.name)
+    if check_names:
+        check_gene_names(adata.var_names, path.name)
     return adata
+
+
+def check_gene_names(var_names: Any, name: str) -> None:
+    """Gene names a model folder can store: non-empty, no control characters, at most 1,000 characters."""
+    for g in var_names:
+        g = str(g)
+        if not g or len(g) > 1000 or any(ord(c) < 32 or ord(c) == 127 for c in g):
+            raise ScrclError(f"{name} has a gene name that cannot be stored in a model ({g[:40]!r}): names must be "
+                             "non-empty, printable and at most 1,000 characters", "Rename the genes in var_names")
 
 
 def _warn_duplicate_cells(obs_names: Any, name: str) -> None:
@@ -137,6 +204,37 @@ def _check_unique_genes(var_names: Any, name: str) -> None:
             f"{name} has {len(dup)} duplicate gene names (first: {dup[0]})",
             "Make them unique, e.g. with adata.var_names_make_unique()",
         )
+
+
+# Log-normalised values (log1p of normalised counts) are almost never whole numbers; whole numbers
+# this large are counts given with --expression log by mistake.
+LOG_INTEGER_MAX = 20.0
+
+
+def check_sparse_structure(indptr: np.ndarray, indices: np.ndarray | None, n_major: int, n_minor: int, nnz: int,
+                           name: str) -> None:
+    """Refuse a compressed sparse matrix whose structure would crash or silently mislead scipy.
+
+    indptr: (n_major + 1,) integers, starting at 0, non-decreasing, ending at `nnz`; indices
+    (optional, any slice of the stored indices): integers in [0, n_minor). CSR: major = rows.
+    """
+    fix = "The file's X is damaged: re-write it with anndata (adata.write_h5ad) from a good copy"
+    indptr = np.asarray(indptr)
+    if indptr.ndim != 1 or indptr.shape[0] != n_major + 1 or not np.issubdtype(indptr.dtype, np.integer):
+        raise ScrclError(f"{name} has a malformed X: indptr has {indptr.shape} entries for {n_major} rows", fix)
+    if int(indptr[0]) != 0 or int(indptr[-1]) != nnz or (indptr.size > 1 and bool(np.any(np.diff(indptr) < 0))):
+        raise ScrclError(f"{name} has a malformed X: indptr is not a non-decreasing run from 0 to {nnz}", fix)
+    if indices is not None:
+        check_indices(indices, n_minor, name)
+
+
+def check_indices(indices: np.ndarray, n_minor: int, name: str) -> None:
+    """Stored column (CSR) or row (CSC) indices must be integers in [0, n_minor)."""
+    indices = np.asarray(indices)
+    if indices.size and (not np.issubdtype(indices.dtype, np.integer) or int(indices.min()) < 0
+                         or int(indices.max()) >= n_minor):
+        raise ScrclError(f"{name} has a malformed X: a stored index lies outside [0, {n_minor})",
+                         "The file's X is damaged: re-write it with anndata (adata.write_h5ad) from a good copy")
 
 
 class ValueCheck:
@@ -170,7 +268,7 @@ class ValueCheck:
         # min/max are NaN when values hold a NaN; that case raises the NaN error first.
         self.min = min(self.min, float(values.min()))
         self.max = max(self.max, float(values.max()))
-        if self.expression == "counts" and self.first_nonint is None:
+        if self.first_nonint is None:
             with np.errstate(invalid="ignore"):  # inf - inf; an infinite value raises its own error first
                 nonint = np.flatnonzero(np.abs(values - np.round(values)) > 1e-6)
             if nonint.size:
@@ -194,8 +292,16 @@ class ValueCheck:
                 f"{name} has values up to {self.max:.3g} in X, too large for float32 work",
                 "Pass raw counts or normalised values",
             )
+        if self.expression == "log" and self.first_nonint is None and self.max >= LOG_INTEGER_MAX:
+            raise ScrclError(
+                f"{name} holds only whole numbers up to {self.max:.4g} in X, which look like raw counts, "
+                "not log-normalised data",
+                "Drop --expression log (raw counts are the default)" if not self.from_model else
+                "This model expects log-normalised data: log-normalise the query (scanpy.pp.normalize_total, log1p)")
         if self.first_nonint is not None:
             # embed/cluster have no --expression: the model fixes it, so the fix is to retrain.
+            if self.expression != "counts":
+                return
             fix = ("The model was trained on raw counts: pass raw counts, or use a model trained with "
                    "--expression continuous (TPM/RPKM) or --expression log (log-normalised data)" if self.from_model else
                    "Pass raw counts, or --expression continuous for TPM/RPKM or --expression log for log-normalised data")
@@ -215,6 +321,12 @@ def validate_adata(adata: AnnData, *, name: str, expression: Expression = "count
         except Exception as exc:
             raise ScrclError(f"{name} stores X as {type(x).__name__}", "Store X as a dense array or CSR matrix") from exc
     if sp.issparse(x):
+        if x.format in ("csr", "csc"):  # checked as stored: converting a damaged matrix can crash
+            major, minor = x.shape if x.format == "csr" else x.shape[::-1]
+            if x.indices.shape[0] != x.data.shape[0]:
+                raise ScrclError(f"{name} has a malformed X: {x.indices.shape[0]} indices for {x.data.shape[0]} values",
+                                 "The file's X is damaged: re-write it with anndata (adata.write_h5ad) from a good copy")
+            check_sparse_structure(x.indptr, x.indices, major, minor, x.data.shape[0], name)
         x = sp.csr_matrix(x)
     _check_dtype(x.dtype, name)
     check = ValueCheck(name, expression=expression, from_model=from_model)
@@ -266,6 +378,7 @@ class ChunkedH5ad:
 
         self.path = Path(path)
         self.name = self.path.name
+        self._indptr = np.zeros(1, dtype=np.int64)
         self.expression: Expression = expression
         self.from_model = from_model
         self._memory: sp.csr_matrix | None = None  # X of a legacy file, read whole and checked
@@ -284,6 +397,13 @@ class ChunkedH5ad:
                     if shape is not None and shape != (len(self.obs_names), len(self.var_names)):
                         raise ValueError(f"X has shape {shape} for {len(self.obs_names)} cells and "
                                          f"{len(self.var_names)} genes")
+                    if layout == "csr":  # O(cells) integers, checked once; indices are checked per block
+                        self._indptr = np.asarray(x["indptr"][()])
+                        if x["indices"].shape[0] != nnz:
+                            raise ScrclError(f"{self.name} has a malformed X: {x['indices'].shape[0]} indices for "
+                                             f"{nnz} values", "The file's X is damaged: re-write it with anndata")
+                        check_sparse_structure(self._indptr, None, len(self.obs_names), len(self.var_names), nnz,
+                                               self.name)
         except ScrclError:
             raise
         except Exception as exc:  # h5py/anndata raise many types for damaged files
@@ -341,20 +461,34 @@ class ChunkedH5ad:
             for start in range(0, n, step):
                 yield self._memory[start:start + step]
             return
-        _, _, sparse_dataset = _anndata_io()
         try:
             with h5py.File(self.path, "r") as f:
+                if self.layout == "dense":
+                    x = f["X"]
+                    for start in range(0, n, step):
+                        yield np.asarray(x[start:min(n, start + step)])
+                    return
+                g = f["X"]
                 if self.layout == "csc":
                     log.info("%s stores X column-wise (CSC): reading it whole; store X as CSR to read it in "
                              "blocks of cells", self.name)
-                    whole = sp.csr_matrix(sparse_dataset(f["X"]).to_memory())
+                    indptr, indices, data = g["indptr"][()], g["indices"][()], g["data"][()]
+                    if indices.shape[0] != data.shape[0]:
+                        raise ScrclError(f"{self.name} has a malformed X: {indices.shape[0]} indices for "
+                                         f"{data.shape[0]} values", "The file's X is damaged: re-write it with anndata")
+                    check_sparse_structure(indptr, indices, self.n_vars, self.n_obs, data.shape[0], self.name)
+                    whole = sp.csc_matrix((data, indices, indptr), shape=(self.n_obs, self.n_vars)).tocsr()
                     for start in range(0, n, step):
                         yield whole[start:start + step]
                     return
-                x = f["X"] if self.layout == "dense" else sparse_dataset(f["X"])
+                indptr = self._indptr
                 for start in range(0, n, step):
-                    block = x[start:min(n, start + step)]
-                    yield sp.csr_matrix(block) if sp.issparse(block) else np.asarray(block)
+                    stop = min(n, start + step)
+                    lo, hi = int(indptr[start]), int(indptr[stop])
+                    indices = g["indices"][lo:hi]
+                    check_indices(indices, self.n_vars, self.name)
+                    local = (indptr[start:stop + 1] - lo).astype(np.int64)
+                    yield sp.csr_matrix((g["data"][lo:hi], indices, local), shape=(stop - start, self.n_vars))
         except (ScrclError, GeneratorExit):
             raise
         except Exception as exc:  # a damaged block deep in the file
@@ -385,8 +519,11 @@ def _x_storage(x: Any, sparse_dataset: Any) -> tuple[str | None, Any, int, int |
         return "dense", x.dtype, int(np.prod(x.shape)), (x.chunks[0] if x.chunks else None), tuple(x.shape)
     encoding = x.attrs.get("encoding-type", x.attrs.get("h5sparse_format", ""))
     if encoding in ("csr_matrix", "csr", "csc_matrix", "csc"):
-        ds = sparse_dataset(x)
-        return ds.format, x["data"].dtype, int(x["data"].shape[0]), None, tuple(int(v) for v in ds.shape)
+        shape = x.attrs.get("shape", x.attrs.get("h5sparse_shape"))
+        if shape is None or len(shape) != 2 or not all(k in x for k in ("data", "indices", "indptr")):
+            raise ValueError("X is a sparse matrix without its shape, data, indices or indptr")
+        fmt = "csr" if encoding.startswith("csr") else "csc"
+        return fmt, x["data"].dtype, int(x["data"].shape[0]), None, (int(shape[0]), int(shape[1]))
     return "other", str(encoding or "an unknown element"), 0, None, None
 
 
@@ -401,6 +538,10 @@ def gene_selection(var_names: list[str], genes: list[str], *, min_overlap: float
     src = np.array([index.get(g, -1) for g in genes], dtype=np.int64)
     found = src >= 0
     n_found = int(found.sum())
+    if n_found == 0:
+        raise ScrclError(f"none of the {len(genes)} model genes were found in {name} (first model genes: "
+                         f"{', '.join(genes[:2])})", "Check that var_names hold the same gene identifiers "
+                         "(symbols vs Ensembl IDs) as the training data")
     if n_found < min_overlap * len(genes):
         missing = [g for g, ok in zip(genes, found) if not ok][:2]
         raise ScrclError(
@@ -428,124 +569,6 @@ def align_genes(
     return sp.csr_matrix(x @ sel), n_found
 
 
-# --------------------------------------------------------------------------- outputs
-
-
-def check_output(dest: Path, *, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
-    """Fail early when `dest` cannot or must not be written.
-
-    That is: `dest` is or lies inside one of `inputs`, exists (without `overwrite`), or its
-    folder cannot take files.
-    """
-    dest = Path(dest)
-    target = dest.resolve()
-    for src in inputs:
-        # --overwrite must never replace an input (or a file inside an input model directory).
-        if target == Path(src).resolve() or Path(src).resolve() in target.parents:
-            raise ScrclError(f"{dest} is an input of this command", "Choose another output path; inputs are never overwritten")
-    if dest.exists() and not overwrite:
-        raise ScrclError(f"{dest} already exists", "Pass --overwrite or choose another output path")
-    parent = dest.parent if str(dest.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():  # mkdir would only say "File exists"
-        raise ScrclError(f"cannot write into {parent}: it is a file, not a directory",
-                         "Choose an output path in a writable directory")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".{dest.name}{TMP_TAG}probe-{uuid.uuid4().hex[:8]}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise ScrclError(
-            f"cannot write into {parent} ({exc.strerror or exc})",
-            "Choose an output path in a writable directory",
-        ) from exc
-    remove_stale_temporaries(dest)
-
-
-_stop_requested = False
-
-
-def request_stop() -> None:
-    """Make every later output commit fail with KeyboardInterrupt (called by the CLI's signal handler)."""
-    global _stop_requested
-    _stop_requested = True
-
-
-def check_stop() -> None:
-    """Raise KeyboardInterrupt when a stop was requested (the signal's own exception can be lost)."""
-    if _stop_requested:
-        raise KeyboardInterrupt
-
-
-def _tmp_name(dest: Path) -> Path:
-    return dest.parent / f".{dest.name}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def remove_stale_temporaries(dest: Path) -> int:
-    """Delete temporaries that an earlier, killed run left beside `dest`. Returns how many."""
-    dest = Path(dest)
-    n = 0
-    if not dest.parent.is_dir():
-        return 0
-    for p in dest.parent.glob(f".{dest.name}{TMP_TAG}*"):
-        pid = p.name.split(TMP_TAG, 1)[1].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
-            continue
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        n += 1
-    if n:
-        log.info("removed %d stale temporary file(s) beside %s", n, dest)
-    return n
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextmanager
-def atomic_path(dest: Path, *, overwrite: bool, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside `dest`; on success rename it onto `dest`.
-
-    On any exception (including KeyboardInterrupt from SIGINT/SIGTERM) the temporary is removed
-    and `dest` keeps its previous content.
-    """
-    dest = Path(dest)
-    check_output(dest, overwrite=overwrite)
-    tmp = _tmp_name(dest)
-    if directory:
-        tmp.mkdir()
-    try:
-        yield tmp
-        check_stop()  # a signal arrived while writing, even if its KeyboardInterrupt was lost
-        if directory and dest.exists():
-            # Directories cannot be swapped with one os.replace: move the old one aside first.
-            old = _tmp_name(dest)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            if dest.is_dir():
-                raise ScrclError(f"{dest} is a directory", "Choose a file path for this output")
-            os.replace(tmp, dest)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_h5ad_atomic(adata: AnnData, dest: Path, *, overwrite: bool) -> None:
-    """Write `adata` to `dest` through a temporary file and a rename."""
-    with atomic_path(dest, overwrite=overwrite) as tmp:
-        adata.write_h5ad(tmp, compression="gzip")
-
 
 @dataclass
 class Annotations:
@@ -570,17 +593,6 @@ class Annotations:
             adata.uns[key] = value
 
 
-COPY_BLOCK = 16 << 20
-
-
-def _copy_file(src: Path, dest: Path) -> None:
-    """Copy bytes in blocks, so that SIGTERM/SIGINT (a KeyboardInterrupt between blocks) stops a large copy."""
-    with Path(src).open("rb") as fin, Path(dest).open("wb") as fout:
-        while block := fin.read(COPY_BLOCK):
-            fout.write(block)
-            check_stop()
-
-
 def write_h5ad_patched(src: Path, dest: Path, annotations: Annotations, *, overwrite: bool) -> None:
     """Write `dest` as a copy of the `.h5ad` file `src` plus `annotations`, atomically.
 
@@ -603,7 +615,7 @@ def write_h5ad_patched(src: Path, dest: Path, annotations: Annotations, *, overw
             write_elem(f[group], key, value)
 
     with atomic_path(dest, overwrite=overwrite) as tmp:
-        _copy_file(src, tmp)
+        copy_file(src, tmp)
         with h5py.File(tmp, "r+") as f:
             if annotations.obsm:
                 replace_keys(f, "obsm", annotations.obsm)
@@ -618,113 +630,35 @@ def write_h5ad_patched(src: Path, dest: Path, annotations: Annotations, *, overw
             check_stop()
 
 
-def write_text_atomic(text: str, dest: Path, *, overwrite: bool) -> None:
-    """Write a text file (CSV tables) through a temporary file and a rename."""
+def write_h5ad_atomic(adata: AnnData, dest: Path, *, overwrite: bool) -> None:
+    """Write `adata` to `dest` through a temporary file and a rename."""
     with atomic_path(dest, overwrite=overwrite) as tmp:
-        tmp.write_text(text)
+        adata.write_h5ad(tmp, compression="gzip")
 
 
-# --------------------------------------------------------------------------- model directory
+MAX_COORD = 1e9
 
 
-def sha256_bytes(data: bytes) -> str:
-    """Hex sha256 of `data`."""
-    return hashlib.sha256(data).hexdigest()
+def check_coords(coords: Any, n_obs: int, name: str) -> np.ndarray:
+    """obsm['spatial'] as float64 (n_obs, 2), or a one-line error.
 
-
-def genes_hash(genes: list[str]) -> str:
-    """sha256 of the gene list in order, one name per line."""
-    return sha256_bytes("\n".join(genes).encode())
-
-
-def write_model_dir(dest: Path, files: dict[str, bytes], manifest: dict[str, Any], *, overwrite: bool) -> Path:
-    """Write a model directory atomically: every file in `files`, then the manifest.
-
-    The manifest gains ``files`` (name -> sha256), ``format_version`` and ``scrcl_version``.
+    Two finite columns (x, y) are required, within ±1e9 (pixel or micron coordinates are far
+    below; larger values lose the spacing between spots in float arithmetic), not all on one
+    point or one line parallel to an axis.
     """
-    manifest = dict(manifest)
-    manifest["format_version"] = FORMAT_VERSION
-    manifest["scrcl_version"] = __version__
-    manifest["files"] = {name: sha256_bytes(blob) for name, blob in files.items()}
-    with atomic_path(dest, overwrite=overwrite, directory=True) as tmp:
-        for name, blob in files.items():
-            (tmp / name).write_bytes(blob)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
-    return Path(dest)
-
-
-@dataclass(frozen=True)
-class ModelBundle:
-    """A model directory whose manifest and file hashes were checked."""
-
-    path: Path
-    manifest: dict[str, Any]
-
-    @property
-    def genes(self) -> list[str]:
-        return list(self.manifest["genes"])
-
-    def file(self, name: str) -> Path:
-        """Path of a file the manifest lists (already hash-checked)."""
-        if name not in self.manifest["files"]:
-            raise ScrclError(f"model directory {self.path} has no {name}", "Re-run scrcl-cli export on it")
-        return self.path / name
-
-    def read_bytes(self, name: str) -> bytes:
-        """Read a listed file and check its sha256 against the manifest."""
-        blob = self.file(name).read_bytes()
-        if sha256_bytes(blob) != self.manifest["files"][name]:
-            raise ScrclError(
-                f"{name} in {self.path} does not match the sha256 in its manifest (the file was changed)",
-                "Restore the model directory from its source or retrain",
-            )
-        return blob
-
-
-def read_bundle(path: Path) -> ModelBundle:
-    """Open a model directory: parse the manifest, check its version and every file's hash."""
-    path = Path(path)
-    if not path.exists():
-        raise ScrclError(f"model directory {path} does not exist", "Pass the directory written by scrcl-cli train")
-    if not path.is_dir():
-        raise ScrclError(f"{path} is not a model directory", "Pass the directory written by scrcl-cli train")
-    mpath = path / MANIFEST_NAME
-    if not mpath.is_file():
-        raise ScrclError(f"{path} has no {MANIFEST_NAME}", "Pass the directory written by scrcl-cli train")
+    fix = "Store the spot or cell coordinates as an (n_cells, 2) array of x, y in obsm['spatial']"
     try:
-        manifest = json.loads(mpath.read_text())
-        version = int(manifest["format_version"])
-        files = manifest["files"]
-        genes = manifest["genes"]
-        if not isinstance(files, dict) or not isinstance(genes, list):
-            raise TypeError("files/genes have the wrong type")  # noqa: TRY301
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ScrclError(f"{mpath} is corrupt ({exc})", "Restore the model directory or retrain") from exc
-    if version > FORMAT_VERSION:
-        raise ScrclError(
-            f"{path} has model format {version}, newer than this scrcl-cli supports ({FORMAT_VERSION})",
-            "Upgrade scrcl-cli",
-        )
-    if manifest.get("genes_sha256") != genes_hash(genes):
-        raise ScrclError(f"the gene list in {mpath} does not match its hash", "Restore the model directory or retrain")
-    root = path.resolve()
-    for name in files:
-        target = (path / name).resolve()
-        if target.parent != root:
-            raise ScrclError(f"{mpath} names a file outside the model directory ({name})", "Use a trusted model directory")
-        if not target.is_file():
-            raise ScrclError(f"model directory {path} is missing {name}", "Restore the model directory or retrain")
-    bundle = ModelBundle(path=path, manifest=manifest)
-    for name in files:
-        bundle.read_bytes(name)  # hash check before anything is loaded
-    return bundle
-
-
-def check_mode(bundle: ModelBundle, *, spatial: bool) -> None:
-    """A spatial model needs --spatial and an expression model must not get it: never switch silently."""
-    is_spatial = bundle.manifest.get("preprocessing", {}).get("mode") == "spatial"
-    if is_spatial and not spatial:
-        raise ScrclError(f"{bundle.path} was trained with --spatial", "Pass --spatial (the query needs obsm['spatial'])")
-    if spatial and not is_spatial:
-        raise ScrclError(f"--spatial was given but {bundle.path} is an expression (non-spatial) model",
-                         "Drop --spatial or use a model trained with scrcl-cli train --spatial")
+        c = np.asarray(coords, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ScrclError(f"{name} has non-numeric obsm['spatial']", fix) from None
+    if c.ndim != 2 or c.shape[0] != n_obs or c.shape[1] != 2:
+        raise ScrclError(f"{name} has obsm['spatial'] of shape {c.shape}; (n_cells, 2) is expected", fix)
+    if not np.isfinite(c).all():
+        raise ScrclError(f"{name} has NaN or infinite values in obsm['spatial']", fix)
+    if np.abs(c).max(initial=0.0) > MAX_COORD:
+        raise ScrclError(f"{name} has coordinates up to {np.abs(c).max():.3g} in obsm['spatial'], above {MAX_COORD:.0e}",
+                         "Rescale them (pixels or microns), e.g. subtract the minimum")
+    if n_obs > 1 and (np.ptp(c[:, 0]) == 0 or np.ptp(c[:, 1]) == 0):
+        raise ScrclError(f"{name} has obsm['spatial'] with a constant column: all cells on one point or one line",
+                         fix)
+    return c
