@@ -190,14 +190,14 @@ def test_train_succeeds_with_finite_outputs_or_one_line_error(case: RandomH5ad, 
         if not _assert_success_or_one_line_error(_invoke(args), case.desc):
             assert not model.exists() and not out.exists(), "a failed run left an output behind"
             return
-        bundle = bundle.read_bundle(model)
+        trained = bundle.read_bundle(model)
         assert np.isfinite(np.load(model / "train_embedding.npy")).all()
         adata = _read(out)
         used = adata.obs["scrcl_cluster"].notna().to_numpy()
         emb = adata.obsm["X_scrcl"]
         assert used.any() and np.isfinite(emb[used]).all(), case.desc
         assert np.isnan(emb[~used]).all()  # dropped (all-zero) cells are marked, not invented
-        assert bundle.manifest["training"]["n_cells"] == int(used.sum())
+        assert trained.manifest["training"]["n_cells"] == int(used.sum())
 
 
 @pytest.fixture(scope="module")
@@ -231,17 +231,36 @@ def test_embed_and_cluster_succeed_with_finite_outputs_or_one_line_error(
             assert np.isfinite(adata.obs["scrcl_confidence"].to_numpy()).all()
 
 
-@settings(max_examples=3, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(case=random_h5ad(max_cells=40, max_genes=30, odd_shapes=False))
-def test_train_export_then_cluster_round_trip_on_random_data(case: RandomH5ad):
-    """The exported ONNX files of a model trained on odd data load and run (few examples: export is slow)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = write_adata(Path(tmp) / "in.h5ad", case.x, case.var_names, case.obs_names)
-        model, out = Path(tmp) / "model", Path(tmp) / "out.h5ad"
-        res = _invoke(["train", str(src), "-o", str(model), "--epochs", "2", "--hidden-dim", "8", "--out-dim", "3",
-                       "--n-top-genes", "20", "--n-neighbors", "5"])
-        if not _assert_success_or_one_line_error(res, case.desc):
-            return
-        res = _invoke(["cluster", str(src), "-m", str(model), "-o", str(out), "--device", "cpu"])
-        if _assert_success_or_one_line_error(res, case.desc):
-            assert np.isfinite(_read(out).obsm["X_scrcl"]).all()
+def test_train_export_then_cluster_round_trip_on_random_data():
+    """Exported ONNX files of models trained on odd data load and run; at least one example must get that far.
+
+    Examples whose training ends in a one-line error are allowed, but a run in which no example
+    trained would test nothing, so the outcomes are collected and checked.
+    """
+    outcomes: list[str] = []
+
+    @settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow],
+              database=None)
+    @given(case=random_h5ad(max_cells=40, max_genes=30, odd_shapes=False))
+    def example(case: RandomH5ad) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = write_adata(Path(tmp) / "in.h5ad", case.x, case.var_names, case.obs_names)
+            model, out = Path(tmp) / "model", Path(tmp) / "out.h5ad"
+            res = _invoke(["train", str(src), "-o", str(model), "--epochs", "2", "--hidden-dim", "8", "--out-dim", "3",
+                           "--n-top-genes", "20", "--n-neighbors", "5"])
+            if not _assert_success_or_one_line_error(res, case.desc):
+                outcomes.append("train error")
+                return
+            res = _invoke(["cluster", str(src), "-m", str(model), "-o", str(out), "--device", "cpu"])
+            if not _assert_success_or_one_line_error(res, case.desc):
+                outcomes.append("cluster error")
+                return
+            clustered = _read(out)
+            assert np.isfinite(clustered.obsm["X_scrcl"]).all()
+            assert clustered.obs["scrcl_cluster"].notna().all()
+            k = bundle.read_bundle(model).manifest["clusters"]["n_clusters"]
+            assert set(clustered.obs["scrcl_cluster"].astype(int)) <= set(range(k))
+            outcomes.append("round trip")
+
+    example()
+    assert "round trip" in outcomes, f"no generated example trained and clustered: {outcomes}"

@@ -1,0 +1,440 @@
+"""A catalogue of hostile inputs, outputs and model folders, made from a real shared dataset.
+
+Every case checks the whole contract: the exit code, exactly one ``error:`` line on stderr (or a
+usage error, exit 2), the input's sha256 unchanged, and nothing outside the asked-for outputs
+touched (the sha256 of every file in the working folder). Runs are in-process (Click's runner),
+which is what the CLI's entry point calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import shared
+from robustness_helpers import FAST_TRAIN, error_lines, sha256_file, sha256_tree
+
+from scrcl_cli import bundle
+from scrcl_cli.cli import cli
+
+DATASET = "pbmc68k_reduced_700.h5ad"
+
+
+@dataclass
+class Run:
+    code: int
+    stderr: str
+
+
+def invoke(*args: str | Path, cwd: Path | None = None) -> Run:
+    old = Path.cwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        res = CliRunner().invoke(cli, [str(a) for a in args])
+    finally:
+        os.chdir(old)
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return Run(res.exit_code, res.stderr)
+
+
+def assert_refused(run: Run, *needles: str, code: int = 1) -> None:
+    lines = error_lines(run.stderr)
+    assert run.code == code, run.stderr
+    assert "Traceback" not in run.stderr
+    if code == 2:  # Click's usage errors: "Usage:" lines, then "Error: ..."
+        assert lines[-1].startswith("Error: "), run.stderr
+        text = lines[-1]
+    else:
+        assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+        text = lines[0]
+    for needle in needles:
+        assert needle.lower() in text.lower(), f"{needle!r} not in {text!r}"
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    """A working folder holding a copy of the real dataset as `in.h5ad` and a user's file."""
+    src = shared(DATASET)
+    shutil.copyfile(src, tmp_path / "in.h5ad")
+    (tmp_path / "notes.txt").write_text("a user's file\n")
+    return tmp_path
+
+
+@pytest.fixture
+def model(trained_model: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "model"
+    shutil.copytree(trained_model, dest)
+    return dest
+
+
+def unchanged(folder: Path) -> Callable[[], None]:
+    before = sha256_tree(folder)
+
+    def check() -> None:
+        assert sha256_tree(folder) == before, "files the run did not own changed"
+    return check
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def test_train_into_the_folder_holding_its_input_is_refused(work: Path):
+    same = unchanged(work)
+    assert_refused(invoke("-q", "train", work / "in.h5ad", "-o", work, "--overwrite", *FAST_TRAIN), "contains the input")
+    same()
+
+
+def test_overwrite_never_deletes_an_unrelated_folder(work: Path):
+    results = work / "results"
+    results.mkdir()
+    (results / "figure.png").write_bytes(b"precious")
+    same = unchanged(work)
+    assert_refused(invoke("-q", "train", work / "in.h5ad", "-o", results, "--overwrite", *FAST_TRAIN),
+                   "holds files scrcl-cli did not write")
+    same()
+
+
+def test_output_that_is_the_working_directory_is_refused(work: Path):
+    same = unchanged(work)
+    sub = work / "sub"
+    sub.mkdir()
+    assert_refused(invoke("-q", "train", work / "in.h5ad", "-o", ".", "--overwrite", *FAST_TRAIN, cwd=sub),
+                   "working directory")
+    assert_refused(invoke("-q", "train", work / "in.h5ad", "-o", work, "--overwrite", *FAST_TRAIN, cwd=sub),
+                   "contains the input")
+    same()
+
+
+@pytest.mark.parametrize("target", ["input", "manifest", "hard_link"])
+def test_log_file_never_writes_into_an_input_or_the_model(target: str, work: Path, model: Path):
+    if target == "hard_link":
+        os.link(work / "in.h5ad", work / "linked.log")
+    log = {"input": work / "in.h5ad", "manifest": model / bundle.MANIFEST_NAME, "hard_link": work / "linked.log"}[target]
+    same_work, same_model = unchanged(work), unchanged(model)
+    run = invoke("-q", "--log-file", log, "embed", work / "in.h5ad", "-m", model, "-o", work / "out.h5ad")
+    assert_refused(run, "--log-file")
+    same_work()
+    same_model()
+    assert not (work / "out.h5ad").exists()
+
+
+def test_export_refuses_a_model_folder_holding_other_files(model: Path):
+    pytest.importorskip("torch")
+    (model / "my_notes.txt").write_text("mine")
+    same = unchanged(model)
+    assert_refused(invoke("-q", "export", model), "holds files scrcl-cli did not write")
+    same()
+
+
+@pytest.mark.parametrize("flag", ["--markers", "--plot"])
+def test_two_outputs_with_the_same_path_are_refused(flag: str, work: Path, model: Path):
+    same = unchanged(work)
+    out = work / "out.h5ad"
+    assert_refused(invoke("-q", "cluster", work / "in.h5ad", "-m", model, "-o", out, flag, out), "name the same file")
+    same()
+
+
+def test_a_pipe_is_never_replaced_by_an_output(work: Path, model: Path):
+    fifo = work / "markers.csv"
+    os.mkfifo(fifo)
+    run = invoke("-q", "cluster", work / "in.h5ad", "-m", model, "-o", work / "out.h5ad", "--markers", fifo, "--overwrite")
+    assert_refused(run, "not a regular file")
+    assert fifo.is_fifo() and not (work / "out.h5ad").exists()
+
+
+def test_out_h5ad_inside_the_model_folder_is_refused_before_training(work: Path):
+    same = unchanged(work)
+    run = invoke("-q", "train", work / "in.h5ad", "-o", work / "m", "--out-h5ad", work / "m" / "x.h5ad", *FAST_TRAIN)
+    assert_refused(run, "one inside the other")
+    same()
+    assert not (work / "m").exists()
+
+
+def test_an_output_that_is_a_symbolic_link_is_refused(work: Path, model: Path):
+    (work / "out.h5ad").symlink_to(work / "notes.txt")
+    same = unchanged(work)
+    run = invoke("-q", "embed", work / "in.h5ad", "-m", model, "-o", work / "out.h5ad", "--overwrite")
+    assert_refused(run, "symbolic link")
+    same()
+
+
+def test_a_failed_run_creates_no_folders(work: Path, model: Path):
+    run = invoke("-q", "embed", work / "nope.h5ad", "-m", model, "-o", work / "new" / "deep" / "out.h5ad")
+    assert_refused(run, "does not exist")
+    assert not (work / "new").exists()
+
+
+@pytest.mark.parametrize("key", ["/X", "a/b", "../obs", ".hidden", ""])
+def test_key_added_outside_obsm_is_a_usage_error(key: str, work: Path, model: Path):
+    same = unchanged(work)
+    run = invoke("-q", "embed", work / "in.h5ad", "-m", model, "-o", work / "out.h5ad", "--key-added", key)
+    assert_refused(run, "not a valid obsm key", code=2)
+    same()
+
+
+@pytest.mark.parametrize("args", [["--seed", "-1"], ["--seed", str(2**64)], ["--threads", "100000"],
+                                  ["--batch-size", "0"]], ids=["seed_negative", "seed_2_64", "threads", "batch_0"])
+def test_out_of_range_numbers_are_usage_errors(args: list[str], work: Path, model: Path):
+    run = invoke("-q", "cluster", work / "in.h5ad", "-m", model, "-o", work / "out.h5ad", *args)
+    assert_refused(run, code=2)
+
+
+def test_cluster_n_clusters_without_denovo_is_an_error(work: Path, model: Path):
+    run = invoke("-q", "cluster", work / "in.h5ad", "-m", model, "-o", work / "out.h5ad", "--n-clusters", "4")
+    assert_refused(run, "--n-clusters applies only with --denovo")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _edit_x(path: Path, edit: Callable[[dict], None]) -> None:
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        edit(f["X"])
+
+
+def _set(name: str, index: int, value: Callable[[object], int]) -> Callable[[dict], None]:
+    def edit(x: dict) -> None:
+        arr = x[name][()]
+        arr[index] = value(x)
+        del x[name]
+        x.create_dataset(name, data=arr)
+    return edit
+
+
+SPARSE_DAMAGE = {
+    "negative_index": _set("indices", 0, lambda x: -1),
+    "index_past_the_genes": _set("indices", 5, lambda x: int(x.attrs["shape"][1]) + 10),
+    "indptr_not_monotone": _set("indptr", 3, lambda x: int(x["indptr"][2]) - 1),
+    "indptr_past_the_end": _set("indptr", -1, lambda x: int(x["indptr"][-1]) + 5),
+}
+
+
+@pytest.mark.parametrize("command", ["train", "embed"])
+@pytest.mark.parametrize("damage", list(SPARSE_DAMAGE))
+def test_damaged_sparse_structure_is_one_line_not_a_crash(damage: str, command: str, work: Path, model: Path):
+    _edit_x(work / "in.h5ad", SPARSE_DAMAGE[damage])
+    same = unchanged(work)
+    args = [*FAST_TRAIN, "-o", work / "m"] if command == "train" else ["-m", model, "-o", work / "out.h5ad"]
+    run = invoke("-q", command, work / "in.h5ad", *args)
+    assert run.code == 1 and len(error_lines(run.stderr)) == 1, run.stderr
+    assert "malformed X" in run.stderr or "could not be read" in run.stderr, run.stderr
+    same()
+
+
+def test_hdf5_external_link_is_refused(work: Path, model: Path):
+    import h5py
+
+    (work / "secret.h5").write_bytes((work / "in.h5ad").read_bytes())
+    with h5py.File(work / "in.h5ad", "r+") as f:
+        f["uns"]["evil"] = h5py.ExternalLink(str(work / "secret.h5"), "/X")
+    run = invoke("-q", "embed", work / "in.h5ad", "-m", model, "-o", work / "out.h5ad")
+    assert_refused(run, "external link", "another file")
+
+
+def test_a_pipe_as_input_is_refused_without_blocking(work: Path, model: Path):
+    os.mkfifo(work / "pipe.h5ad")
+    assert_refused(invoke("-q", "embed", work / "pipe.h5ad", "-m", model, "-o", work / "out.h5ad"), "not a regular file")
+
+
+@pytest.mark.parametrize(("kind", "needle"), [("loom", "is a loom file"), ("tenx", "10x genomics")])
+def test_loom_and_10x_files_are_named(kind: str, needle: str, work: Path, model: Path):
+    import h5py
+
+    path = work / f"{kind}.h5"
+    with h5py.File(path, "w") as f:
+        if kind == "loom":
+            f["matrix"] = np.zeros((3, 3))
+            f.create_group("row_attrs")
+        else:
+            f.create_group("matrix")["barcodes"] = np.array([b"AAA"])
+    assert_refused(invoke("-q", "embed", path, "-m", model, "-o", work / "out.h5ad"), needle)
+
+
+def test_expression_log_on_integer_counts_is_an_error(work: Path):
+    run = invoke("-q", "train", work / "in.h5ad", "-o", work / "m", "--expression", "log", *FAST_TRAIN)
+    assert_refused(run, "look like raw counts", "drop --expression log")
+
+
+def test_zero_count_query_cells_are_counted_and_an_all_zero_query_is_an_error(work: Path, model: Path):
+    import anndata as ad
+
+    import scipy.sparse as sp
+
+    adata = ad.read_h5ad(work / "in.h5ad")
+    x = sp.lil_matrix(adata.X)
+    x[:5] = 0
+    adata.X = sp.csr_matrix(x)
+    adata.write_h5ad(work / "some_zero.h5ad")
+    run = invoke("embed", work / "some_zero.h5ad", "-m", model, "-o", work / "out.h5ad")
+    assert run.code == 0, run.stderr
+    assert "5 of 700 cells" in run.stderr
+    assert int(ad.read_h5ad(work / "out.h5ad").uns["scrcl"]["n_cells_empty"]) == 5
+    adata.X = sp.csr_matrix(adata.X.shape, dtype=np.float32)
+    adata.write_h5ad(work / "all_zero.h5ad")
+    assert_refused(invoke("-q", "embed", work / "all_zero.h5ad", "-m", model, "-o", work / "out2.h5ad"),
+                   "all 700 cells", "zero counts")
+
+
+@pytest.mark.parametrize(("coords", "needle"), [
+    (lambda n: np.ones((n, 2)), "constant column"),
+    (lambda n: np.arange(n, dtype=float)[:, None], "(n_cells, 2) is expected"),
+    (lambda n: np.random.default_rng(0).uniform(0, 1e300, (n, 2)), "above"),
+], ids=["constant", "one_column", "huge"])
+def test_degenerate_spatial_coordinates_are_refused(coords: Callable[[int], np.ndarray], needle: str, tmp_path: Path):
+    import anndata as ad
+
+    adata = ad.read_h5ad(shared("dlpfc_151510_top500.h5ad"))
+    adata.obsm["spatial"] = coords(adata.n_obs)
+    adata.write_h5ad(tmp_path / "section.h5ad")
+    run = invoke("-q", "train", "--spatial", tmp_path / "section.h5ad", "-o", tmp_path / "m", *FAST_TRAIN)
+    assert_refused(run, needle)
+
+
+# ----------------------------------------------------------------------------- model folders
+
+
+def _rehash(model: Path, name: str, blob: bytes) -> None:
+    (model / name).write_bytes(blob)
+    _edit(model, lambda d: d["files"].update({name: bundle.sha256_bytes(blob)}))
+
+
+def _edit(model: Path, edit: Callable[[dict], None]) -> None:
+    path = model / bundle.MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def _cell_encoder(model: Path, *, width: int | None = None, fill: float = 0.0, external: str | None = None,
+                  op: str = "MatMul") -> bytes:
+    """A crafted `cell` encoder: x0 (N, G) @ W -> embedding (N, D), with the model's gene hash."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = json.loads((model / bundle.MANIFEST_NAME).read_text())
+    g, d = len(m["genes"]), width or int(m["model"]["cell_dim"])
+    w = numpy_helper.from_array(np.full((g, d), fill, dtype=np.float32), "W")
+    if external is not None:
+        w.ClearField("raw_data")
+        w.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", external), ("offset", "0"), ("length", str(4 * g * d))):
+            entry = w.external_data.add()
+            entry.key, entry.value = key, value
+    node = helper.make_node(op, ["x0", "W"], ["embedding"])
+    graph = helper.make_graph([node], "crafted", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, ["N", g])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", d])], [w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 10
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "genes_sha256", m["genes_sha256"]
+    return proto.SerializeToString() if isinstance(proto, onnx.ModelProto) else b""
+
+
+def test_onnx_external_data_is_never_read(work: Path, model: Path):
+    (work / "secret.bin").write_bytes(np.arange(10**6, dtype=np.float32).tobytes())
+    _rehash(model, "encoder_cell.onnx", _cell_encoder(model, external="../secret.bin"))
+    run = invoke("-q", "embed", work / "in.h5ad", "-m", model, "-o", work / "out.h5ad", "--view", "cell")
+    assert_refused(run, "external data")
+    assert not (work / "out.h5ad").exists()
+
+
+def test_onnx_with_an_operator_the_exporter_never_writes_is_refused(work: Path, model: Path):
+    _rehash(model, "encoder_cell.onnx", _cell_encoder(model, op="Loop"))
+    run = invoke("-q", "embed", work / "in.h5ad", "-m", model, "-o", work / "out.h5ad", "--view", "cell")
+    assert_refused(run, "operator Loop")
+
+
+def test_onnx_output_width_that_disagrees_with_the_manifest_is_refused(work: Path, model: Path):
+    m = json.loads((model / bundle.MANIFEST_NAME).read_text())
+    _rehash(model, "encoder_cell.onnx", _cell_encoder(model, width=int(m["model"]["cell_dim"]) + 3))
+    run = invoke("-q", "embed", work / "in.h5ad", "-m", model, "-o", work / "out.h5ad", "--view", "cell")
+    assert_refused(run, "its output is not float32")
+
+
+def test_onnx_that_outputs_nan_is_an_error_not_a_result(work: Path, model: Path):
+    _rehash(model, "encoder_cell.onnx", _cell_encoder(model, fill=float("nan")))
+    run = invoke("-q", "embed", work / "in.h5ad", "-m", model, "-o", work / "out.h5ad", "--view", "cell")
+    assert_refused(run, "NaN or infinite values")
+    assert not (work / "out.h5ad").exists()
+
+
+MANIFEST_DAMAGE: dict[str, tuple[Callable[[dict], None], str]] = {
+    "smoothing_steps_huge": (lambda d: d["graph"].update(t1=10**6), "graph.t1 must be an integer in [0, 64]"),
+    "neighbours_zero": (lambda d: d["graph"].update(n_neighbors=0), "graph.n_neighbors"),
+    "centroid_rows_short": (lambda d: d["clusters"]["centroids_fused"].pop(), "clusters.centroids_fused"),
+    "gene_with_a_newline": (lambda d: d.update(genes=["a\nb", *d["genes"][1:]]), "invalid name"),
+    "expression_unknown": (lambda d: d["preprocessing"].update(expression="magic"), "preprocessing.expression"),
+    "files_not_a_dict": (lambda d: d.update(files=[]), "files is not an object"),
+}
+
+
+@pytest.mark.parametrize("damage", list(MANIFEST_DAMAGE))
+def test_manifest_schema_violations_are_one_line(damage: str, work: Path, model: Path):
+    edit, needle = MANIFEST_DAMAGE[damage]
+    _edit(model, edit)
+    assert_refused(invoke("-q", "embed", work / "in.h5ad", "-m", model, "-o", work / "out.h5ad"), needle)
+
+
+def test_nan_in_the_manifest_is_refused(work: Path, model: Path):
+    path = model / bundle.MANIFEST_NAME
+    path.write_text(path.read_text().replace('"n_clusters": ', '"n_clusters": NaN, "x": ', 1))
+    assert_refused(invoke("-q", "embed", work / "in.h5ad", "-m", model, "-o", work / "out.h5ad"), "NaN is not a number")
+
+
+def test_a_model_file_that_is_a_symlink_out_of_the_folder_is_refused(work: Path, model: Path):
+    outside = work / "genes_elsewhere.txt"
+    shutil.move(model / "genes.txt", outside)
+    (model / "genes.txt").symlink_to(outside)
+    assert_refused(invoke("-q", "embed", work / "in.h5ad", "-m", model, "-o", work / "out.h5ad"),
+                   "symbolic links are not followed")
+
+
+# ----------------------------------------------------------------------------- resources
+
+
+def test_memory_estimate_is_checked_before_training_and_states_the_size(monkeypatch: pytest.MonkeyPatch):
+    pytest.importorskip("torch")
+    from scrcl_cli import training
+    from scrcl_cli.errors import ScrclError
+
+    monkeypatch.setattr(training, "free_memory_bytes", lambda device: 1 << 30)
+    config = training.TrainConfig(hidden_dim=16_384, n_top_genes=2000)
+    with pytest.raises(ScrclError, match=r"needs about \d+\.\d GiB of memory and 1\.0 GiB are available"):
+        training.check_fits(config, 100_000, 20_000)
+    training.check_fits(training.TrainConfig(hidden_dim=64, n_top_genes=200), 700, 765)  # the example fits
+
+
+@pytest.mark.parametrize(("exc", "needle"), [
+    (MemoryError(), "ran out of memory"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), "allocation of 2.00 GiB failed"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+                  "allocate 123456789 bytes"), "allocation of 123456789 bytes failed"),
+    (OSError(28, "No space left on device", "out.h5ad"), "the disk is full writing out.h5ad"),
+], ids=["memory_error", "cuda_oom", "cpu_oom", "enospc"])
+def test_resource_failures_become_one_line_naming_the_size(exc: BaseException, needle: str):
+    from scrcl_cli.cli import _resource_error
+
+    mapped = _resource_error(exc)
+    assert mapped is not None and needle in mapped.message and "\n" not in mapped.message
+
+
+def test_a_full_disk_under_log_file_is_reported_not_swallowed(tmp_path: Path):
+    import logging
+
+    from scrcl_cli.cli import _LogFile
+
+    handler = _LogFile(os.open("/dev/full", os.O_WRONLY), tmp_path / "log.txt")
+    handler.handle(logging.LogRecord("scrcl_cli", logging.INFO, __file__, 1, "x" * 100_000, None, None))
+    handler.close()
+    assert isinstance(handler.error, OSError) and handler.error.errno == 28
