@@ -8,4 +8,13 @@ from __future__ import annotations
 
 from ._version import __version__
 
-__all__ = ["__version__"]
+__all__ = ["Model", "__version__", "fit", "load"]
+
+
+def __getattr__(name: str) -> object:
+    # The API is imported on first use, so that `scrcl-cli --version` stays fast.
+    if name in ("fit", "load", "Model"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'scrcl_cli' has no attribute {name!r}")

@@ -319,6 +319,7 @@ class ModelBundle:
 
     path: Path
     manifest: dict[str, Any]
+    blobs: dict[str, bytes] | None = None  # the files of a model that was trained and not yet saved
 
     @property
     def genes(self) -> list[str]:
@@ -339,7 +340,7 @@ class ModelBundle:
     def read_bytes(self, name: str) -> bytes:
         """Read a listed file and check its sha256 against the manifest."""
         self.require(name)
-        blob = read_file(self.path, name)
+        blob = self.blobs[name] if self.blobs is not None else read_file(self.path, name)
         if sha256_bytes(blob) != self.manifest["files"][name]:
             raise ScrclError(f"{name} in {self.path} does not match the sha256 in its manifest (the file was changed)",
                              "Restore the model folder from its source or retrain")
@@ -369,22 +370,29 @@ def read_bundle(path: Path) -> ModelBundle:
     return bundle
 
 
+def finalize_manifest(files: dict[str, bytes], manifest: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The manifest as written: with ``files`` (name -> sha256), ``format_version``, ``scrcl_version``, validated."""
+    manifest = dict(manifest)
+    manifest["format_version"] = FORMAT_VERSION
+    manifest["scrcl_version"] = __version__
+    manifest["files"] = {name: sha256_bytes(blob) for name, blob in files.items()}
+    try:
+        text = json.dumps(manifest, allow_nan=False)
+    except ValueError as exc:
+        raise ScrclError("training produced non-finite numbers (NaN or infinity) in the model",
+                         "Lower --lr, or use a larger --hidden-dim / --out-dim") from exc
+    final = json.loads(text)
+    validate_manifest(final, where)
+    return final
+
+
 def write_model_dir(dest: Path, files: dict[str, bytes], manifest: dict[str, Any], *, overwrite: bool) -> Path:
     """Write a model folder atomically: every file in `files`, then the manifest.
 
     The manifest gains ``files`` (name -> sha256), ``format_version`` and ``scrcl_version``, and
     is validated before anything is written, so the tool never writes a folder it would refuse.
     """
-    manifest = dict(manifest)
-    manifest["format_version"] = FORMAT_VERSION
-    manifest["scrcl_version"] = __version__
-    manifest["files"] = {name: sha256_bytes(blob) for name, blob in files.items()}
-    try:
-        text = json.dumps(manifest, indent=1, allow_nan=False)
-    except ValueError as exc:
-        raise ScrclError("training produced non-finite numbers (NaN or infinity) in the model",
-                         "Lower --lr, or use a larger --hidden-dim / --out-dim") from exc
-    validate_manifest(json.loads(text), Path(dest))
+    text = json.dumps(finalize_manifest(files, manifest, Path(dest)), indent=1)
     with atomic_path(dest, overwrite=overwrite, directory=True) as tmp:
         for name, blob in files.items():
             (tmp / name).write_bytes(blob)

@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from ._version import __version__
+from . import config as C
 from .errors import ScrclError
 
 log = logging.getLogger("scrcl_cli")
@@ -334,9 +335,9 @@ model_option = _opt("-m", "--model", "model_dir", required=True, type=click.Path
                     help="Model directory written by 'scrcl-cli train'.")
 view_option = _opt("--view", type=click.Choice(["fused", "cell"]), default="fused",
                    help="fused: the embedding training clustered (GCN view), needs the query kNN graph; cell: the MLP view only, per cell.")
-key_option = _opt("--key-added", default="X_scrcl", callback=_check_key, help="obsm key for the embedding.")
-batch_option = _opt("--batch-size", type=click.IntRange(1, 1_000_000), default=4096, help="Cells per ONNX Runtime call.")
-overlap_option = _opt("--min-gene-overlap", type=click.FloatRange(0, 1), default=0.5,
+key_option = _opt("--key-added", default=C.KEY_ADDED, callback=_check_key, help="obsm key for the embedding.")
+batch_option = _opt("--batch-size", type=click.IntRange(1, 1_000_000), default=C.BATCH_SIZE, help="Cells per ONNX Runtime call.")
+overlap_option = _opt("--min-gene-overlap", type=click.FloatRange(0, 1), default=C.MIN_GENE_OVERLAP,
                       help="Minimum fraction of model genes the query must contain.")
 
 
@@ -403,34 +404,35 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 @_opt("-o", "--output", required=True, type=click.Path(path_type=Path), help="Model directory to write.")
 @_opt("--out-h5ad", type=click.Path(dir_okay=False, path_type=Path),
       help="Also write a copy of the input with obsm['X_scrcl'] and obs['scrcl_cluster'].")
-@_opt("--epochs", type=click.IntRange(1, 100_000), default=100)
-@_opt("--hidden-dim", type=click.IntRange(1, 16_384), default=1500)
-@_opt("--out-dim", type=click.IntRange(2, 4_096), default=16, help="Refined embedding width O (the fused embedding is 2*O).")
-@_opt("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.3)
-@_opt("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4)
-@_opt("--weight-decay", type=click.FloatRange(min=0), default=0.1)
-@_opt("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.1)
-@_opt("--lambda1", type=click.FloatRange(min=0), default=100.0, help="Weight of the NCA loss.")
-@_opt("--lambda2", type=click.FloatRange(min=0), default=1.0, help="Weight of the CVC loss.")
-@_opt("--t0", type=click.IntRange(0, 64), default=4, help="Graph smoothing steps for the MLP view input (Â^t0 X).")
-@_opt("--t1", type=click.IntRange(0, 64), default=2, help="Graph smoothing steps for the GCN view input (Â^t1 X).")
-@_opt("--n-neighbors", type=click.IntRange(2, 1_000), default=15, help="k of the cell kNN graph, the cell included.")
-@_opt("--gene-neighbors", type=click.IntRange(1, 1_000), default=5,
+@_opt("--epochs", type=click.IntRange(1, 100_000), default=C.TRAIN_DEFAULTS.epochs)
+@_opt("--hidden-dim", type=click.IntRange(1, 16_384), default=C.TRAIN_DEFAULTS.hidden_dim)
+@_opt("--out-dim", type=click.IntRange(2, 4_096), default=C.TRAIN_DEFAULTS.out_dim, help="Refined embedding width O (the fused embedding is 2*O).")
+@_opt("--dropout", type=click.FloatRange(0, 1, max_open=True), default=C.TRAIN_DEFAULTS.dropout)
+@_opt("--lr", type=click.FloatRange(min=0, min_open=True), default=C.TRAIN_DEFAULTS.lr)
+@_opt("--weight-decay", type=click.FloatRange(min=0), default=C.TRAIN_DEFAULTS.weight_decay)
+@_opt("--temperature", type=click.FloatRange(min=0, min_open=True), default=C.TRAIN_DEFAULTS.temperature)
+@_opt("--lambda1", type=click.FloatRange(min=0), default=C.TRAIN_DEFAULTS.lambda1, help="Weight of the NCA loss.")
+@_opt("--lambda2", type=click.FloatRange(min=0), default=C.TRAIN_DEFAULTS.lambda2, help="Weight of the CVC loss.")
+@_opt("--t0", type=click.IntRange(0, 64), default=C.TRAIN_DEFAULTS.t0, help="Graph smoothing steps for the MLP view input (Â^t0 X).")
+@_opt("--t1", type=click.IntRange(0, 64), default=C.TRAIN_DEFAULTS.t1, help="Graph smoothing steps for the GCN view input (Â^t1 X).")
+@_opt("--n-neighbors", type=click.IntRange(2, 1_000), default=C.TRAIN_DEFAULTS.n_neighbors, help="k of the cell kNN graph, the cell included.")
+@_opt("--gene-neighbors", type=click.IntRange(1, 1_000), default=C.TRAIN_DEFAULTS.gene_neighbors,
       help="k of the gene kNN graph that mixes gene embeddings, the gene included (1: no mixing).")
 @_opt("--n-top-genes", type=click.IntRange(1, 1_000_000), default=None,
-      help="Highly variable genes: 2000 (seurat flavour) by default, 3000 (seurat_v3) with --spatial.")
-@_opt("--input", "input_mode", type=click.Choice(["counts", "lognorm"]), default="lognorm",
+      help=f"Highly variable genes: {C.TRAIN_DEFAULTS.n_top_genes} (seurat flavour) by default, "
+      f"{C.SPATIAL_DEFAULTS['n_top_genes']} (seurat_v3) with --spatial.")
+@_opt("--input", "input_mode", type=click.Choice(["counts", "lognorm"]), default=C.TRAIN_DEFAULTS.input_mode,
       help="Model input: log-normalised HVGs, or raw HVG counts as the reference does.")
-@_opt("--expression", type=click.Choice(["counts", "continuous", "log"]), default="counts",
+@_opt("--expression", type=click.Choice(["counts", "continuous", "log"]), default=C.TRAIN_DEFAULTS.expression,
       help="What X holds: raw counts, non-integer values (TPM/RPKM), or log-normalised data.")
-@_opt("--embedding", type=click.Choice(["gcn-pca", "fused"]), default="gcn-pca",
+@_opt("--embedding", type=click.Choice(list(C.EMBEDDINGS)), default=C.TRAIN_DEFAULTS.embedding,
       help="What is clustered and exported: 50 principal components of the GCN view's normalised hidden output "
       "(Euclidean k-means), or the reference's concat(z1, z2) (cosine k-means) (docs/defaults.md).")
 @_opt("--n-clusters", type=click.IntRange(1, 100_000), default=None, help="Clusters for the training cells (default: chosen without labels).")
 @_opt("--spatial", is_flag=True, help="Spatial mode: graph from obsm['spatial'], seurat_v3 genes, scaled input, neighbour vote. "
       "Options not given take the spatial defaults: --epochs 100 --hidden-dim 128 --out-dim 32 --temperature 1 "
       "--lambda1 10 --t0 5 --t1 5 --n-top-genes 3000 --embedding fused, no gene-graph mixing (docs/spatial.md).")
-@_opt("--refine-neighbours", type=click.IntRange(1, 10_000), default=50, help="With --spatial: spots in the neighbour vote.")
+@_opt("--refine-neighbours", type=click.IntRange(1, 10_000), default=C.REFINE_NEIGHBOURS, help="With --spatial: spots in the neighbour vote.")
 @_opt("--batch-size", "batch_size", type=click.IntRange(2, 100_000_000), default=None,
       help="Train on mini-batches of about this many cells, one batch per epoch (default: full batch when it fits in memory).")
 @_opt("--no-export", is_flag=True, help="Skip the ONNX export (weights only).")
@@ -452,7 +454,8 @@ def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | N
     adata = read_h5ad_checked(input_h5ad, expression=hyper["expression"], check_names=True)
     # torch is imported only now, so that bad input fails in about a second instead of after its import.
     from ._device import resolve_torch_device
-    from .training import SPATIAL_DEFAULTS, TrainConfig, check_fits
+    from .config import SPATIAL_DEFAULTS, TrainConfig
+    from .training import check_fits
 
     resolve_torch_device(device)  # an unusable --device fails before any work
     _set_threads(threads)
@@ -466,7 +469,7 @@ def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | N
             if key not in hyper or ctx.get_parameter_source(key) is ParameterSource.DEFAULT:
                 hyper[key] = value
     elif hyper["n_top_genes"] is None:
-        hyper["n_top_genes"] = 2000
+        hyper["n_top_genes"] = C.TRAIN_DEFAULTS.n_top_genes
     config = TrainConfig(seed=seed, **hyper)
     if n_clusters is not None and n_clusters > adata.n_obs:
         raise ScrclError(f"--n-clusters {n_clusters} is more than the {adata.n_obs} cells of {input_h5ad.name}",
@@ -519,16 +522,9 @@ def _write_h5ad(adata: Any, dest: Path, *, overwrite: bool) -> None:
 
 
 def _annotate(adata: Any, trained: Any) -> None:
-    import numpy as np
-    import pandas as pd
+    from .api import annotate_training_cells
 
-    adata.obsm["X_scrcl"] = trained.embedding
-    k = int(trained.manifest["clusters"]["n_clusters"])
-    for key, values in [("scrcl_cluster", trained.labels)] + [(f"scrcl_cluster_{n}", v) for n, v in trained.extra_labels.items()]:
-        labels = [str(v) if v >= 0 else np.nan for v in values]
-        adata.obs[key] = pd.Categorical(labels, categories=[str(i) for i in range(k)])
-    adata.uns["scrcl"] = {"scrcl_version": __version__, "genes_sha256": trained.manifest["genes_sha256"],
-                          "device": trained.device, "config": trained.manifest["config"]}
+    annotate_training_cells(adata, trained)
 
 
 # ---------------------------------------------------------------- embed / cluster
@@ -713,8 +709,8 @@ def info() -> None:
 @cli.command()
 @_opt("-o", "--output", "outdir", type=click.Path(file_okay=False, path_type=Path), default=Path("scrcl_demo"),
       help="Folder for the model and the clustered copy.")
-@_opt("--epochs", type=click.IntRange(1, 100_000), default=100)
-@_opt("--hidden-dim", type=click.IntRange(1, 16_384), default=256)
+@_opt("--epochs", type=click.IntRange(1, 100_000), default=C.DEMO_EPOCHS)
+@_opt("--hidden-dim", type=click.IntRange(1, 16_384), default=C.DEMO_HIDDEN_DIM)
 @seed_option
 @device_option
 @overwrite_option
@@ -731,13 +727,15 @@ def demo(ctx: click.Context, outdir: Path, epochs: int, hidden_dim: int, seed: i
 
     example = Path(str(resources.files("scrcl_cli") / "data" / "pbmc68k_reduced_700.h5ad"))
     model, clustered = outdir / "model", outdir / "pbmc68k_clustered.h5ad"
-    ctx.invoke(train, input_h5ad=example, output=model, out_h5ad=None, n_clusters=None, spatial=False, refine_neighbours=50, batch_size=None, no_export=False, seed=seed,
-               device=device, threads=0, overwrite=overwrite, epochs=epochs, hidden_dim=hidden_dim, out_dim=16,
-               dropout=0.3, lr=1e-4, weight_decay=0.1, temperature=0.1, lambda1=100.0, lambda2=1.0, t0=4, t1=2,
-               n_neighbors=15, n_top_genes=None, input_mode="lognorm", expression="counts")
+    hyper = {k: v for k, v in C.TRAIN_DEFAULTS.as_dict().items() if k not in ("seed", "n_top_genes")}
+    hyper.update(epochs=epochs, hidden_dim=hidden_dim)
+    ctx.invoke(train, input_h5ad=example, output=model, out_h5ad=None, n_clusters=None, spatial=False,
+               refine_neighbours=C.REFINE_NEIGHBOURS, batch_size=None, no_export=False, seed=seed, device=device,
+               threads=0, overwrite=overwrite, n_top_genes=None, **hyper)
     ctx.invoke(cluster, input_h5ad=example, model_dir=model, output=clustered, markers=None, denovo=False,
-               n_clusters=None, view="fused", key_added="X_scrcl", spatial=False, plot=None, batch_size=4096, min_gene_overlap=0.5, seed=seed,
-               device="cpu" if device == "cpu" else "auto", threads=0, overwrite=overwrite)
+               n_clusters=None, view="fused", key_added=C.KEY_ADDED, spatial=False, plot=None, batch_size=C.BATCH_SIZE,
+               min_gene_overlap=C.MIN_GENE_OVERLAP, seed=seed, device="cpu" if device == "cpu" else "auto", threads=0,
+               overwrite=overwrite)
     pred = anndata.read_h5ad(clustered).obs["scrcl_cluster"].to_numpy()
     score = ari_against_annotation(example, np.asarray(pred))  # evaluation only, after clustering
     click.echo(f"demo: ARI against the published PBMC annotation = {score:.3f} "

@@ -28,7 +28,7 @@ from ._device import Device, check_session_provider, ort_providers
 from ._version import __version__
 from .bundle import ONNX_FILES, ModelBundle
 from .errors import ScrclError
-from .io.h5ad import Annotations, ChunkedH5ad, check_coords, gene_selection
+from .io.h5ad import Annotations, ChunkedH5ad, check_coords, checked_matrix, gene_selection
 from .preprocessing import lognormalize, transform_query
 
 if TYPE_CHECKING:
@@ -132,7 +132,8 @@ def prepare_query(adata: AnnData, bundle: ModelBundle, *, min_gene_overlap: floa
     adata.X: validated counts (or the model's expression), (n_obs, n_vars). For a file that
     should not be loaded whole, use `prepare_query_file`, which gives the same matrices.
     """
-    x = sp.csr_matrix(adata.X, dtype=np.float32)
+    x = checked_matrix(adata.X, adata.var_names, name=name, expression=bundle.manifest["preprocessing"]["expression"],
+                       from_model=True)  # a new matrix: the caller's X is never modified
     sel, found = gene_selection([str(v) for v in adata.var_names], bundle.genes, min_overlap=min_gene_overlap, name=name)
     _log_overlap(found, bundle, name)
     lognorm, model_input = _prepare_rows(x, sel, bundle.manifest["preprocessing"])

@@ -311,34 +311,45 @@ class ValueCheck:
             )
 
 
-def validate_adata(adata: AnnData, *, name: str, expression: Expression = "counts", from_model: bool = False) -> None:
-    """Check `adata.X` in place of use; converts X to float32 CSR. Raises ScrclError."""
-    _check_shape(adata.X is not None, adata.n_obs, adata.n_vars, name)
-    x = adata.X
+def checked_matrix(x: Any, var_names: Any, *, name: str, expression: Expression = "counts",
+                   from_model: bool = False) -> sp.csr_matrix:
+    """X (n_obs, n_vars) checked for scRCL and returned as a new float32 CSR; `x` itself is not modified.
+
+    Checks: shape, sparse structure (as stored: converting a damaged matrix can crash), dtype, the
+    values (`ValueCheck`) and unique gene names. Raises ScrclError.
+    """
+    n_obs, n_vars = (x.shape if x is not None else (0, 0))
+    _check_shape(x is not None, n_obs, n_vars, name)
     if not (sp.issparse(x) or isinstance(x, np.ndarray)):
         try:
             x = np.asarray(x)
         except Exception as exc:
             raise ScrclError(f"{name} stores X as {type(x).__name__}", "Store X as a dense array or CSR matrix") from exc
     if sp.issparse(x):
-        if x.format in ("csr", "csc"):  # checked as stored: converting a damaged matrix can crash
+        if x.format in ("csr", "csc"):
             major, minor = x.shape if x.format == "csr" else x.shape[::-1]
             if x.indices.shape[0] != x.data.shape[0]:
                 raise ScrclError(f"{name} has a malformed X: {x.indices.shape[0]} indices for {x.data.shape[0]} values",
                                  "The file's X is damaged: re-write it with anndata (adata.write_h5ad) from a good copy")
             check_sparse_structure(x.indptr, x.indices, major, minor, x.data.shape[0], name)
-        x = sp.csr_matrix(x)
     _check_dtype(x.dtype, name)
     check = ValueCheck(name, expression=expression, from_model=from_model)
     check.update(x.data if sp.issparse(x) else np.asarray(x))
     check.raise_first()
-    _check_unique_genes(adata.var_names, name)
-    adata.X = _as_float32_csr(x)
+    _check_unique_genes(var_names, name)
+    return _as_float32_csr(x)
+
+
+def validate_adata(adata: AnnData, *, name: str, expression: Expression = "counts", from_model: bool = False) -> None:
+    """`checked_matrix` on `adata.X`, which is then replaced by the checked float32 CSR. Raises ScrclError."""
+    adata.X = checked_matrix(adata.X, adata.var_names, name=name, expression=expression, from_model=from_model)
 
 
 def _as_float32_csr(x: Any) -> sp.csr_matrix:
-    """float32 CSR of a checked sparse or dense block; the one conversion used for whole and chunked reads."""
-    return sp.csr_matrix(x, dtype=np.float32) if sp.issparse(x) else sp.csr_matrix(np.asarray(x, dtype=np.float32))
+    """A new float32 CSR of a checked sparse or dense block; the one conversion used for whole and chunked reads."""
+    if sp.issparse(x):
+        return sp.csr_matrix(x, dtype=np.float32, copy=True)
+    return sp.csr_matrix(np.asarray(x, dtype=np.float32))
 
 
 def _anndata_io() -> tuple[Any, Any, Any]:
@@ -616,18 +627,28 @@ def write_h5ad_patched(src: Path, dest: Path, annotations: Annotations, *, overw
 
     with atomic_path(dest, overwrite=overwrite) as tmp:
         copy_file(src, tmp)
-        with h5py.File(tmp, "r+") as f:
-            if annotations.obsm:
-                replace_keys(f, "obsm", annotations.obsm)
-            if annotations.obs:
-                obs = read_elem(f["obs"])
-                for key, value in annotations.obs.items():
-                    obs[key] = value
-                del f["obs"]
-                write_elem(f, "obs", obs)
-            if annotations.uns:
-                replace_keys(f, "uns", annotations.uns)
-            check_stop()
+        try:
+            with h5py.File(tmp, "r+") as f:
+                if annotations.obsm:
+                    replace_keys(f, "obsm", annotations.obsm)
+                if annotations.obs:
+                    obs = read_elem(f["obs"])
+                    for key, value in annotations.obs.items():
+                        if key == obs.index.name:  # anndata cannot write a column named like the index
+                            obs.index.name = None
+                        obs[key] = value
+                    del f["obs"]
+                    write_elem(f, "obs", obs)
+                if annotations.uns:
+                    replace_keys(f, "uns", annotations.uns)
+                check_stop()
+        except (ScrclError, KeyboardInterrupt, OSError, MemoryError):
+            raise
+        except Exception as exc:  # obs or uns in an encoding anndata cannot read back or write
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise ScrclError(f"the results could not be added to a copy of {Path(src).name} ({first})",
+                             "Its obs or uns holds elements anndata cannot rewrite: write a clean copy with "
+                             "anndata (adata.write_h5ad) and pass that") from None
 
 
 def write_h5ad_atomic(adata: AnnData, dest: Path, *, overwrite: bool) -> None:
