@@ -438,3 +438,22 @@ def test_a_full_disk_under_log_file_is_reported_not_swallowed(tmp_path: Path):
     handler.handle(logging.LogRecord("scrcl_cli", logging.INFO, __file__, 1, "x" * 100_000, None, None))
     handler.close()
     assert isinstance(handler.error, OSError) and handler.error.errno == 28
+
+
+def test_odd_obs_metadata_never_gives_a_traceback(work: Path, model: Path):
+    import anndata as ad
+    import h5py
+
+    adata = ad.read_h5ad(work / "in.h5ad")
+    adata.obs.index.name = "scrcl_cluster"  # the column cluster adds has the index's name
+    adata.write_h5ad(work / "index_named.h5ad")
+    run = invoke("-q", "cluster", work / "index_named.h5ad", "-m", model, "-o", work / "a.h5ad")
+    assert run.code == 0, run.stderr
+    assert "scrcl_cluster" in ad.read_h5ad(work / "a.h5ad").obs
+    with h5py.File(work / "in.h5ad", "r+") as f:  # an obs column in an encoding anndata does not know
+        col = next(k for k in f["obs"] if k != f["obs"].attrs.get("_index", "_index"))
+        f["obs"][col].attrs["encoding-type"] = "no-such-encoding"
+    same = unchanged(work)
+    run = invoke("-q", "cluster", work / "in.h5ad", "-m", model, "-o", work / "b.h5ad")
+    assert run.code == 1 and len(error_lines(run.stderr)) == 1 and "Traceback" not in run.stderr, run.stderr
+    same()
