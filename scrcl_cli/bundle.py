@@ -254,7 +254,7 @@ def check_onnx(blob: bytes, view: str, manifest: dict[str, Any], where: str) -> 
         return ScrclError(f"{where} is not a valid scrcl-cli encoder ({what})", "Re-export the model with scrcl-cli export, or retrain")
 
     try:
-        proto = onnx.load_model_from_string(blob, load_external_data=False) if _has_kw() else onnx.load_model_from_string(blob)
+        proto = onnx.ModelProto.FromString(blob)  # a protobuf parse only: external data is never loaded
     except Exception as exc:  # protobuf raises DecodeError and others on damaged bytes
         raise bad(f"unreadable: {str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__}") from None
     for imp in proto.opset_import:
@@ -301,14 +301,6 @@ def check_onnx(blob: bytes, view: str, manifest: dict[str, Any], where: str) -> 
     meta = {p.key: p.value for p in proto.metadata_props}
     if meta.get("genes_sha256") != manifest["genes_sha256"]:
         raise bad("its gene hash differs from the manifest's")
-
-
-def _has_kw() -> bool:
-    import inspect
-
-    import onnx
-
-    return "load_external_data" in inspect.signature(onnx.load_model_from_string).parameters
 
 
 # ----------------------------------------------------------------------------- folder
@@ -437,7 +429,7 @@ def re_export(path: Path) -> list[str]:
     bundle = read_bundle(path)
     try:
         state = torch.load(io.BytesIO(bundle.read_bytes("weights.pt")), weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
         raise ScrclError(f"weights.pt in {path} holds objects other than tensors, or is damaged; it is never unpickled",
                          "Use a model folder written by scrcl-cli train, from a trusted source") from None
     if not isinstance(state, dict) or "gene_emb" not in state:

@@ -19,8 +19,8 @@ from typing import Any
 
 import click
 
-from ._version import __version__
 from . import config as C
+from ._version import __version__
 from .errors import ScrclError
 
 log = logging.getLogger("scrcl_cli")
@@ -145,7 +145,7 @@ class _HeldLog(logging.Handler):
         self.records.clear()
 
 
-class _LogFile(logging.StreamHandler):  # type: ignore[type-arg]
+class _LogFile(logging.StreamHandler):  # type: ignore[type-arg,unused-ignore]  # generic only in typeshed
     """The --log-file handler: a write failure (full disk) is remembered and ends the run with one line."""
 
     def __init__(self, fd: int, path: Path) -> None:
@@ -446,7 +446,7 @@ def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | N
           spatial: bool, refine_neighbours: int, batch_size: int | None, no_export: bool, seed: int, device: str, threads: int, overwrite: bool, **hyper: Any) -> None:
     """Train scRCL on the raw counts in INPUT_H5AD and write a model directory."""
     from .bundle import write_model_dir
-    from .io.h5ad import read_h5ad_checked, write_h5ad_atomic
+    from .io.h5ad import read_h5ad_checked
     from .io.output import check_stop
 
     t = time.perf_counter()
@@ -457,7 +457,7 @@ def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | N
     from .config import SPATIAL_DEFAULTS, TrainConfig
     from .training import check_fits
 
-    resolve_torch_device(device)  # an unusable --device fails before any work
+    resolve_torch_device(device)  # type: ignore[arg-type]  # an unusable --device fails before any work
     _set_threads(threads)
     if not spatial and "spatial" in adata.obsm:
         log.info("%s has obsm['spatial']: for spatial domains, train with --spatial", input_h5ad.name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import graphs
-from .config import EMBED_DIM, TrainConfig
+from .config import EMBED_DIM, EMBEDDINGS, TrainConfig
 from .losses import LossTerms, scrcl_loss
 from .model import ScRCL, embed_hidden, hidden_pca_basis, to_torch_sparse
 

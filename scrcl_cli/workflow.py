@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,9 +64,8 @@ def train_model(
     """Preprocess, build graphs, train, cluster the training cells and export the encoders."""
     import torch
 
-    from .training import build_inputs, fit
-
     from .errors import ScrclError
+    from .training import build_inputs, fit
 
     dev = resolve_torch_device(device)
     x = sp.csr_matrix(adata.X, dtype=np.float32)
