@@ -420,7 +420,11 @@ def cli_env(tmp_path_factory):
     if exe is None:
         pytest.skip("scrcl-cli is not on PATH: pip install -e . (with the train and cpu extras)")
     bin_dir = tmp_path_factory.mktemp("bin")
-    (bin_dir / "python3").symlink_to(sys.executable)
+    # A wrapper that execs this interpreter: a symlink to a virtualenv's python resolves to the base
+    # interpreter's path and loses the venv's site-packages.
+    wrapper = bin_dir / "python3"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
     env = dict(os.environ)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONNOUSERSITE"] = "1"
