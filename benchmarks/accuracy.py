@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Accuracy benchmark: scrcl-cli against the scanpy standard pipeline on the shared datasets.
 
-Regenerates docs/accuracy.md (issue 9; docs/accuracy-quick.md with --quick). For every non-spatial
+Regenerates docs/accuracy.md (docs/accuracy-quick.md with --quick). For every non-spatial
 dataset in ../shared/data:
 
 - baselines (benchmarks/baselines.py): scanpy standard pipeline -> Leiden at resolution 1.0,
@@ -67,28 +67,28 @@ QUICK_OUTPUT = REPO / "docs" / "accuracy-quick.md"  # the reduced CPU setting ke
 SPATIAL = ("dlpfc_151510_top500", "osmfish_sscortex")  # covered by the spatial issue
 LABEL_KEY = "cell_type"
 QUICK = {"epochs": 100, "hidden_dim": 256}
-K_TOLERANCE = 0.3  # issue 9: a chosen K counts when within ±30 % of the true K
+K_TOLERANCE = 0.3  # a chosen K counts when within ±30 % of the true K
 
 
 def k_within(ks: list[int], true_k: int) -> bool:
-    """Issue 9's cluster-count test for one dataset: every seed's K within ±30 % of the true K."""
+    """The cluster-count test for one dataset: every seed's K within ±30 % of the true K."""
     return bool(ks) and all(abs(k - true_k) <= K_TOLERANCE * true_k for k in ks)
 
-# Standard pipelines measured on 2 CPU cores, method doc §7 (ARI): PCA + k-means, Leiden r=1.0.
+# Standard pipelines measured on 2 CPU cores(ARI): PCA + k-means, Leiden r=1.0.
 # Each deviation of the scored setting from the reference scRCL, with the ablation that measured it
 # (docs/defaults.md holds the tables and their commands; README "Differences from the reference").
 DEVIATIONS_NOTE = """\
 | deviation | reference | here | measured effect (ARI, K given, `benchmarks/ablation.py`, seed 0) |
 |---|---|---|---|
 | epoch | best of 500 against the labels | last epoch | not an option without labels; the reference's own spread over runs is 0.85–0.998 |
-| cluster count | true K, `out_dim = K` | protocol 2: Louvain communities (res. 1) of the expression kNN graph, then k-means on the embedding; `out_dim` 16 for every K | communities of the embedding's own graph over-split (pbmc_10x_4k 20, baron 20–22 for 8 and 14 types); the expression graph's count gave ARI 0.486 → 0.726 (pbmc_10x_4k), 0.344 → 0.545 (baron), 0.887 → 0.778 (pollen), H 256, seed 0; Louvain at res. 0.5 on the embedding's 15-NN graph lands within ±30 % on 6 of 9 (all three seeds) but label-free ARI 0.655 → 0.607 (session 7, `benchmarks/kmeans_init.py`) |
-| clustered embedding | concat(z1, z2), cosine k-means | 50 PCs of the GCN view's L2-normalised hidden output, Euclidean k-means (`--embedding gcn-pca`, the default since session 6) | mean over the 9 datasets 0.594 → 0.666, better on 8, yan level (−0.001); cite 0.459 → 0.667, baron 0.503 → 0.696; seed agreement 0.70 → 0.89 (H 256, seeds 0 and 1, `benchmarks/embedding_choice.py`; this page's earlier three-seed run with the fused embedding: K given 0.590, label-free 0.572) |
-| k-means on the embedding | best of 20 random inits by a centrality score, one Lloyd run | Ward-initialised k-means (gcn-pca, since session 7): k-means into 10·K microclusters, Ward's merge of their centroids to K, Lloyd's iterations over all cells from there | against k-means++ with 10 restarts on the same embeddings (H 256, seeds 0–2, `benchmarks/kmeans_init.py`): K given ARI 0.668 → 0.670, seed agreement 0.857 → 0.888; label-free ARI 0.639 → 0.655, agreement 0.806 → 0.858 |
+| cluster count | true K, `out_dim = K` | protocol 2: Louvain communities (res. 1) of the expression kNN graph, then k-means on the embedding; `out_dim` 16 for every K | communities of the embedding's own graph over-split (pbmc_10x_4k 20, baron 20–22 for 8 and 14 types); the expression graph's count gave ARI 0.486 → 0.726 (pbmc_10x_4k), 0.344 → 0.545 (baron), 0.887 → 0.778 (pollen), H 256, seed 0; Louvain at res. 0.5 on the embedding's 15-NN graph lands within ±30 % on 6 of 9 (all three seeds) but label-free ARI 0.655 → 0.607 (`benchmarks/kmeans_init.py`) |
+| clustered embedding | concat(z1, z2), cosine k-means | 50 PCs of the GCN view's L2-normalised hidden output, Euclidean k-means (`--embedding gcn-pca`) | mean over the 9 datasets 0.594 → 0.666, better on 8, yan level (−0.001); cite 0.459 → 0.667, baron 0.503 → 0.696; seed agreement 0.70 → 0.89 (H 256, seeds 0 and 1, `benchmarks/embedding_choice.py`; this page's earlier three-seed run with the fused embedding: K given 0.590, label-free 0.572) |
+| k-means on the embedding | best of 20 random inits by a centrality score, one Lloyd run | Ward-initialised k-means (gcn-pca): k-means into 10·K microclusters, Ward's merge of their centroids to K, Lloyd's iterations over all cells from there | against k-means++ with 10 restarts on the same embeddings (H 256, seeds 0–2, `benchmarks/kmeans_init.py`): K given ARI 0.668 → 0.670, seed agreement 0.857 → 0.888; label-free ARI 0.639 → 0.655, agreement 0.806 → 0.858 |
 | cell graph | cosine kNN on the raw HVGs | cosine kNN on 50 PCs of the log-normalised HVGs | mean over the 9 datasets 0.565 → 0.610; pollen 0.635 → 0.942, pbmc_10x_4k 0.646 → 0.766, pbmc68k 0.413 → 0.498, mouse_bladder_top2000 0.400 → 0.469, baron 0.593 → 0.506, cite 0.548 → 0.453, three within ±0.01 (H 256) |
 | graph smoothing tms | [0, 0] | [4, 2] | pbmc_10x_4k 0.447 → 0.648, baron 0.475 → 0.584, worm 0.483 → 0.428 (H 128) |
 | model input | raw HVG counts | log-normalised HVGs | pbmc_10x_4k 0.461 (counts) vs 0.447 (lognorm) at t = [0, 0], H 128: within noise |
-| width (`--quick` only) | 1500 | 256 | worm 0.428 at H 128 → 0.623 at H 256 (t = [4, 2]); at 100 epochs on a GPU, H 256 → 1500: pbmc_10x_4k −0.01, baron +0.05, mouse_bladder_top2000 +0.05, worm 0.00 (seed 0, docs/defaults.md session 4) |
-| epochs | 500 | 100 (the default since session 4; before it, `--quick` only) | H 1500 on a GPU, 500 → 100: pbmc_10x_4k 0.34 → 0.73, mouse_bladder_top2000 0.24 → 0.51, worm 0.36 → 0.55, baron 0.50 → 0.51 (seed 0, docs/defaults.md session 4) |
+| width (`--quick` only) | 1500 | 256 | worm 0.428 at H 128 → 0.623 at H 256 (t = [4, 2]); at 100 epochs on a GPU, H 256 → 1500: pbmc_10x_4k −0.01, baron +0.05, mouse_bladder_top2000 +0.05, worm 0.00 (seed 0, docs/defaults.md) |
+| epochs | 500 | 100 (before it, `--quick` only) | H 1500 on a GPU, 500 → 100: pbmc_10x_4k 0.34 → 0.73, mouse_bladder_top2000 0.24 → 0.51, worm 0.36 → 0.55, baron 0.50 → 0.51 (seed 0, docs/defaults.md) |
 | gene graph, temperature, λ1, out_dim, tms on the PCA graph | 5, 0.1, 100, –, – | same (tested, not adopted) | gene graph off: +0.11, −0.08, −0.07, +0.02 on 4 datasets; temperature 1.0: −0.04, −0.04; tms [2, 1] on the PCA graph: baron −0.05, four others within ±0.005 |
 
 The full tables and their commands are in docs/defaults.md."""
@@ -634,19 +634,19 @@ def write_report(path: Path, datasets: list[Dataset], runs: list[Run], args: arg
     a("")
 
     if have_scrcl:
-        a("## Targets of issue 9")
+        a("## Targets")
         a("")
         L.extend(target_lines(groups, names, within["scrcl"], stab))
         a("")
 
     anchored = [ds for ds in ANCHORS if ds in names]
     if anchored:
-        a("## Baselines against the anchors of the method doc (§7)")
+        a("## Baselines against published anchors")
         a("")
         a("ARI of the same pipelines measured earlier on 2 CPU cores (`sc.pp.neighbors` + `sc.tl.leiden`) against "
           "this run; *range* is the lowest and highest seed here.")
         a("")
-        a("| dataset | PCA + k-means: §7 | here | range | Leiden res. 1.0: §7 | here | range |")
+        a("| dataset | PCA + k-means: published | here | range | Leiden res. 1.0: published | here | range |")
         a("|---|---|---|---|---|---|---|")
         for ds in anchored:
             row = [ds]
@@ -730,7 +730,7 @@ cells rho becomes ~0 instead of the nearest neighbour's distance, and edge weigh
 edges, other weights; baron). This benchmark sets self distances to exactly 0 (see `baselines._self_first`).
 (2) `sc.tl.leiden`'s leidenalg flavour runs on a directed copy of the graph, this benchmark on the undirected
 graph: the objective is the same, the visiting order and thus the local optimum found per seed are not. On
-cbmc (8617 cells) `sc.pp.neighbors` crashes with scipy 1.17 (method doc §7), so its Leiden anchor could not be
+cbmc (8617 cells) `sc.pp.neighbors` crashes with scipy 1.17, so its Leiden anchor could not be
 rerun here."""
 
 BASELINE_NOTE = """\
@@ -743,7 +743,7 @@ BASELINE_NOTE = """\
   distance to itself set to exactly 0 first (rounding leaves ~1e-6, which UMAP would take as the cell's local
   scale), self loops removed.
   `sc.pp.neighbors` is not called: in scanpy 1.11.5 with scipy 1.17 it crashes on ≥ 8192 cells
-  (`csr_array` has no `getnnz`), and below that its approximate path keeps self loops (method doc §7).
+  (`csr_array` has no `getnnz`), and below that its approximate path keeps self loops.
 - Leiden: leidenalg `RBConfigurationVertexPartition` on the undirected weighted igraph graph, iterated until
   it stops improving (`n_iterations=-1`), `seed` = the run's seed. Resolution 1.0 for the label-free protocol;
   for K given, the resolution is bisected on a log scale (start 0.05 and 1.0, widened as needed, at most 40

@@ -13,7 +13,7 @@ Two deliberate departures from calling ``sc.pp.neighbors`` / ``sc.tl.leiden``:
 - the kNN search is exact (sklearn ``NearestNeighbors``, the cell counted among its 15
   neighbours as scanpy does) and the weights come from scanpy's own UMAP connectivity
   function. ``sc.pp.neighbors`` in scanpy 1.11.5 with scipy 1.17 crashes on >= 8192 cells
-  (``csr_array`` has no ``getnnz``; method doc §7), and its approximate path below that
+  (``csr_array`` has no ``getnnz``;), and its approximate path below that
   keeps self loops; the exact search gives the same graph at every size.
 - Leiden runs in leidenalg directly on an undirected weighted igraph graph
   (``RBConfigurationVertexPartition``, iterated to convergence), the model scanpy's

@@ -1,4 +1,4 @@
-"""The scRCL losses in their dense N x N formulation (method doc §1.6), for benchmarks only.
+"""The scRCL losses in their dense N x N formulation, for benchmarks only.
 
 This is the formulation of the reference code: the cross-view divergence matrix D (N x N), the
 cosine matrix S (N x N), a dense adjacency A and identity masks. scrcl_cli.losses computes the

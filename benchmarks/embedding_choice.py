@@ -5,7 +5,7 @@ k-means with the true number of types on each candidate representation of the sa
 
 - fused:   concat(z1, z2), cosine k-means (the reference's clustering embedding);
 - gcn-pca: 50 principal components of the GCN view's L2-normalised hidden output h2, Euclidean
-           k-means (sklearn KMeans, n_init 10) -- the default since session 6 (docs/defaults.md);
+           k-means (sklearn KMeans, n_init 10) -- the default (docs/defaults.md);
 - h2, h1:  the GCN / MLP view's hidden output itself, cosine k-means;
 - e12:     concat(unit h1, unit h2), cosine k-means; e12-pca: its 50 PCs, Euclidean k-means.
 

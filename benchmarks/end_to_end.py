@@ -1,4 +1,4 @@
-"""End to end against N (issue 5, benchmark 2): `scrcl-cli train` then `scrcl-cli cluster`.
+"""End to end against N : `scrcl-cli train` then `scrcl-cli cluster`.
 
 For each N, cells of a real dataset are resampled to N (`make_large.py`: every cell a real cell
 with fresh multinomial noise at its own library size), then the two CLI commands run as child

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmark suite for scrcl-cli: one prepared script that a CUDA host runs unchanged.
 #
-#   bash benchmarks/gpu_suite.sh [RESULTS_DIR]        # SUITE=quick (default), full or lease
+#   bash benchmarks/gpu_suite.sh [RESULTS_DIR]        # SUITE=quick (default), full or short
 #
 # It runs, on the GPU, writing everything to RESULTS_DIR (default $OUT, else /tmp/scrcl_gpu_suite):
 #   1. benchmarks/train_memory.py --device cuda: time and peak GPU memory of one training step
@@ -13,11 +13,11 @@
 #      provider, verified) vs torch on CUDA, reusing the model trained in 2.
 #   4. benchmarks/end_to_end.py --device cuda: `scrcl-cli train` (every default) + `cluster`
 #      wall time and peak RSS against N (full suite: up to 1,000,000 cells), with log-log slopes.
-# SUITE=lease fits a short GPU loan (LEASE_S seconds, default 540, checked before each step):
+# SUITE=short fits a short GPU allocation (BUDGET_S seconds, default 540, checked before each step):
 #   a. benchmarks/accuracy.py at the full defaults (H 1500, 100 epochs) on CUDA, three seeds, with the
 #      baselines taken from BASELINES_JSON (a CPU run of `accuracy.py --json`), so the GPU host needs
 #      no scanpy; ACC_JOBS (3) runs at once with ACC_THREADS (5) CPU threads each (six at once with
-#      uncapped BLAS pools took 150-290 s per run in the first loan, against about 22 s alone);
+#      uncapped BLAS pools took 150-290 s per run in an earlier run, against about 22 s alone);
 #      then the label-free embeddings go to embeddings_full.npz for CPU study;
 #   b. the GPU-marked tests (same-seed CUDA determinism);
 #   c. benchmarks/end_to_end.py --device cuda at 50,000 cells, if time is left.
@@ -65,16 +65,16 @@ say "suite=$SUITE results=$RESULTS data=$SRC"
   echo '```'; cat "$RESULTS/env.txt"; echo '```'
 } > "$SUMMARY"
 
-if [ "$SUITE" = lease ] || [ "$SUITE" = scale ]; then
+if [ "$SUITE" = short ] || [ "$SUITE" = scale ]; then
   START=$SECONDS
-  LEASE_S=${LEASE_S:-540}
-  left() { echo $(( LEASE_S - (SECONDS - START) )); }
+  BUDGET_S=${BUDGET_S:-540}
+  left() { echo $(( BUDGET_S - (SECONDS - START) )); }
   # run STEP_NAME WANTED_S CMD...: run CMD with at most min(WANTED_S, time left - 10 s)
   step() {
     local name=$1 want=$2; shift 2
     local l; l=$(left)
     local cap=$(( want < l - 10 ? want : l - 10 ))
-    if [ "$cap" -lt 20 ]; then say "$name: skipped, ${l} s left"; echo "- $name: skipped (${l} s of the lease left)" >> "$SUMMARY"; return; fi
+    if [ "$cap" -lt 20 ]; then say "$name: skipped, ${l} s left"; echo "- $name: skipped (${l} s of the allocation left)" >> "$SUMMARY"; return; fi
     say "$name: up to ${cap} s"
     local t0=$SECONDS
     timeout --kill-after=5 "$cap" "$@" > "$RESULTS/$name.log" 2>&1
@@ -83,7 +83,7 @@ if [ "$SUITE" = lease ] || [ "$SUITE" = scale ]; then
     echo "- $name: exit $rc after $(( SECONDS - t0 )) s (limit ${cap} s)" >> "$SUMMARY"
   }
   if [ "$SUITE" = scale ]; then
-    # Issue 5 on one loan: the N = 40,000 step against dense, then every-default `train` on
+    # Scaling in one allocation: the N = 40,000 step against dense, then every-default `train` on
     # SCALE_N (default 1,000,000) cells. The cells are resampled on the CPU while the GPU runs
     # the step benchmark; --log-file timestamps each phase of the training command.
     SCALE_N=${SCALE_N:-1000000}
@@ -154,7 +154,7 @@ EOF
     step end_to_end 200 $PY benchmarks/end_to_end.py --device "$DEVICE" --sizes 50000 --source "$SRC" \
       --timeout 180 --json "$RESULTS/end_to_end_cuda.json" --md "$RESULTS/end_to_end_cuda.md"
   fi
-  say "lease suite done after $(( SECONDS - START )) s: $SUMMARY"
+  say "short suite done after $(( SECONDS - START )) s: $SUMMARY"
   exit 0
 fi
 

@@ -1,6 +1,6 @@
 """Cells per second and peak memory of `scrcl-cli embed` against N: ONNX Runtime vs torch.
 
-Issue 4 / issue 5 benchmark 3. One small model is trained once (``scrcl-cli train`` on
+One small model is trained once (``scrcl-cli train`` on
 pbmc_10x_4k_top2000 with the package's default options, H = 1500, O = 16, and reduced epochs,
 5 by default: the weights' values do not change the cost of inference; ``--train-extra``
 passes more train options, e.g. ``"--t0 0 --t1 0"`` for a model whose per-cell view needs no
@@ -88,9 +88,8 @@ def do_child(args: argparse.Namespace, n: int, view: str, backend: str) -> dict[
     import anndata  # noqa: F401  (imported before the clock starts, as the CLI has it loaded too)
     import numpy as np
 
-    from scrcl_cli import inference
-from scrcl_cli import bundle
-from scrcl_cli.io import h5ad
+    from scrcl_cli import bundle, inference
+    from scrcl_cli.io import h5ad
 
     if backend == "torch":
         import torch  # imported up front: its import cost (memory, time) belongs to the torch path

@@ -4,9 +4,9 @@ One training per dataset and seed (TrainConfig defaults except the width, 256 as
 on the same gcn-pca embedding:
 
 - kmeans++: Euclidean `clustering.kmeans` (k-means++ seeding, 10 restarts kept by inertia), the
-  clustering until session 7;
+  clustering;
 - ward:     `clustering.ward_kmeans` (10·K k-means microclusters, Ward's merge, Lloyd), the default
-  since session 7;
+ 
 
 each with the true K and with the label-free K of `train` (Louvain communities of the expression
 graph, `clustering.choose_n_clusters`). A third K, Louvain at resolution 0.5 on the embedding's own

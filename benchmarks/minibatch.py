@@ -1,4 +1,4 @@
-"""Mini-batch vs full-batch training: ARI of the same seeds on shared datasets (issue 5).
+"""Mini-batch vs full-batch training: ARI of the same seeds on shared datasets .
 
 For each dataset and seed, `training.fit` runs twice on the same inputs, once full batch and once
 with `--batch-size`-style mini-batches; both fused embeddings are clustered with cosine k-means

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Spatial benchmark: scRCL in spatial mode against expression and spatial baselines (issue 10).
+"""Spatial benchmark: scRCL in spatial mode against expression and spatial baselines .
 
 Regenerates docs/spatial.md and one domain-map PNG per dataset. For each spatial dataset in
 ../shared/data and each seed, in one invocation:
@@ -179,7 +179,7 @@ def _leiden(pca: np.ndarray, seed: int) -> np.ndarray:
 
     a = anndata.AnnData(X=np.zeros((pca.shape[0], 1), dtype=np.float32))
     a.obsm["X_pca"] = pca
-    # Exact 15-NN (sklearn): scanpy's approximate path keeps self loops for N >= 4096 (method doc §7).
+    # Exact 15-NN (sklearn): scanpy's approximate path keeps self loops for N >= 4096.
     sc.pp.neighbors(a, n_neighbors=15, use_rep="X_pca", transformer="sklearn", random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""TF32 parity on the GPU: does TF32 matrix arithmetic change the trained embedding? (issue 5)
+"""TF32 parity on the GPU: does TF32 matrix arithmetic change the trained embedding? 
 
 Trains the default model (every TrainConfig default, K given for the clustering) on one shared
 dataset three times with the same seed on CUDA: twice in full float32 (matmul precision

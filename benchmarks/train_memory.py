@@ -1,6 +1,6 @@
 """Peak memory and time of one scRCL training step against N: linear losses vs the dense N x N form.
 
-Issue 3 / issue 5 benchmark 1. For each N, real cells are resampled from a shared dataset
+For each N, real cells are resampled from a shared dataset
 (benchmarks/make_large.py), preprocessed with scrcl_cli.preprocessing.prepare, and the real
 cosine kNN cell graph (scrcl_cli.graphs.cell_graph), its GCN normalisation and the gene graph
 are built once and cached. Then each configuration runs in a fresh subprocess:

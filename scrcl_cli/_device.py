@@ -43,7 +43,7 @@ def describe_torch_device(dev: torch.device) -> str:
 
 
 def ort_distributions() -> list[str]:
-    """Installed ONNX Runtime distributions (both installed breaks the GPU build, ecosystem §4)."""
+    """Installed ONNX Runtime distributions (both installed breaks the GPU build)."""
     found = []
     for name in ("onnxruntime", "onnxruntime-gpu"):
         try:

@@ -1,7 +1,7 @@
 """k-means (cosine or Euclidean, k-means++ or Ward-initialised), nearest-centroid labels,
 a label-free cluster count, and marker genes.
 
-Fixes the reference's k-means (method doc §1.8, §4.6): k-means++ seeding, several restarts
+Fixes the reference's k-means: k-means++ seeding, several restarts
 kept by final inertia, empty clusters re-seeded, its own RNG per call. Nothing here reads
 labels; the cluster count is chosen from the expression alone.
 """
@@ -194,7 +194,7 @@ def ward_kmeans(
     nearly equal inertia from run to run (cite_cbmc, one embedding: pairwise ARI 0.76-0.85 between
     seeds). Fine microclusters are reproducible and Ward's merge order is deterministic, which
     raised the three-seed agreement from 0.857 to 0.888 at the same accuracy (docs/defaults.md,
-    session 7).
+   ).
     """
     xd = np.asarray(x, dtype=np.float64)
     n = xd.shape[0]

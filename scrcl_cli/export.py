@@ -1,4 +1,4 @@
-"""Export the trained cell encoder to ONNX (method doc §3.4: freeze the gene embedding).
+"""Export the trained cell encoder to ONNX (freeze the gene embedding).
 
 Two graphs, both with a dynamic number of cells:
 - ``fused``: the embedding concat(z1, z2) (B, 2*O) of B target cells. Inputs: x0 (B, G) =

@@ -1,4 +1,4 @@
-"""Cell and gene graphs and graph smoothing (method doc §1.2–1.4), without any N x N matrix.
+"""Cell and gene graphs and graph smoothing, without any N x N matrix.
 
 All graphs are `scipy.sparse.csr_matrix`. The kNN search is exact: chunked cosine similarity
 (rows x all cells, a chunk at a time, so memory is O(chunk * N)), on a 50-component PCA of the
@@ -68,7 +68,7 @@ def torch_csr(m: sp.spmatrix, device: Any) -> Any:
     with warnings.catch_warnings():  # torch calls its CSR support "beta"; the products used here are stable
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
         # torch 2.11 on CUDA still says the checks are "implicitly disabled" although
-        # check_invariants=False opts out (seen in the session-8 GPU tests); scipy CSR is valid.
+        # check_invariants=False opts out (seen on GPUs); scipy CSR is valid.
         warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled", category=UserWarning)
         return torch.sparse_csr_tensor(torch.from_numpy(c.indptr.astype(np.int64)), torch.from_numpy(c.indices.astype(np.int64)),
                                        torch.from_numpy(c.data), size=c.shape, check_invariants=False).to(device)
@@ -299,7 +299,7 @@ def cell_graph(
 
 
 def gene_graph(x: sp.csr_matrix | np.ndarray, n_neighbors: int = 5, *, gram: np.ndarray | None = None) -> sp.csr_matrix:
-    """Normalised propagation matrix of the directed gene kNN graph (method doc §1.3).
+    """Normalised propagation matrix of the directed gene kNN graph.
 
     x: unsmoothed model input, shape (N, G). Each gene points to its `n_neighbors` nearest genes
     (Euclidean over cells, itself included). As in PyG's GCNConv, messages go source -> target

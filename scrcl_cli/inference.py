@@ -45,7 +45,7 @@ def open_session(bundle: ModelBundle, view: str, *, device: Device = "auto", thr
 
     providers = ort_providers(device)
     if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
-        # Load CUDA/cuDNN from the nvidia wheels before the session looks for them (ecosystem §4).
+        # Load CUDA/cuDNN from the nvidia wheels before the session looks for them.
         ort.preload_dlls()
     if device != "cuda":
         # In auto mode a missing GPU is expected; ORT's provider errors would only alarm users.

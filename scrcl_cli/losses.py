@@ -1,4 +1,4 @@
-"""scRCL's three alignment losses in linear memory (method doc §1.6 and §3.3).
+"""scRCL's three alignment losses in linear memory (exact O(N·H + E·H) forms of the dense N x N losses).
 
 The reference builds N x N matrices for the neighbourhood contrastive alignment (NCA) and the
 cross-view consistency (CVC). Both sums factor exactly: the all-pairs parts into per-cell and

@@ -1,9 +1,9 @@
 """Clustering accuracy against known labels: ACC, NMI, ARI and macro-F1.
 
-Evaluation only (method doc §1.9): nothing in training or clustering imports this module,
+Evaluation only: nothing in training or clustering imports this module,
 so labels can never steer a fit. Every function reads its inputs and never writes to them;
 the reference's ``clustering_acc`` overwrote predictions in place when the number of
-clusters differed from the number of classes (method doc §4.4), which is what this avoids.
+clusters differed from the number of classes, which is what this avoids.
 
 All four scores come from one contingency table, shape ``(n_classes, n_clusters)``, so
 labels may be strings, ints or any mix of hashable values, and the number of predicted

@@ -1,4 +1,4 @@
-"""scRCL networks in plain torch (method doc §1.5): MLP view, GCN view, gene encoder.
+"""scRCL networks in plain torch: MLP view, GCN view, gene encoder.
 
 No torch_geometric: a GCN layer is a linear map followed by a product with a precomputed
 normalised sparse adjacency (``graphs.gcn_norm`` / ``graphs.gene_graph``), exactly PyG's
@@ -106,7 +106,7 @@ class ScRCLOutput:
 class ScRCL(nn.Module):
     """The two cell views, the shared projector and the gene encoder.
 
-    n_genes G, n_cells N (the gene encoder's input width, method doc §3.4), hidden H, out O.
+    n_genes G, n_cells N (the gene encoder's input width), hidden H, out O.
     """
 
     def __init__(self, n_genes: int, n_cells: int, hidden_dim: int, out_dim: int, dropout: float, seed: int) -> None:

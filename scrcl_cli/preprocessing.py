@@ -1,4 +1,4 @@
-"""Scanpy-compatible preprocessing for scRCL's SC variant (method doc §1.1), in numpy/scipy.
+"""Scanpy-compatible preprocessing for scRCL's SC variant, in numpy/scipy.
 
 Hand-written so that the inference image needs no scanpy (and its numba/llvmlite weight);
 `tests/test_preprocessing.py` proves the HVG set and values match scanpy on shared datasets.

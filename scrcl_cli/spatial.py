@@ -1,6 +1,6 @@
 """Spatial (ST) variant of scRCL: preprocessing, spatial graph, neighbour-vote refinement, plot.
 
-Method doc §1.1 ST, §1.2 ST, §1.8 and §6. numpy/scipy/scikit-learn only (matplotlib inside
+Spatial preprocessing, graph and neighbour vote of the scRCL reference. numpy/scipy/scikit-learn only (matplotlib inside
 `plot_domains`); torch is never imported here.
 
 - `highly_variable_seurat_v3` is scanpy's ``highly_variable_genes(flavor="seurat_v3")``. Its
@@ -229,7 +229,7 @@ def scale_with(lognorm: sp.csr_matrix, std: np.ndarray, max_value: float = MAX_V
 
 @dataclass(frozen=True)
 class SpatialPrepared(Prepared):
-    """Preprocessed spatial section (method doc §1.1 ST).
+    """Preprocessed spatial section.
 
     genes: seurat_v3 HVG names in model order, length G; cell_mask: kept spots, (n_obs,).
     lognorm: log1p of counts normalised to 1e4 over all genes, HVG columns, CSR (N, G).
@@ -326,7 +326,7 @@ def nearest_others(coords: np.ndarray, k: int) -> np.ndarray:
 
 
 def spatial_graph(coords: np.ndarray, k: int = 15) -> sp.csr_matrix:
-    """Binary spatial kNN graph (method doc §1.2 ST), union-symmetrised, no self loops.
+    """Binary spatial kNN graph, union-symmetrised, no self loops.
 
     coords: spot positions, shape (N, 2) (any dimension works). Each spot links to its k
     nearest other spots (Euclidean; `nearest_others`), then A = max(A, A^T).
@@ -337,7 +337,7 @@ def spatial_graph(coords: np.ndarray, k: int = 15) -> sp.csr_matrix:
 
 
 def refine_labels(labels: np.ndarray, coords: np.ndarray, n_neighbours: int = 50) -> np.ndarray:
-    """Neighbour-vote refinement (the reference's ``refine_label(..., radius=50)``, method doc §1.8).
+    """Neighbour-vote refinement (the reference's ``refine_label(..., radius=50)``).
 
     labels: shape (N,), any hashable values; coords: shape (N, d).
     Each spot takes the most frequent label among its `n_neighbours` nearest other spots

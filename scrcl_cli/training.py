@@ -1,4 +1,4 @@
-"""Full-batch scRCL training (method doc §1.7) without any label, in linear memory.
+"""Full-batch scRCL training without any label, in linear memory.
 
 `build_inputs` turns preprocessed arrays into the graphs and smoothed inputs; `fit` runs Adam
 for a fixed number of epochs and returns the trained weights, the loss log and the embedding.

@@ -12,7 +12,7 @@ import torch.nn.functional as F  # noqa: E402
 from scrcl_cli.graphs import knn_to_adjacency  # noqa: E402
 from scrcl_cli.losses import cvc_loss, eda_loss, nca_loss, scrcl_loss  # noqa: E402
 
-# ---- dense references, written as the method doc states them (kept in the tests only)
+# ---- dense references, written as the paper states them (kept in the tests only)
 
 
 def dense_eda(e1, e2, t):

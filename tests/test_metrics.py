@@ -155,7 +155,7 @@ def test_accuracy_matches_brute_force_over_all_matchings() -> None:
 
 @pytest.mark.parametrize("kind", ["int_array", "str_array", "list", "series", "categorical"])
 def test_evaluate_leaves_inputs_unchanged(kind: str) -> None:
-    # More clusters than classes: the case where the reference overwrote y_pred (method doc §4.4).
+    # More clusters than classes: the case where the reference overwrote y_pred.
     true_ints = np.array([0, 0, 0, 1, 1, 1, 2, 2])
     pred_ints = np.array([5, 5, 4, 3, 3, 1, 0, 0])
     makers = {

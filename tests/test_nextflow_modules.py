@@ -2,7 +2,7 @@
 
 Nextflow and nf-test cannot run here, so these tests
   * parse every main.nf, meta.yml, environment*.yml and tests/*.nf.test and check the nf-core
-    module rules (ecosystem.md §1, style.md §9) that `nf-core modules lint` would check;
+    module rules that `nf-core modules lint` would check;
   * render each module's `script:` and `stub:` sections with test values (meta.id, task.cpus,
     task.ext.args, prefix, task.accelerator on and off) through tests/nextflow_helpers.py and
     run them in bash, in a task-like folder, against the real `scrcl-cli` and
@@ -145,7 +145,7 @@ def test_main_nf_inputs_args_prefix_and_single_cli_call(name):
         assert 'prefix = task.ext.prefix ?: "${meta.id}"' in stmts, "prefix without def, so outputs can use it"
     rendered = render_section(mod.script, context(mod, meta_id="s1", inputs=default_inputs(name), args="--x 1"))
     lines = [ln.strip() for ln in rendered.script.replace("\\\n", " ").splitlines() if ln.strip()]
-    assert len(lines) == 1, f"the script is one scrcl-cli call (style.md §9), got {lines}"
+    assert len(lines) == 1, f"the script is one scrcl-cli call, got {lines}"
     words = lines[0].split()
     assert words[:3] == ["scrcl-cli", name, "sample_input.h5ad"]
     assert words[-2:] == ["--x", "1"], "task.ext.args goes last, so it can override"
@@ -348,7 +348,7 @@ def test_nf_test_files_have_tags_real_and_stub_tests(name, variant):
     assert stubs, "a '- stub' test is mandatory"
     assert reals, "a real test runs the tool"
     for test_name, body in blocks:
-        assert test_name.startswith("Should "), "test names read as sentences (style.md §9)"
+        assert test_name.startswith("Should "), "test names read as sentences"
         assert ('options "-stub"' in body) == test_name.endswith(" - stub")
         if "process.success" in body:
             assert "snapshot(" in body, f"{test_name}: one snapshot per test"

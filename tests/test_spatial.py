@@ -126,7 +126,7 @@ def test_prepare_spatial_matches_scanpy_scale_without_centring(name):
 
 @pytest.mark.needs_shared_data
 def test_prepare_spatial_subset_matches_reference_order_of_steps():
-    # Reference (method doc §1.1 ST): HVGs on counts, normalise all genes, log1p, scale, subset.
+    # Reference: HVGs on counts, normalise all genes, log1p, scale, subset.
     adata, x = _read("dlpfc_151510_top500.h5ad")
     hvg = _scanpy_hvg(adata, 200)
     ours = prepare_spatial(x, list(adata.var_names), n_top_genes=200)

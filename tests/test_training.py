@@ -86,7 +86,7 @@ def test_minibatch_training_learns_on_real_cells():
     Single seeds differ by up to ±0.1 ARI here, so the comparison is of means over seeds.
     Measured on the development machine: full 0.450, mini-batch 0.451 over these six seeds
     (over eight: 0.454 vs 0.453; `benchmarks/minibatch.py`, docs/benchmarks.md §3). The bound
-    asserted is 0.1, twice issue 5's 0.05, because the trajectories depend on the CPU's float
+    asserted is 0.1, twice the 0.05 of the mini-batch target, because the trajectories depend on the CPU's float
     kernels and the standard error of the difference over six seeds is about 0.05.
     """
     from scrcl_cli.clustering import cosine_kmeans
