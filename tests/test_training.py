@@ -114,3 +114,96 @@ def test_minibatch_training_learns_on_real_cells():
     print(f"\nmini-batch ARI {np.mean(mini):.3f} vs full batch {np.mean(full):.3f} over 6 seeds")
     assert np.mean(mini) > 0.3
     assert np.mean(mini) >= np.mean(full) - 0.1
+
+def test_inclusion_probability_matches_sampled_batches():
+    """The hypergeometric inclusion probability of `_batch_nodes` batches equals the sampled frequency."""
+    from scrcl_cli.training import _batch_nodes, _seed_chunks, inclusion_probability
+
+    rng = np.random.default_rng(0)
+    n = 60
+    adj = sp.random(n, n, density=0.08, random_state=1, format="csr")
+    adj = ((adj + adj.T) > 0).astype(np.float32)
+    adj.setdiag(0)
+    adj.eliminate_zeros()
+    adj = sp.csr_matrix(adj)
+    n_seeds = 7
+    pi = inclusion_probability(adj.getnnz(axis=0), n, n_seeds)
+    indptr = torch.from_numpy(adj.indptr.astype(np.int64))
+    indices = torch.from_numpy(adj.indices.astype(np.int64))
+    gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+    chunks = _seed_chunks(n, n_seeds, gen, torch.device("cpu"))
+    draws = 6000
+    counts = np.zeros(n)
+    for _ in range(draws):
+        counts[_batch_nodes(indptr, indices, next(chunks)).numpy()] += 1
+    # Binomial standard error of each frequency is at most 0.0065 here.
+    np.testing.assert_allclose(counts / draws, pi, atol=0.03)
+    assert pi.min() > n_seeds / n - 1e-12 and pi.max() <= 1.0
+
+
+def test_minibatch_gene_estimate_is_unbiased():
+    """Horvitz-Thompson weighting: the mean over many batches of the gene encoder's batch
+    estimate of X0^T W equals the whole-data product (neighbour-expanded batches oversample
+    well-connected cells, which the N / B scaling would not correct)."""
+    from scrcl_cli.model import ScRCL
+    from scrcl_cli.training import _batch_nodes, _seed_chunks, inclusion_probability
+
+    n, g = 80, 5
+    rng = np.random.default_rng(2)
+    # A hub-heavy graph: cells 0-9 are linked to everyone, the rest to few.
+    adj = sp.lil_matrix((n, n), dtype=np.float32)
+    for i in range(10):
+        for j in range(n):
+            if i != j:
+                adj[i, j] = adj[j, i] = 1
+    adj = sp.csr_matrix(adj)
+    x = torch.from_numpy(rng.random((n, g)).astype(np.float32))
+    x[:10] += 5.0  # hubs differ, so a biased estimate shows
+    model = ScRCL(g, n, 4, 3, 0.0, seed=0)
+    target = (x.T @ model.gene_w.T).detach()
+    n_seeds = 2
+    pi = torch.from_numpy(inclusion_probability(adj.getnnz(axis=0), n, n_seeds).astype(np.float32))
+    chunks = _seed_chunks(n, n_seeds, torch.Generator().manual_seed(0), torch.device("cpu"))
+    indptr, indices = torch.from_numpy(adj.indptr.astype(np.int64)), torch.from_numpy(adj.indices.astype(np.int64))
+    ht = torch.zeros_like(target)
+    naive = torch.zeros_like(target)
+    draws = 3000
+    with torch.no_grad():
+        for _ in range(draws):
+            nodes = _batch_nodes(indptr, indices, next(chunks))
+            w_b = model.gene_w[:, nodes].T
+            ht += x[nodes].T @ (w_b / pi[nodes].unsqueeze(1)) / draws
+            naive += (n / nodes.shape[0]) * (x[nodes].T @ w_b) / draws
+    scale = target.abs().mean()
+    assert (ht - target).abs().mean() < 0.05 * scale
+    assert (naive - target).abs().mean() > 3 * (ht - target).abs().mean()
+
+
+def test_minibatch_epochs_count_passes_over_the_cells():
+    """An epoch is about N / E[B] steps: the cells seen per epoch add up to about N, and the
+    loss log has one row per epoch."""
+    from scrcl_cli.preprocessing import prepare
+
+    ad = _example()
+    prep = prepare(ad.X, list(ad.var_names), n_top_genes=300)
+    cfg = TrainConfig(**{**CFG.as_dict(), "epochs": 3, "lr": 1e-3})
+    inputs = build_inputs(prep.model_input, prep.lognorm, cfg)
+    seen = []
+    import scrcl_cli.training as training
+
+    orig = training._batch_nodes
+
+    def spy(*a):
+        out = orig(*a)
+        seen.append(out.shape[0])
+        return out
+
+    training._batch_nodes = spy
+    try:
+        res = fit(inputs, cfg, device=torch.device("cpu"), batch_size=128)
+    finally:
+        training._batch_nodes = orig
+    steps = res.extra["steps_per_epoch"]
+    assert len(seen) == 3 * steps and steps >= 4
+    assert abs(sum(seen) / 3 - 700) < 0.25 * 700
+    assert res.losses.shape == (3, 4) and np.all(np.isfinite(res.losses))
