@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from . import clustering, graphs
+from . import clustering, graphs, stages
 from ._device import Device, check_session_provider, ort_providers
 from ._version import __version__
 from .data import (
@@ -45,8 +45,9 @@ Progress = Callable[[int, int], None]
 ONNX_FILES = {"fused": "encoder_fused.onnx", "cell": "encoder_cell.onnx"}
 
 
-def open_session(bundle: ModelBundle, view: str, *, device: Device = "auto", threads: int = 0) -> tuple[Any, str]:
-    """An ONNX Runtime session for `view` and the provider it really uses."""
+def open_session(bundle: ModelBundle, view: str, *, device: Device = "auto", threads: int = 0,
+                 file: str | None = None) -> tuple[Any, str]:
+    """An ONNX Runtime session for `view` (or the model's ONNX `file`) and the provider it really uses."""
     import onnxruntime as ort
 
     providers = ort_providers(device)
@@ -66,11 +67,12 @@ def open_session(bundle: ModelBundle, view: str, *, device: Device = "auto", thr
     if version < MIN_ENCODER_FORMAT:
         raise ScrclError(f"{bundle.path} holds encoders of model format {version}, which this scrcl-cli no longer runs",
                          f"Re-export them with: scrcl-cli export {bundle.path}")
-    blob = bundle.read_bytes(ONNX_FILES[view])  # hash-checked again right before loading
+    file = file or ONNX_FILES[view]
+    blob = bundle.read_bytes(file)  # hash-checked again right before loading
     try:
         session = ort.InferenceSession(blob, sess_options=opts, providers=providers)
     except Exception as exc:
-        raise ScrclError(f"ONNX Runtime could not load {ONNX_FILES[view]} ({str(exc).splitlines()[0][:120]})",
+        raise ScrclError(f"ONNX Runtime could not load {file} ({str(exc).splitlines()[0][:120]})",
                          "Re-export the model with scrcl-cli export, or upgrade onnxruntime") from exc
     return session, check_session_provider(session.get_providers(), device)
 
@@ -263,6 +265,20 @@ def run_encoder(
     return out
 
 
+def run_staged_encoder(
+    bundle: ModelBundle, view: str, model_input: sp.csr_matrix, a_hat: sp.csr_matrix | None,
+    graph_params: dict[str, Any], *, device: Device = "auto", threads: int = 0, batch_size: int = 4096,
+    progress: Progress | None = None,
+) -> tuple[np.ndarray, str]:
+    """`run_encoder` through the model's staged encoder (stages.py): (N, D) float32 and the provider."""
+    sessions = [open_session(bundle, view, device=device, threads=threads, file=f) for f in stages.stage_files(view)]
+    powers = stages.stage_powers(view, int(graph_params["t0"]), int(graph_params["t1"]))
+    log.info("%s view: staged encoder, Â powers %s between stages", view, powers)
+    emb = stages.run_stages([stages.ort_runner(s) for s, _ in sessions], powers, model_input, a_hat,
+                            batch_size=batch_size, progress=progress)
+    return emb, sessions[0][1]
+
+
 @dataclass
 class EmbedReport:
     """What `embed` did: provider actually used, genes matched, sizes and seconds.
@@ -302,9 +318,13 @@ def _embed_query(
     if params.get("kind") != "spatial" and coords is not None:
         log.info("this file has obsm['spatial']; models trained with --spatial use it")
     a_hat = query_graph(query.lognorm, params, coords=coords) if need_graph else None
-    session, provider = open_session(bundle, view, device=device, threads=threads)
-    emb = run_encoder(session, view, query.model_input, a_hat, params, batch_size=batch_size, progress=progress,
-                      hidden_dim=int(bundle.manifest["model"]["hidden_dim"]))
+    if stages.has_stages(bundle.manifest["files"], view):
+        emb, provider = run_staged_encoder(bundle, view, query.model_input, a_hat, params, device=device,
+                                           threads=threads, batch_size=batch_size, progress=progress)
+    else:
+        session, provider = open_session(bundle, view, device=device, threads=threads)
+        emb = run_encoder(session, view, query.model_input, a_hat, params, batch_size=batch_size, progress=progress,
+                          hidden_dim=int(bundle.manifest["model"]["hidden_dim"]))
     uns = {
         "scrcl_version": __version__,
         "model_sha256": bundle.manifest["files"][ONNX_FILES[view]],

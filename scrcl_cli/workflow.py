@@ -194,7 +194,21 @@ def export_files(state: dict[str, Any], gene_emb: np.ndarray, manifest: dict[str
     from .export import export_onnx
 
     meta = onnx_metadata(manifest)
-    return {ONNX_FILES[v]: export_onnx(state, gene_emb, view=v, metadata={**meta, "view": v}) for v in ("fused", "cell")}
+    files = {ONNX_FILES[v]: export_onnx(state, gene_emb, view=v, metadata={**meta, "view": v}) for v in ("fused", "cell")}
+    files.update(export_stage_files(state, gene_emb, meta))
+    return files
+
+
+def export_stage_files(state: dict[str, Any], gene_emb: np.ndarray, meta: dict[str, str]) -> dict[str, bytes]:
+    """The staged encoders of both views (stages.py) for gcn-pca models; none for fused models."""
+    from .export import export_stages
+
+    if "embed_fused_mean" not in state:
+        return {}
+    files: dict[str, bytes] = {}
+    for v in ("fused", "cell"):
+        files.update(export_stages(state, gene_emb, view=v, metadata={**meta, "view": v}))
+    return files
 
 
 def model_files(
