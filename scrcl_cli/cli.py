@@ -268,7 +268,9 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
       "--lambda1 10 --t0 5 --t1 5 --n-top-genes 3000 --embedding fused, no gene-graph mixing (docs/spatial.md).")
 @_opt("--refine-neighbours", type=click.IntRange(min=1), default=50, help="With --spatial: spots in the neighbour vote.")
 @_opt("--batch-size", "batch_size", type=click.IntRange(min=2), default=None,
-      help="Train on mini-batches of about this many cells, one batch per epoch (default: full batch when it fits in memory).")
+      help="Train on mini-batches of about this many cells; an epoch is still one pass over the cells (default: full batch when it fits in memory).")
+@_opt("--out-of-core", is_flag=True,
+      help="Keep the smoothed inputs in memory-mapped files beside OUTPUT while training (removed afterwards), for atlases larger than memory.")
 @_opt("--no-export", is_flag=True, help="Skip the ONNX export (weights only).")
 @seed_option
 @device_option
@@ -277,7 +279,7 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 @quiet_option
 @click.pass_context
 def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | None, n_clusters: int | None,
-          spatial: bool, refine_neighbours: int, batch_size: int | None, no_export: bool, seed: int, device: str, threads: int, overwrite: bool, **hyper: Any) -> None:
+          spatial: bool, refine_neighbours: int, batch_size: int | None, out_of_core: bool, no_export: bool, seed: int, device: str, threads: int, overwrite: bool, **hyper: Any) -> None:
     """Train scRCL on the raw counts in INPUT_H5AD and write a model directory."""
     from . import data
 
@@ -315,6 +317,7 @@ def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | N
                 bar(epoch + 1, info=f"loss {terms.total.item():.4f}")
 
         trained = train_model(adata, config, device=device, n_clusters=n_clusters, export=not no_export, batch_size=batch_size,  # type: ignore[arg-type]
+                              out_of_core=output if out_of_core else None,
                               spatial={"refine_neighbours": refine_neighbours} if spatial else None,
                               on_epoch=on_epoch, on_graph=lambda d, n: graph_bar(d, n))
     data.write_model_dir(output, trained.files, trained.manifest, overwrite=overwrite)
@@ -545,7 +548,7 @@ def demo(ctx: click.Context, outdir: Path, epochs: int, hidden_dim: int, seed: i
     example = Path(str(resources.files("scrcl_cli") / "data" / "pbmc68k_reduced_700.h5ad"))
     outdir.mkdir(parents=True, exist_ok=True)
     model, clustered = outdir / "model", outdir / "pbmc68k_clustered.h5ad"
-    ctx.invoke(train, input_h5ad=example, output=model, out_h5ad=None, n_clusters=None, spatial=False, refine_neighbours=50, batch_size=None, no_export=False, seed=seed,
+    ctx.invoke(train, input_h5ad=example, output=model, out_h5ad=None, n_clusters=None, spatial=False, refine_neighbours=50, batch_size=None, out_of_core=False, no_export=False, seed=seed,
                device=device, threads=0, overwrite=overwrite, epochs=epochs, hidden_dim=hidden_dim, out_dim=16,
                dropout=0.3, lr=1e-4, weight_decay=0.1, temperature=0.1, lambda1=100.0, lambda2=1.0, t0=4, t1=2,
                n_neighbors=15, n_top_genes=None, input_mode="lognorm", expression="counts")

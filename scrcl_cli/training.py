@@ -7,10 +7,13 @@ Nothing here reads labels, clusters during training or writes files.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -100,6 +103,7 @@ def build_inputs(
     graph_device: Any = None,
     progress: Callable[[int, int], None] | None = None,
     adj: sp.csr_matrix | None = None,
+    scratch_dir: Any = None,
 ) -> TrainInputs:
     """Cell graph on `lognorm` (unless `adj` is given, e.g. a spatial graph), gene graph on the
     unsmoothed `model_input`, then smoothing.
@@ -107,6 +111,8 @@ def build_inputs(
     graph_device: a CUDA `torch.device` for the graph algebra (Gram matrices, exact kNN search,
     smoothing), or None for numpy/scipy. The Gram matrix X^T X is computed once when the model
     input is the log-normalised matrix (the default), as the PCA and the gene graph both need it.
+    scratch_dir: out of core, a directory for the smoothed inputs as memory-mapped files
+    (`graphs.smooth_powers`); `scratch_inputs` makes and removes one.
     """
     shared = model_input is lognorm
     gram = graphs.gram_matrix(lognorm, device=graph_device) if shared else None
@@ -116,8 +122,24 @@ def build_inputs(
     gene_prop = graphs.gene_graph(model_input, config.gene_neighbors,
                                   gram=gram if shared else graphs.gram_matrix(model_input, device=graph_device))
     smoothed = graphs.smooth_powers(sp.csr_matrix(model_input, dtype=np.float32), a_hat, (config.t0, config.t1),
-                                    device=graph_device)
+                                    device=graph_device, out_dir=scratch_dir)
     return TrainInputs(x0=smoothed[config.t0], x1=smoothed[config.t1], adj=adj, a_hat=a_hat, gene_prop=gene_prop)
+
+
+@contextlib.contextmanager
+def scratch_inputs(near: Any) -> Iterator[Path]:
+    """A temporary directory beside `near` (the output path) for out-of-core smoothed inputs,
+    removed on exit, also after an error. Local disk next to the output, not /tmp, which is often
+    a small RAM disk."""
+    parent = Path(near).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".scrcl-smoothed-", dir=parent) as tmp:
+        yield Path(tmp)
+
+
+def is_out_of_core(inputs: TrainInputs) -> bool:
+    """True when the smoothed inputs are memory-mapped files (`build_inputs(scratch_dir=...)`)."""
+    return isinstance(inputs.x0, np.memmap)
 
 
 @dataclass
@@ -220,13 +242,25 @@ def fit(
     return _finish(model, x0, x1, a_hat, gene_prop, log_t, t_start, device, config)
 
 
-def _setup(inputs: TrainInputs, config: TrainConfig, device: torch.device) -> tuple[Any, ...]:
-    """Model, dropout generator, inputs on the device, gene graph, optimiser and loss log."""
+def _rows(x: Tensor, nodes: Tensor, device: torch.device) -> Tensor:
+    """Rows `nodes` of x on `device`; x may stay on the host (streamed, out of core)."""
+    if x.device == nodes.device:
+        return x[nodes]
+    return x[nodes.to(x.device)].to(device, non_blocking=True)
+
+
+def _setup(inputs: TrainInputs, config: TrainConfig, device: torch.device, *, stream: bool = False) -> tuple[Any, ...]:
+    """Model, dropout generator, inputs on the device, gene graph, optimiser and loss log.
+
+    stream: leave the smoothed inputs where they are (host memory or memory-mapped files), for
+    mini-batches to gather their rows from (`_rows`), instead of copying them to the device.
+    """
     n, g = inputs.x0.shape
     model = ScRCL(g, n, config.hidden_dim, config.out_dim, config.dropout, config.seed).to(device)
     gen = torch.Generator(device=device).manual_seed(config.seed + 1)
-    x0 = torch.from_numpy(inputs.x0).to(device)
-    x1 = x0 if config.t0 == config.t1 else torch.from_numpy(inputs.x1).to(device)
+    place = (lambda a: torch.from_numpy(a)) if stream else (lambda a: torch.from_numpy(a).to(device))
+    x0 = place(inputs.x0)
+    x1 = x0 if config.t0 == config.t1 else place(inputs.x1)
     gene_prop = to_torch_sparse(inputs.gene_prop, device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     # The loss log stays on the device; one copy to the host after the loop.
@@ -242,7 +276,8 @@ def _finish(model: ScRCL, x0: Tensor, x1: Tensor, a_hat: Tensor, gene_prop: Tens
     seconds = time.perf_counter() - t_start
     model.eval()
     with torch.no_grad():
-        out = model(x0, x1, a_hat, gene_prop)
+        out = model(x0, x1, a_hat, gene_prop) if x0.device == device else forward_streamed(
+            model, x0, x1, a_hat, gene_prop, device)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         fused, z1 = out.fused.cpu().numpy(), out.z1.cpu().numpy()
         if config.embedding == "gcn-pca":
@@ -273,6 +308,34 @@ def _finish(model: ScRCL, x0: Tensor, x1: Tensor, a_hat: Tensor, gene_prop: Tens
         seconds=seconds,
         extra=extra or {},
     )
+
+
+def forward_streamed(model: ScRCL, x0: Tensor, x1: Tensor, a_hat: Tensor, gene_prop: Tensor, device: torch.device,
+                     block: int = 65_536) -> Any:
+    """Eval-mode `model(x0, x1, a_hat, gene_prop)` with x0, x1 (N, G) left on the host and sent
+    to `device` a row block at a time: only (N, H) arrays are whole on the device.
+
+    Same function as the one-call forward (equal to float32 rounding: the sums over cells of the
+    gene encoder run block by block). Returns a `model.ScRCLOutput`.
+    """
+    from .model import ScRCLOutput
+
+    n = x0.shape[0]
+    pre = torch.zeros(x0.shape[1], model.gene_w.shape[0], device=device)  # X0^T W_gene, (G, O)
+    h1, p1 = [], []
+    for s in range(0, n, block):
+        rows = torch.arange(s, min(n, s + block))
+        b0 = _rows(x0, rows, device)
+        h1.append(model.mlp_view(b0))
+        pre += b0.T @ model.gene_w[:, s:s + rows.shape[0]].T
+        p1.append(_rows(x1, rows, device) @ model.gcn1_w.T)
+    e = torch.nn.functional.relu(torch.sparse.mm(gene_prop, pre) + model.gene_b)
+    h1_t = torch.cat(h1)
+    # gcn_view with its first product precomputed: the rest is on (N, H) arrays.
+    h = torch.nn.functional.leaky_relu(torch.sparse.mm(a_hat, torch.cat(p1)) + model.gcn1_b, 0.01)
+    h = torch.nn.functional.leaky_relu(torch.sparse.mm(a_hat, h @ model.gcn2_w.T) + model.gcn2_b, 0.01)
+    h2 = torch.nn.functional.leaky_relu(torch.nn.functional.linear(h, model.fc_w, model.fc_b), 0.01)
+    return ScRCLOutput(h1=h1_t, h2=h2, z1=model.refine(h1_t, e), z2=model.refine(h2, e), gene_emb=e)
 
 
 def _edges(adj: sp.csr_matrix, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -371,7 +434,7 @@ def _fit_minibatch(
     final embedding is computed on the whole graph. The loss log holds each epoch's mean step.
     """
     n = inputs.x0.shape[0]
-    model, gen, x0, x1, gene_prop, opt, _ = _setup(inputs, config, device)
+    model, gen, x0, x1, gene_prop, opt, _ = _setup(inputs, config, device, stream=is_out_of_core(inputs))
     row, col = _edges(inputs.adj, device)
     csr = inputs.adj.tocsr()
     indptr = torch.from_numpy(csr.indptr.astype(np.int64)).to(device)
@@ -397,7 +460,8 @@ def _fit_minibatch(
             nodes = _batch_nodes(indptr, indices, next(seeds))
             adj_b, a_hat_b = induced_subgraph(row, col, nodes, n)
             opt.zero_grad(set_to_none=True)
-            out = model(x0[nodes], x1[nodes], a_hat_b, gene_prop, gen, cells=nodes, cell_weights=inv_pi[nodes])
+            x0_b, x1_b = _rows(x0, nodes, device), _rows(x1, nodes, device)
+            out = model(x0_b, x1_b, a_hat_b, gene_prop, gen, cells=nodes, cell_weights=inv_pi[nodes])
             terms = scrcl_loss(out.h1, out.h2, out.z1, out.z2, adj_b, temperature=config.temperature,
                                lambda1=config.lambda1, lambda2=config.lambda2)
             terms.total.backward()

@@ -207,3 +207,63 @@ def test_minibatch_epochs_count_passes_over_the_cells():
     assert len(seen) == 3 * steps and steps >= 4
     assert abs(sum(seen) / 3 - 700) < 0.25 * 700
     assert res.losses.shape == (3, 4) and np.all(np.isfinite(res.losses))
+
+
+def test_out_of_core_inputs_train_like_in_memory(tmp_path):
+    """Smoothed inputs in memory-mapped files beside the output train exactly as in memory (the
+    same float32 values, the same CPU kernels), in mini-batches and full batch; the scratch
+    directory is removed afterwards."""
+    from scrcl_cli.preprocessing import prepare
+    from scrcl_cli.training import is_out_of_core, scratch_inputs
+
+    ad = _example()
+    prep = prepare(ad.X, list(ad.var_names), n_top_genes=300)
+    cfg = TrainConfig(**{**CFG.as_dict(), "epochs": 4, "lr": 1e-3, "t0": 3, "t1": 2})
+    mem = build_inputs(prep.model_input, prep.lognorm, cfg)
+    with scratch_inputs(tmp_path / "model") as scratch:
+        assert scratch.parent == tmp_path
+        ooc = build_inputs(prep.model_input, prep.lognorm, cfg, scratch_dir=scratch)
+        assert is_out_of_core(ooc) and not is_out_of_core(mem)
+        assert sorted(p.name for p in scratch.iterdir()) == ["smoothed_t2.npy", "smoothed_t3.npy"]
+        np.testing.assert_array_equal(np.asarray(ooc.x0), mem.x0)
+        for b in (256, None):
+            a = fit(mem, cfg, device=torch.device("cpu"), batch_size=b)
+            o = fit(ooc, cfg, device=torch.device("cpu"), batch_size=b)
+            # On the CPU the batches gather their rows straight from the files.
+            np.testing.assert_array_equal(a.losses, o.losses)
+            np.testing.assert_array_equal(a.embedding, o.embedding)
+        del ooc
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_streamed_forward_equals_one_call_forward():
+    from scrcl_cli.model import ScRCL, to_torch_sparse
+    from scrcl_cli.preprocessing import prepare
+    from scrcl_cli.training import forward_streamed
+
+    ad = _example()
+    prep = prepare(ad.X, list(ad.var_names), n_top_genes=300)
+    inputs = build_inputs(prep.model_input, prep.lognorm, CFG)
+    n, g = inputs.x0.shape
+    model = ScRCL(g, n, 32, 6, 0.3, seed=0).eval()
+    x0, x1 = torch.from_numpy(inputs.x0), torch.from_numpy(inputs.x1)
+    a_hat, gp = to_torch_sparse(inputs.a_hat), to_torch_sparse(inputs.gene_prop)
+    with torch.no_grad():
+        one = model(x0, x1, a_hat, gp)
+        blk = forward_streamed(model, x0, x1, a_hat, gp, torch.device("cpu"), block=97)
+    for name in ("h1", "h2", "z1", "z2", "gene_emb"):
+        assert torch.allclose(getattr(one, name), getattr(blk, name), atol=1e-5, rtol=1e-4), name
+
+
+def test_train_out_of_core_cli_leaves_no_scratch(tmp_path):
+    from click.testing import CliRunner
+
+    from scrcl_cli.cli import cli
+
+    out = tmp_path / "m"
+    res = CliRunner().invoke(cli, ["-q", "train", str(EXAMPLE), "-o", str(out), "--epochs", "3", "--hidden-dim", "32",
+                                   "--out-dim", "4", "--n-clusters", "4", "--batch-size", "300", "--out-of-core",
+                                   "--no-export", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert (out / "weights.pt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
