@@ -237,7 +237,7 @@ def manifest_file_names(folder: Path) -> list[str] | None:
 
 # ----------------------------------------------------------------------------- ONNX
 
-def check_onnx(blob: bytes, view: str, manifest: dict[str, Any], where: str) -> None:
+def check_onnx(blob: bytes, view: str | None, manifest: dict[str, Any], where: str) -> None:
     """Refuse an ONNX encoder that could read outside the folder, loop, or does not fit the manifest.
 
     Checks: parseable; every tensor stored inline (no external data); default-domain operators of
@@ -280,6 +280,11 @@ def check_onnx(blob: bytes, view: str, manifest: dict[str, Any], where: str) -> 
                     raise bad(f"operator {node.op_type} holds a subgraph")
 
     walk(proto.graph)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if meta.get("genes_sha256") != manifest["genes_sha256"]:
+        raise bad("its gene hash differs from the manifest's")
+    if view is None:  # a stage of a staged encoder: its widths are checked on its outputs at run time
+        return
     n_genes = len(manifest["genes"])
     dim = int(manifest["model"][f"{view}_dim"])
     want = {"x0": (1, 2, n_genes)} if view == "cell" else {
@@ -298,9 +303,6 @@ def check_onnx(blob: bytes, view: str, manifest: dict[str, Any], where: str) -> 
     odims = list(out.shape.dim)
     if out.elem_type != 1 or len(odims) != 2 or odims[1].dim_value not in (0, dim):
         raise bad(f"its output is not float32 (cells, {dim})")
-    meta = {p.key: p.value for p in proto.metadata_props}
-    if meta.get("genes_sha256") != manifest["genes_sha256"]:
-        raise bad("its gene hash differs from the manifest's")
 
 
 # ----------------------------------------------------------------------------- folder
@@ -336,6 +338,12 @@ class ModelBundle:
         if sha256_bytes(blob) != self.manifest["files"][name]:
             raise ScrclError(f"{name} in {self.path} does not match the sha256 in its manifest (the file was changed)",
                              "Restore the model folder from its source or retrain")
+        return blob
+
+    def stage_encoder(self, name: str) -> bytes:
+        """The ONNX bytes of one stage of a staged encoder (`stages.py`), hash-checked and validated."""
+        blob = self.read_bytes(name)
+        check_onnx(blob, None, self.manifest, f"{name} in {self.path}")
         return blob
 
     def encoder(self, view: str) -> bytes:

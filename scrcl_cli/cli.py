@@ -183,7 +183,6 @@ def _setup_logging(ctx: click.Context, verbose: int, quiet: bool) -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.setLevel(logging.DEBUG)
-        logger.propagate = False
         logger.addHandler(memory)
         if name == _ROOT or verbose:
             logger.addHandler(held if held is not None else terminal)
@@ -434,7 +433,9 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
       "--lambda1 10 --t0 5 --t1 5 --n-top-genes 3000 --embedding fused, no gene-graph mixing (docs/spatial.md).")
 @_opt("--refine-neighbours", type=click.IntRange(1, 10_000), default=C.REFINE_NEIGHBOURS, help="With --spatial: spots in the neighbour vote.")
 @_opt("--batch-size", "batch_size", type=click.IntRange(2, 100_000_000), default=None,
-      help="Train on mini-batches of about this many cells, one batch per epoch (default: full batch when it fits in memory).")
+      help="Train on mini-batches of about this many cells; an epoch is still one pass over the cells (default: full batch when it fits in memory).")
+@_opt("--out-of-core", is_flag=True,
+      help="Keep the smoothed inputs in memory-mapped files beside OUTPUT while training (removed afterwards), for atlases larger than memory.")
 @_opt("--no-export", is_flag=True, help="Skip the ONNX export (weights only).")
 @seed_option
 @device_option
@@ -443,7 +444,7 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 @quiet_option
 @click.pass_context
 def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | None, n_clusters: int | None,
-          spatial: bool, refine_neighbours: int, batch_size: int | None, no_export: bool, seed: int, device: str, threads: int, overwrite: bool, **hyper: Any) -> None:
+          spatial: bool, refine_neighbours: int, batch_size: int | None, out_of_core: bool, no_export: bool, seed: int, device: str, threads: int, overwrite: bool, **hyper: Any) -> None:
     """Train scRCL on the raw counts in INPUT_H5AD and write a model directory."""
     from .bundle import write_model_dir
     from .io.h5ad import read_h5ad_checked
@@ -488,6 +489,7 @@ def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | N
                 bar(epoch + 1, info=f"loss {terms.total.item():.4f}")
 
         trained = train_model(adata, config, device=device, n_clusters=n_clusters, export=not no_export, batch_size=batch_size,  # type: ignore[arg-type]
+                              out_of_core=output if out_of_core else None,
                               spatial={"refine_neighbours": refine_neighbours} if spatial else None,
                               on_epoch=on_epoch, on_graph=lambda d, n: graph_bar(d, n))
     outputs = []
@@ -730,8 +732,8 @@ def demo(ctx: click.Context, outdir: Path, epochs: int, hidden_dim: int, seed: i
     hyper = {k: v for k, v in C.TRAIN_DEFAULTS.as_dict().items() if k not in ("seed", "n_top_genes")}
     hyper.update(epochs=epochs, hidden_dim=hidden_dim)
     ctx.invoke(train, input_h5ad=example, output=model, out_h5ad=None, n_clusters=None, spatial=False,
-               refine_neighbours=C.REFINE_NEIGHBOURS, batch_size=None, no_export=False, seed=seed, device=device,
-               threads=0, overwrite=overwrite, n_top_genes=None, **hyper)
+               refine_neighbours=C.REFINE_NEIGHBOURS, batch_size=None, out_of_core=False, no_export=False, seed=seed,
+               device=device, threads=0, overwrite=overwrite, n_top_genes=None, **hyper)
     ctx.invoke(cluster, input_h5ad=example, model_dir=model, output=clustered, markers=None, denovo=False,
                n_clusters=None, view="fused", key_added=C.KEY_ADDED, spatial=False, plot=None, batch_size=C.BATCH_SIZE,
                min_gene_overlap=C.MIN_GENE_OVERLAP, seed=seed, device="cpu" if device == "cpu" else "auto", threads=0,

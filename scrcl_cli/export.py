@@ -108,8 +108,6 @@ def export_onnx(
     state: dict[str, Tensor], gene_emb: np.ndarray, *, view: str, metadata: dict[str, str]
 ) -> bytes:
     """Serialised ONNX model of the `view` ("fused" or "cell") encoder with `metadata` props."""
-    import onnx
-
     g = state["mlp_w"].shape[1]
     ex = _example(g)
     if view == "cell":
@@ -128,6 +126,14 @@ def export_onnx(
         shapes = {"x0": {0: cells}, "xs": {0: nodes}, "nbr": {0: cells, 1: kdim}, "w": {0: cells, 1: kdim}}
     else:
         raise ValueError(f"unknown view {view!r}")
+    return _to_onnx(module, args, names, out_name, shapes, metadata)
+
+
+def _to_onnx(module: nn.Module, args: tuple[Tensor, ...], names: list[str], out_name: str, shapes: Any,
+             metadata: dict[str, str]) -> bytes:
+    """torch.onnx (dynamo) export of `module` at OPSET, checked, with `metadata` props."""
+    import onnx
+
     # The exporter logs registry warnings (torchvision absent) that mean nothing to users.
     quiet = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("torch.onnx")]
     levels = [lg.level for lg in quiet]
@@ -151,3 +157,76 @@ def export_onnx(
     buf = io.BytesIO()
     onnx.save_model(proto, buf)
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------- staged encoders (smoothing outside)
+#
+# A model with the gcn-pca embedding (the default) is also exported as a chain of per-cell ONNX
+# stages with the graph products between them done outside ONNX, in float32 sparse algebra:
+#   fused: x -> x W1ᵀ | Â^(t1+1) | p -> leaky(p + b1) W2ᵀ | Â | s -> leaky(s + b2) -> fc -> PCA
+#   cell:  x -> x Wmᵀ | Â^t0     | p -> relu(p + bm) -> PCA
+# Linear maps commute with Â (Â^t X Wᵀ = Â^t (X Wᵀ)), so this is the same function as the
+# one-graph encoders, up to float32 rounding. It needs no (N, G) smoothed input, no padded
+# gather and no recomputation of a neighbourhood per batch: every stage runs once per cell.
+# The layout and the torch-free runner are in stages.py.
+
+class _Linear(nn.Module):
+    """x (B, G) -> x Wᵀ (B, H), no bias: the part of a first layer that commutes with Â."""
+
+    def __init__(self, w: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("w", w.detach().clone().float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.w.T
+
+
+class _GcnMiddle(_Frozen):
+    """x (B, H) = rows of Â^(t1+1) X W1ᵀ -> u = leaky(p + b1) W2ᵀ (B, H)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.leaky_relu(x + self.gcn1_b, 0.01) @ self.gcn2_w.T
+
+
+class _GcnHead(_Frozen):
+    """x (B, H) = rows of Â u -> the GCN view's PCA scores (B, D)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.leaky_relu(x + self.gcn2_b, 0.01)
+        h = F.leaky_relu(F.linear(h, self.fc_w, self.fc_b), 0.01)
+        return embed_hidden(h, self.embed_fused_mean, self.embed_fused_components)
+
+
+class _MlpHead(_Frozen):
+    """x (B, H) = rows of Â^t0 X Wmᵀ -> the MLP view's PCA scores (B, D)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return embed_hidden(F.relu(x + self.mlp_b), self.embed_cell_mean, self.embed_cell_components)
+
+
+def stage_modules(state: dict[str, Tensor], gene_emb: np.ndarray, view: str) -> list[nn.Module]:
+    """The torch modules of `view`'s stages (gcn-pca models only), in eval mode."""
+    if "embed_fused_mean" not in state:
+        raise ValueError("staged encoders exist for the gcn-pca embedding only")
+    if view == "fused":
+        mods: list[nn.Module] = [_Linear(state["gcn1_w"]), _GcnMiddle(state, gene_emb), _GcnHead(state, gene_emb)]
+    elif view == "cell":
+        mods = [_Linear(state["mlp_w"]), _MlpHead(state, gene_emb)]
+    else:
+        raise ValueError(f"unknown view {view!r}")
+    return [m.eval() for m in mods]
+
+
+def export_stages(state: dict[str, Tensor], gene_emb: np.ndarray, *, view: str,
+                  metadata: dict[str, str]) -> dict[str, bytes]:
+    """ONNX bytes of `view`'s stages keyed by file name (`stage_files`); each takes one (B, width)
+    float32 input ``x`` and returns ``y``, with a dynamic number of cells."""
+    from .stages import stage_files
+
+    out = {}
+    for i, (name, module) in enumerate(zip(stage_files(view), stage_modules(state, gene_emb, view))):
+        width = state["mlp_w"].shape[1] if i == 0 else state["mlp_w"].shape[0]
+        x = torch.rand(5, width, generator=torch.Generator().manual_seed(0))
+        out[name] = _to_onnx(module, (x,), ["x"], "y", {"x": {0: torch.export.Dim("num_cells", min=1)}},
+                             {**metadata, "stage": str(i)})
+    return out

@@ -349,7 +349,7 @@ def smooth(x: sp.csr_matrix | np.ndarray, a_hat: sp.csr_matrix, t: int) -> sp.cs
 
 def smooth_powers(
     x: sp.spmatrix | np.ndarray, a_hat: sp.csr_matrix, powers: list[int] | tuple[int, ...], *, block: int = 256,
-    device: Any = None,
+    device: Any = None, out_dir: Any = None,
 ) -> dict[int, np.ndarray]:
     """Â^t x for every t in `powers`, from one chain of max(powers) sparse products.
 
@@ -358,10 +358,20 @@ def smooth_powers(
     arrays are alive; each column's sums run in the same order as in `smooth`, so the values
     equal ``smooth(x, a_hat, t)`` cast to float32. With a CUDA `torch.device` the products run
     there in float32 (equal to the CPU values to float32 rounding, not bitwise).
+
+    out_dir: a directory (path-like) to hold the outputs as memory-mapped ``smoothed_t{t}.npy``
+    files instead of in memory (out-of-core training: the OS pages rows in and out, so host
+    memory does not grow as N x G); the caller removes the directory.
     """
     n, g = x.shape
     wanted = sorted(set(int(t) for t in powers))
-    out = {t: np.empty((n, g), dtype=np.float32) for t in wanted}
+    if out_dir is None:
+        out = {t: np.empty((n, g), dtype=np.float32) for t in wanted}
+    else:
+        from pathlib import Path
+
+        out = {t: np.lib.format.open_memmap(Path(out_dir) / f"smoothed_t{t}.npy", mode="w+", dtype=np.float32,
+                                            shape=(n, g)) for t in wanted}
     if device is not None:
         _smooth_powers_torch(x, a_hat, wanted, out, block, device)
         return out

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from . import clustering, graphs
+from . import clustering, graphs, stages
 from ._device import Device, check_session_provider, ort_providers
 from ._version import __version__
 from .bundle import ONNX_FILES, ModelBundle
@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
 
-def open_session(bundle: ModelBundle, view: str, *, device: Device = "auto", threads: int = 0) -> tuple[Any, str]:
-    """An ONNX Runtime session for `view` and the provider it really uses."""
+def open_session(bundle: ModelBundle, view: str, *, device: Device = "auto", threads: int = 0,
+                 file: str | None = None) -> tuple[Any, str]:
+    """An ONNX Runtime session for `view` (or the model's ONNX `file`) and the provider it really uses."""
     import onnxruntime as ort
 
     providers = ort_providers(device)
@@ -56,11 +57,13 @@ def open_session(bundle: ModelBundle, view: str, *, device: Device = "auto", thr
         opts.inter_op_num_threads = 1
     if device != "cuda":
         opts.log_severity_level = 3  # keep ORT's CUDA fallback chatter off the user's screen in auto mode
-    blob = bundle.encoder(view)  # hash-checked and validated right before loading
+    file = file or ONNX_FILES[view]
+    # hash-checked and validated right before loading
+    blob = bundle.encoder(view) if file == ONNX_FILES[view] else bundle.stage_encoder(file)
     try:
         session = ort.InferenceSession(blob, sess_options=opts, providers=providers)
     except Exception as exc:
-        raise ScrclError(f"ONNX Runtime could not load {ONNX_FILES[view]} ({_first_line(exc)})",
+        raise ScrclError(f"ONNX Runtime could not load {file} ({_first_line(exc)})",
                          "Re-export the model with scrcl-cli export, or upgrade onnxruntime") from exc
     return session, check_session_provider(session.get_providers(), device)
 
@@ -85,7 +88,11 @@ def run_session(session: Any, feeds: dict[str, np.ndarray], rows: int, width: in
             raise MemoryError(_first_line(exc)) from None
         raise ScrclError(f"the model's encoder failed in ONNX Runtime ({_first_line(exc)})",
                          "Re-export the model with scrcl-cli export, or retrain") from None
-    z = np.asarray(z)
+    return check_encoder_output(np.asarray(z), rows, width)
+
+
+def check_encoder_output(z: np.ndarray, rows: int, width: int) -> np.ndarray:
+    """`z` as float32 when it is (rows, width) and finite; a one-line error otherwise (the encoder is untrusted)."""
     if z.shape != (rows, width):
         raise ScrclError(f"the model's encoder returned shape {z.shape} where ({rows}, {width}) was expected",
                          "The model folder is damaged: re-export it with scrcl-cli export, or retrain")
@@ -295,6 +302,20 @@ def run_encoder(
     return out
 
 
+def run_staged_encoder(
+    bundle: ModelBundle, view: str, model_input: sp.csr_matrix, a_hat: sp.csr_matrix | None,
+    graph_params: dict[str, Any], *, device: Device = "auto", threads: int = 0, batch_size: int = 4096,
+    progress: Progress | None = None,
+) -> tuple[np.ndarray, str]:
+    """`run_encoder` through the model's staged encoder (stages.py): (N, D) float32 and the provider."""
+    sessions = [open_session(bundle, view, device=device, threads=threads, file=f) for f in stages.stage_files(view)]
+    powers = stages.stage_powers(view, int(graph_params["t0"]), int(graph_params["t1"]))
+    log.info("%s view: staged encoder, Â powers %s between stages", view, powers)
+    emb = stages.run_stages([stages.ort_runner(s) for s, _ in sessions], powers, model_input, a_hat,
+                            batch_size=batch_size, progress=progress)
+    return emb, sessions[0][1]
+
+
 @dataclass
 class EmbedReport:
     """What `embed` did: provider actually used, genes matched, sizes and seconds.
@@ -351,9 +372,14 @@ def _embed_query(
         log.info("this file has obsm['spatial']; models trained with --spatial use it")
     session, provider = session if session is not None else open_session(bundle, view, device=device, threads=threads)
     a_hat = query_graph(query.lognorm, params, coords=coords) if need_graph else None
-    emb = run_encoder(session, view, query.model_input, a_hat, params, batch_size=batch_size, progress=progress,
-                      hidden_dim=int(bundle.manifest["model"]["hidden_dim"]),
-                      width=int(bundle.manifest["model"][f"{view}_dim"]))
+    width = int(bundle.manifest["model"][f"{view}_dim"])
+    if stages.has_stages(bundle.manifest["files"], view):
+        emb, provider = run_staged_encoder(bundle, view, query.model_input, a_hat, params, device=device,
+                                           threads=threads, batch_size=batch_size, progress=progress)
+        check_encoder_output(emb, n, width)
+    else:
+        emb = run_encoder(session, view, query.model_input, a_hat, params, batch_size=batch_size, progress=progress,
+                          hidden_dim=int(bundle.manifest["model"]["hidden_dim"]), width=width)
     uns = {
         "scrcl_version": __version__,
         "model_sha256": bundle.manifest["files"][ONNX_FILES[view]],
@@ -396,7 +422,7 @@ def embed(
     t = time.perf_counter()
     session = open_session(bundle, view, device=device, threads=threads)
     query = prepare_query(adata, bundle, min_gene_overlap=min_gene_overlap, name=name)
-    rep = _embed_query(query, _coords(adata.obsm), bundle, view=view, session=session,
+    rep = _embed_query(query, _coords(adata.obsm), bundle, view=view, session=session, device=device, threads=threads,
                        batch_size=batch_size, key_added=key_added, progress=progress, name=name)
     rep.annotations.apply(adata)
     rep.seconds = time.perf_counter() - t
@@ -425,7 +451,7 @@ def embed_file(
     session = open_session(bundle, view, device=device, threads=threads)
     source = _open(source, bundle)
     query = prepare_query_file(source, bundle, min_gene_overlap=min_gene_overlap)
-    rep = _embed_query(query, source.spatial, bundle, view=view, session=session,
+    rep = _embed_query(query, source.spatial, bundle, view=view, session=session, device=device, threads=threads,
                        batch_size=batch_size, key_added=key_added, progress=progress, name=source.name)
     rep.seconds = time.perf_counter() - t
     return rep
@@ -516,8 +542,8 @@ def cluster(
     if denovo:
         clustering.check_n_clusters(n_clusters, adata.n_obs)
     t = time.perf_counter()
-    embed_kwargs["session"] = open_session(bundle, embed_kwargs.get("view", "fused"), device=embed_kwargs.pop("device", "auto"),
-                                           threads=embed_kwargs.pop("threads", 0))
+    embed_kwargs["session"] = open_session(bundle, embed_kwargs.get("view", "fused"), device=embed_kwargs.get("device", "auto"),
+                                           threads=embed_kwargs.get("threads", 0))
     name = embed_kwargs.pop("name", "the query")
     query = prepare_query(adata, bundle, min_gene_overlap=embed_kwargs.pop("min_gene_overlap", 0.5), name=name)
     coords = _coords(adata.obsm)
@@ -550,8 +576,8 @@ def cluster_file(
     if n_clusters is not None and not denovo:
         raise ScrclError("--n-clusters applies only with --denovo (the default labels cells by the training centroids)",
                          "Add --denovo to cluster the query itself into that many clusters, or drop --n-clusters")
-    embed_kwargs["session"] = open_session(bundle, embed_kwargs.get("view", "fused"), device=embed_kwargs.pop("device", "auto"),
-                                           threads=embed_kwargs.pop("threads", 0))
+    embed_kwargs["session"] = open_session(bundle, embed_kwargs.get("view", "fused"), device=embed_kwargs.get("device", "auto"),
+                                           threads=embed_kwargs.get("threads", 0))
     source = _open(source, bundle)
     if denovo:
         clustering.check_n_clusters(n_clusters, source.n_obs)

@@ -136,16 +136,23 @@ class ScRCL(nn.Module):
         h = dropout(h, self.p, gen, training=self.training)
         return F.leaky_relu(F.linear(h, self.fc_w, self.fc_b), 0.01)
 
-    def gene_embedding(self, x0: Tensor, gene_adj: Tensor, cells: Tensor | None = None) -> Tensor:
+    def gene_embedding(self, x0: Tensor, gene_adj: Tensor, cells: Tensor | None = None,
+                       cell_weights: Tensor | None = None) -> Tensor:
         """Gene encoder, X0^T (G, N) -> E (G, O), E >= 0. gene_adj: `graphs.gene_graph` (G, G).
 
-        With `cells` (B,) int64, x0 holds only those cells' rows (B, G): X0^T W is then estimated
-        from the batch as (N / B) * X0_b^T W_b, an unbiased estimate (mini-batch training).
+        With `cells` (B,) int64, x0 holds only those cells' rows (B, G) and X0^T W is estimated
+        from the batch (mini-batch training): weighted by `cell_weights` (B,), the inverse
+        inclusion probabilities (Horvitz-Thompson, unbiased), or else scaled by N / B (unbiased
+        for a uniform sample of cells).
         """
         if cells is None:
             return F.relu(torch.sparse.mm(gene_adj, x0.T @ self.gene_w.T) + self.gene_b)
-        scale = self.gene_w.shape[1] / cells.shape[0]
-        return F.relu(torch.sparse.mm(gene_adj, scale * (x0.T @ self.gene_w[:, cells].T)) + self.gene_b)
+        w_b = self.gene_w[:, cells].T
+        if cell_weights is None:
+            est = (self.gene_w.shape[1] / cells.shape[0]) * (x0.T @ w_b)
+        else:
+            est = x0.T @ (cell_weights.unsqueeze(1) * w_b)
+        return F.relu(torch.sparse.mm(gene_adj, est) + self.gene_b)
 
     def refine(self, h: Tensor, gene_emb: Tensor, gen: torch.Generator | None = None) -> Tensor:
         """Shared projector then the gene embedding: (N, H) -> (N, G) -> (N, O), L2-normalised."""
@@ -154,13 +161,14 @@ class ScRCL(nn.Module):
 
     def forward(
         self, x0: Tensor, x1: Tensor, adj: Tensor, gene_adj: Tensor, gen: torch.Generator | None = None,
-        cells: Tensor | None = None,
+        cells: Tensor | None = None, cell_weights: Tensor | None = None,
     ) -> ScRCLOutput:
         """x0, x1: Â^t0 X and Â^t1 X, shape (N, G). adj (N, N), gene_adj (G, G): sparse, normalised.
 
-        cells: for a mini-batch, the batch's indices among the N training cells (see gene_embedding).
+        cells, cell_weights: for a mini-batch, the batch's indices among the N training cells and
+        their inverse inclusion probabilities (see gene_embedding).
         """
         h1 = self.mlp_view(x0)
         h2 = self.gcn_view(x1, adj, gen)
-        e = self.gene_embedding(x0, gene_adj, cells)
+        e = self.gene_embedding(x0, gene_adj, cells, cell_weights)
         return ScRCLOutput(h1=h1, h2=h2, z1=self.refine(h1, e, gen), z2=self.refine(h2, e, gen), gene_emb=e)

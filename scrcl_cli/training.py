@@ -7,10 +7,13 @@ Nothing here reads labels, clusters during training or writes files.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,6 +52,7 @@ def build_inputs(
     graph_device: Any = None,
     progress: Callable[[int, int], None] | None = None,
     adj: sp.csr_matrix | None = None,
+    scratch_dir: Any = None,
 ) -> TrainInputs:
     """Cell graph on `lognorm` (unless `adj` is given, e.g. a spatial graph), gene graph on the
     unsmoothed `model_input`, then smoothing.
@@ -56,6 +60,8 @@ def build_inputs(
     graph_device: a CUDA `torch.device` for the graph algebra (Gram matrices, exact kNN search,
     smoothing), or None for numpy/scipy. The Gram matrix X^T X is computed once when the model
     input is the log-normalised matrix (the default), as the PCA and the gene graph both need it.
+    scratch_dir: out of core, a directory for the smoothed inputs as memory-mapped files
+    (`graphs.smooth_powers`); `scratch_inputs` makes and removes one.
     """
     shared = model_input is lognorm
     gram = graphs.gram_matrix(lognorm, device=graph_device) if shared else None
@@ -65,8 +71,24 @@ def build_inputs(
     gene_prop = graphs.gene_graph(model_input, config.gene_neighbors,
                                   gram=gram if shared else graphs.gram_matrix(model_input, device=graph_device))
     smoothed = graphs.smooth_powers(sp.csr_matrix(model_input, dtype=np.float32), a_hat, (config.t0, config.t1),
-                                    device=graph_device)
+                                    device=graph_device, out_dir=scratch_dir)
     return TrainInputs(x0=smoothed[config.t0], x1=smoothed[config.t1], adj=adj, a_hat=a_hat, gene_prop=gene_prop)
+
+
+@contextlib.contextmanager
+def scratch_inputs(near: Any) -> Iterator[Path]:
+    """A temporary directory beside `near` (the output path) for out-of-core smoothed inputs,
+    removed on exit, also after an error. Local disk next to the output, not /tmp, which is often
+    a small RAM disk."""
+    parent = Path(near).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".scrcl-smoothed-", dir=parent) as tmp:
+        yield Path(tmp)
+
+
+def is_out_of_core(inputs: TrainInputs) -> bool:
+    """True when the smoothed inputs are memory-mapped files (`build_inputs(scratch_dir=...)`)."""
+    return isinstance(inputs.x0, np.memmap)
 
 
 @dataclass
@@ -156,18 +178,21 @@ def fit(
     device: torch.device,
     on_epoch: Callable[[int, LossTerms], None] | None = None,
     batch_size: int | None = None,
+    minibatch_lr_power: float | None = None,
 ) -> TrainResult:
     """Train scRCL with Adam (coupled L2 weight decay) for `config.epochs` epochs.
 
     Full batch unless `batch_size` (or the memory estimate) asks for mini-batches, see
-    `_fit_minibatch`. The last epoch is the result: there is no selection against anything.
+    `_fit_minibatch` (minibatch_lr_power: its learning-rate rule, for benchmarks). The last
+    epoch is the result: there is no selection against anything.
     """
     n, g = inputs.x0.shape
     if n < 2:
         raise ValueError("scRCL needs at least 2 cells")
     b = choose_batch_size(n, g, config.hidden_dim, device, batch_size)
     if b is not None:
-        return _fit_minibatch(inputs, config, device=device, batch_size=b, on_epoch=on_epoch)
+        return _fit_minibatch(inputs, config, device=device, batch_size=b, on_epoch=on_epoch,
+                              lr_power=minibatch_lr_power)
     model, gen, x0, x1, gene_prop, opt, log_t = _setup(inputs, config, device)
     a_hat = to_torch_sparse(inputs.a_hat, device)
     adj = to_torch_sparse(inputs.adj, device)
@@ -188,13 +213,25 @@ def fit(
     return _finish(model, x0, x1, a_hat, gene_prop, log_t, t_start, device, config)
 
 
-def _setup(inputs: TrainInputs, config: TrainConfig, device: torch.device) -> tuple[Any, ...]:
-    """Model, dropout generator, inputs on the device, gene graph, optimiser and loss log."""
+def _rows(x: Tensor, nodes: Tensor, device: torch.device) -> Tensor:
+    """Rows `nodes` of x on `device`; x may stay on the host (streamed, out of core)."""
+    if x.device == nodes.device:
+        return x[nodes]
+    return x[nodes.to(x.device)].to(device, non_blocking=True)
+
+
+def _setup(inputs: TrainInputs, config: TrainConfig, device: torch.device, *, stream: bool = False) -> tuple[Any, ...]:
+    """Model, dropout generator, inputs on the device, gene graph, optimiser and loss log.
+
+    stream: leave the smoothed inputs where they are (host memory or memory-mapped files), for
+    mini-batches to gather their rows from (`_rows`), instead of copying them to the device.
+    """
     n, g = inputs.x0.shape
     model = ScRCL(g, n, config.hidden_dim, config.out_dim, config.dropout, config.seed).to(device)
     gen = torch.Generator(device=device).manual_seed(config.seed + 1)
-    x0 = torch.from_numpy(inputs.x0).to(device)
-    x1 = x0 if config.t0 == config.t1 else torch.from_numpy(inputs.x1).to(device)
+    place = (lambda a: torch.from_numpy(a)) if stream else (lambda a: torch.from_numpy(a).to(device))
+    x0 = place(inputs.x0)
+    x1 = x0 if config.t0 == config.t1 else place(inputs.x1)
     gene_prop = to_torch_sparse(inputs.gene_prop, device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     # The loss log stays on the device; one copy to the host after the loop.
@@ -210,7 +247,8 @@ def _finish(model: ScRCL, x0: Tensor, x1: Tensor, a_hat: Tensor, gene_prop: Tens
     seconds = time.perf_counter() - t_start
     model.eval()
     with torch.no_grad():
-        out = model(x0, x1, a_hat, gene_prop)
+        out = model(x0, x1, a_hat, gene_prop) if x0.device == device else forward_streamed(
+            model, x0, x1, a_hat, gene_prop, device)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         fused, z1 = out.fused.cpu().numpy(), out.z1.cpu().numpy()
         if config.embedding == "gcn-pca":
@@ -243,6 +281,34 @@ def _finish(model: ScRCL, x0: Tensor, x1: Tensor, a_hat: Tensor, gene_prop: Tens
     )
 
 
+def forward_streamed(model: ScRCL, x0: Tensor, x1: Tensor, a_hat: Tensor, gene_prop: Tensor, device: torch.device,
+                     block: int = 65_536) -> Any:
+    """Eval-mode `model(x0, x1, a_hat, gene_prop)` with x0, x1 (N, G) left on the host and sent
+    to `device` a row block at a time: only (N, H) arrays are whole on the device.
+
+    Same function as the one-call forward (equal to float32 rounding: the sums over cells of the
+    gene encoder run block by block). Returns a `model.ScRCLOutput`.
+    """
+    from .model import ScRCLOutput
+
+    n = x0.shape[0]
+    pre = torch.zeros(x0.shape[1], model.gene_w.shape[0], device=device)  # X0^T W_gene, (G, O)
+    h1, p1 = [], []
+    for s in range(0, n, block):
+        rows = torch.arange(s, min(n, s + block))
+        b0 = _rows(x0, rows, device)
+        h1.append(model.mlp_view(b0))
+        pre += b0.T @ model.gene_w[:, s:s + rows.shape[0]].T
+        p1.append(_rows(x1, rows, device) @ model.gcn1_w.T)
+    e = torch.nn.functional.relu(torch.sparse.mm(gene_prop, pre) + model.gene_b)
+    h1_t = torch.cat(h1)
+    # gcn_view with its first product precomputed: the rest is on (N, H) arrays.
+    h = torch.nn.functional.leaky_relu(torch.sparse.mm(a_hat, torch.cat(p1)) + model.gcn1_b, 0.01)
+    h = torch.nn.functional.leaky_relu(torch.sparse.mm(a_hat, h @ model.gcn2_w.T) + model.gcn2_b, 0.01)
+    h2 = torch.nn.functional.leaky_relu(torch.nn.functional.linear(h, model.fc_w, model.fc_b), 0.01)
+    return ScRCLOutput(h1=h1_t, h2=h2, z1=model.refine(h1_t, e), z2=model.refine(h2, e), gene_emb=e)
+
+
 def _edges(adj: sp.csr_matrix, device: torch.device) -> tuple[Tensor, Tensor]:
     coo = adj.tocoo()
     return (torch.from_numpy(coo.row.astype(np.int64)).to(device), torch.from_numpy(coo.col.astype(np.int64)).to(device))
@@ -271,22 +337,47 @@ def induced_subgraph(row: Tensor, col: Tensor, nodes: Tensor, n: int) -> tuple[T
     return adj_b, a_hat_b
 
 
-def _sample_batches(indptr: Tensor, indices: Tensor, n: int, batch_size: int, avg_deg: float,
-                    gen: torch.Generator) -> list[Tensor]:
-    """Batches of random seed cells plus their graph neighbours, about `batch_size` cells each:
-    one pass over the cells in a random order, about N / batch_size batches."""
-    n_batches = max(1, round(n / batch_size))
-    n_seeds = max(1, int(batch_size / (1.0 + avg_deg)))
-    perm = torch.randperm(n, generator=gen, device=indptr.device)
-    out = []
-    for i in range(n_batches):
-        seeds = perm[(i * n_seeds) % n: (i * n_seeds) % n + n_seeds]
-        starts, lens = indptr[seeds], indptr[seeds + 1] - indptr[seeds]
-        offs = torch.repeat_interleave(starts - (torch.cumsum(lens, 0) - lens), lens)
-        nbrs = indices[offs + torch.arange(int(lens.sum()), device=indptr.device)]
-        nodes = torch.unique(torch.cat([seeds, nbrs]))
-        out.append(nodes[:batch_size] if nodes.shape[0] > batch_size else nodes)
-    return out
+def inclusion_probability(in_degree: np.ndarray, n: int, n_seeds: int) -> np.ndarray:
+    """Probability that each cell is in one batch of `_batch_nodes` (float64 (N,)).
+
+    in_degree: (N,) number of cells listing each cell as a neighbour. A batch is a uniform random
+    set of `n_seeds` seed cells plus their neighbours, so cell i is in it unless none of the
+    1 + in_degree[i] cells that would bring it is a seed (hypergeometric):
+    1 - C(N - m, s) / C(N, s) with m = 1 + in_degree[i], s = n_seeds.
+    """
+    from scipy.special import gammaln
+
+    m = 1.0 + np.asarray(in_degree, dtype=np.float64)
+    s = float(min(n_seeds, n))
+    absent = np.zeros_like(m)
+    ok = n - m >= s
+    mm = m[ok]
+    absent[ok] = np.exp(gammaln(n - mm + 1) - gammaln(n - mm - s + 1) - gammaln(n + 1) + gammaln(n - s + 1))
+    return 1.0 - absent
+
+
+def _batch_nodes(indptr: Tensor, indices: Tensor, seeds: Tensor) -> Tensor:
+    """Sorted union of `seeds` (S,) and their graph neighbours (CSR rows of the adjacency)."""
+    starts, lens = indptr[seeds], indptr[seeds + 1] - indptr[seeds]
+    offs = torch.repeat_interleave(starts - (torch.cumsum(lens, 0) - lens), lens)
+    nbrs = indices[offs + torch.arange(int(lens.sum()), device=indptr.device)]
+    return torch.unique(torch.cat([seeds, nbrs]))
+
+
+def _seed_chunks(n: int, n_seeds: int, gen: torch.Generator, device: torch.device) -> Iterator[Tensor]:
+    """Endless consecutive chunks of `n_seeds` cells from successive random permutations: each
+    chunk is a uniform random subset (what `inclusion_probability` assumes), and within one
+    permutation no cell is a seed twice."""
+    while True:
+        perm = torch.randperm(n, generator=gen, device=device)
+        for i in range(0, n - n_seeds + 1, n_seeds):
+            yield perm[i:i + n_seeds]
+
+
+# Mini-batch learning rate: lr * (B / N) ** MINIBATCH_LR_POWER, B the mean batch size. With an epoch
+# of N / B steps, Adam moves the weights about lr per step whatever the gradient's scale, so 1.0
+# keeps the full-batch distance per epoch (docs/benchmarks.md §3 measures 0, 0.5 and 1).
+MINIBATCH_LR_POWER = 1.0
 
 
 def _fit_minibatch(
@@ -296,45 +387,58 @@ def _fit_minibatch(
     device: torch.device,
     batch_size: int,
     on_epoch: Callable[[int, LossTerms], None] | None,
+    lr_power: float | None = None,
 ) -> TrainResult:
     """Mini-batch scRCL: each step trains on a batch of seed cells and their neighbours.
 
-    `config.epochs` counts optimiser steps, as in full batch, where an epoch is one step: a
-    mini-batch step is one batch, so a cell is seen about epochs * B / N times. Taking N / B
-    steps per epoch instead over-trained: pbmc_10x_4k, H 256, 100 epochs, batches of 1,024,
-    seed 0: ARI 0.457 against 0.766 full batch, and 0.769 with this rule (docs/benchmarks.md §3).
+    `config.epochs` counts passes over the data, as in full batch: an epoch is
+    round(N / E[B]) steps, E[B] the expected batch size, so each cell is seen on average
+    `config.epochs` times, as in a full-batch run. The learning rate is scaled by
+    (E[B] / N) ** lr_power (`MINIBATCH_LR_POWER` unless given).
 
     Batch approximations (README, "Mini-batch training"): the GCN view and both graph losses use
     the subgraph induced by the batch, normalised with its own degrees; the EDA global softmax and
-    the NCA negatives run over the batch's cells; CVC averages over the batch's pairs; the gene
-    encoder's X0^T W is estimated from the batch scaled by N / B. The final embedding is computed
-    on the whole graph.
+    the NCA negatives run over the batch's cells; CVC averages over the batch's pairs. The gene
+    encoder's pre-activation X0^T W (G, O) is estimated from the batch by Horvitz-Thompson
+    weighting, sum over batch cells of x_i w_i / pi_i with pi_i = `inclusion_probability`, which
+    is unbiased for any batch composition (the ReLU after it is applied to the estimate). The
+    final embedding is computed on the whole graph. The loss log holds each epoch's mean step.
     """
     n = inputs.x0.shape[0]
-    model, gen, x0, x1, gene_prop, opt, log_t = _setup(inputs, config, device)
+    model, gen, x0, x1, gene_prop, opt, _ = _setup(inputs, config, device, stream=is_out_of_core(inputs))
     row, col = _edges(inputs.adj, device)
     csr = inputs.adj.tocsr()
     indptr = torch.from_numpy(csr.indptr.astype(np.int64)).to(device)
     indices = torch.from_numpy(csr.indices.astype(np.int64)).to(device)
     avg_deg = csr.nnz / max(n, 1)
-    log.info("mini-batch training: %d steps on batches of about %d cells (each cell seen about %.1f times)",
-             config.epochs, batch_size, config.epochs * batch_size / n)
+    n_seeds = int(min(n, max(1, round(batch_size / (1.0 + avg_deg)))))
+    pi = inclusion_probability(csr.getnnz(axis=0), n, n_seeds)
+    expected = float(pi.sum())
+    steps = max(1, round(n / expected))
+    power = MINIBATCH_LR_POWER if lr_power is None else float(lr_power)
+    lr = config.lr * (expected / n) ** power
+    for group in opt.param_groups:
+        group["lr"] = lr
+    inv_pi = torch.from_numpy((1.0 / pi).astype(np.float32)).to(device)
+    log.info("mini-batch training: %d epochs of %d steps on batches of about %.0f cells, lr %.3g",
+             config.epochs, steps, expected, lr)
+    log_t = torch.zeros(config.epochs, 4, dtype=torch.float64, device=device)
+    seeds = _seed_chunks(n, n_seeds, gen, device)
     t_start = time.perf_counter()
     model.train()
-    batches: list[Tensor] = []
-    for step in range(config.epochs):
-        if not batches:  # one pass over the cells in a fresh random order, consumed a batch per step
-            batches = _sample_batches(indptr, indices, n, batch_size, avg_deg, gen)[::-1]
-        nodes = batches.pop()
-        adj_b, a_hat_b = induced_subgraph(row, col, nodes, n)
-        opt.zero_grad(set_to_none=True)
-        out = model(x0[nodes], x1[nodes], a_hat_b, gene_prop, gen, cells=nodes)
-        terms = scrcl_loss(out.h1, out.h2, out.z1, out.z2, adj_b, temperature=config.temperature,
-                           lambda1=config.lambda1, lambda2=config.lambda2)
-        terms.total.backward()
-        opt.step()
-        log_t[step] = torch.stack([terms.total, terms.eda, terms.nca, terms.cvc]).detach().double()
+    for epoch in range(config.epochs):
+        for _ in range(steps):
+            nodes = _batch_nodes(indptr, indices, next(seeds))
+            adj_b, a_hat_b = induced_subgraph(row, col, nodes, n)
+            opt.zero_grad(set_to_none=True)
+            x0_b, x1_b = _rows(x0, nodes, device), _rows(x1, nodes, device)
+            out = model(x0_b, x1_b, a_hat_b, gene_prop, gen, cells=nodes, cell_weights=inv_pi[nodes])
+            terms = scrcl_loss(out.h1, out.h2, out.z1, out.z2, adj_b, temperature=config.temperature,
+                               lambda1=config.lambda1, lambda2=config.lambda2)
+            terms.total.backward()
+            opt.step()
+            log_t[epoch] += torch.stack([terms.total, terms.eda, terms.nca, terms.cvc]).detach().double() / steps
         if on_epoch is not None:
-            on_epoch(step, terms)
+            on_epoch(epoch, terms)
     return _finish(model, x0, x1, to_torch_sparse(inputs.a_hat, device), gene_prop, log_t, t_start, device, config,
-                   extra={"batch_size": batch_size})
+                   extra={"batch_size": batch_size, "steps_per_epoch": steps, "lr": lr})

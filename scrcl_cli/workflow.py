@@ -6,11 +6,13 @@ clustering and export, and returns everything `bundle.write_model_dir` needs. Wr
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from .losses import LossTerms
-    from .training import TrainConfig
+    from .config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +62,17 @@ def train_model(
     spatial: dict[str, Any] | None = None,
     on_epoch: Callable[[int, LossTerms], None] | None = None,
     on_graph: Callable[[int, int], None] | None = None,
+    out_of_core: Path | None = None,
 ) -> TrainedModel:
-    """Preprocess, build graphs, train, cluster the training cells and export the encoders."""
+    """Preprocess, build graphs, train, cluster the training cells and export the encoders.
+
+    out_of_core: the output path, beside which the smoothed inputs are kept in memory-mapped
+    files while training (`training.scratch_inputs`, removed afterwards); None keeps them in memory.
+    """
     import torch
 
     from .errors import ScrclError
-    from .training import build_inputs, fit
+    from .training import build_inputs, fit, scratch_inputs
 
     dev = resolve_torch_device(device)
     x = sp.csr_matrix(adata.X, dtype=np.float32)
@@ -87,10 +94,12 @@ def train_model(
             f"only {n} cells have counts, fewer than --n-neighbors + 1 = {config.n_neighbors + 1}",
             "Use more cells or a smaller --n-neighbors",
         )
-    inputs = build_inputs(prep.model_input, prep.lognorm, config, graph_device=dev if dev.type == "cuda" else None,
-                          progress=on_graph, adj=spatial_adj)
-    log.info("cell graph: %d cells, %d edges; training on %s", n, inputs.adj.nnz // 2, describe_torch_device(dev))
-    result = fit(inputs, config, device=dev, on_epoch=on_epoch, batch_size=batch_size)
+    with contextlib.ExitStack() as stack:
+        scratch = stack.enter_context(scratch_inputs(out_of_core)) if out_of_core is not None else None
+        inputs = build_inputs(prep.model_input, prep.lognorm, config, graph_device=dev if dev.type == "cuda" else None,
+                              progress=on_graph, adj=spatial_adj, scratch_dir=scratch)
+        log.info("cell graph: %d cells, %d edges; training on %s", n, inputs.adj.nnz // 2, describe_torch_device(dev))
+        result = fit(inputs, config, device=dev, on_epoch=on_epoch, batch_size=batch_size)
     peak_gpu = int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None
     log.info("trained %d epochs in %.1f s%s", config.epochs, result.seconds,
              f" (peak GPU memory {peak_gpu / 2**30:.1f} GiB)" if peak_gpu is not None else "")
@@ -179,7 +188,21 @@ def export_files(state: dict[str, Any], gene_emb: np.ndarray, manifest: dict[str
     from .export import export_onnx
 
     meta = onnx_metadata(manifest)
-    return {ONNX_FILES[v]: export_onnx(state, gene_emb, view=v, metadata={**meta, "view": v}) for v in ("fused", "cell")}
+    files = {ONNX_FILES[v]: export_onnx(state, gene_emb, view=v, metadata={**meta, "view": v}) for v in ("fused", "cell")}
+    files.update(export_stage_files(state, gene_emb, meta))
+    return files
+
+
+def export_stage_files(state: dict[str, Any], gene_emb: np.ndarray, meta: dict[str, str]) -> dict[str, bytes]:
+    """The staged encoders of both views (stages.py) for gcn-pca models; none for fused models."""
+    from .export import export_stages
+
+    if "embed_fused_mean" not in state:
+        return {}
+    files: dict[str, bytes] = {}
+    for v in ("fused", "cell"):
+        files.update(export_stages(state, gene_emb, view=v, metadata={**meta, "view": v}))
+    return files
 
 
 def model_files(

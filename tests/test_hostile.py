@@ -341,6 +341,19 @@ def _cell_encoder(model: Path, *, width: int | None = None, fill: float = 0.0, e
     return proto.SerializeToString() if isinstance(proto, onnx.ModelProto) else b""
 
 
+def _stage_encoder(model: Path, name: str) -> bytes:
+    """The stage `name` of `model` with its output multiplied by NaN (same inputs, allowed operators)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(model / name)
+    out = proto.graph.output[0].name
+    proto.graph.output[0].name = "nan_out"
+    proto.graph.initializer.append(numpy_helper.from_array(np.array(np.nan, dtype=np.float32), "nan_scale"))
+    proto.graph.node.append(helper.make_node("Mul", [out, "nan_scale"], ["nan_out"]))
+    return proto.SerializeToString()
+
+
 def test_onnx_external_data_is_never_read(work: Path, model: Path):
     (work / "secret.bin").write_bytes(np.arange(10**6, dtype=np.float32).tobytes())
     _rehash(model, "encoder_cell.onnx", _cell_encoder(model, external="../secret.bin"))
@@ -362,8 +375,22 @@ def test_onnx_output_width_that_disagrees_with_the_manifest_is_refused(work: Pat
     assert_refused(run, "its output is not float32")
 
 
-def test_onnx_that_outputs_nan_is_an_error_not_a_result(work: Path, model: Path):
-    _rehash(model, "encoder_cell.onnx", _cell_encoder(model, fill=float("nan")))
+def _drop_stages(model: Path) -> None:
+    """Leave only the one-graph encoders, so that the crafted one is the one that runs."""
+    for path in model.glob("encoder_*_stage*.onnx"):
+        path.unlink()
+        _edit(model, lambda d, name=path.name: d["files"].pop(name))
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["one_graph", "staged"])
+def test_onnx_that_outputs_nan_is_an_error_not_a_result(staged: bool, work: Path, model: Path):
+    if staged:
+        if not (model / "encoder_cell_stage1.onnx").exists():
+            pytest.skip("this model has no staged encoder")
+        _rehash(model, "encoder_cell_stage1.onnx", _stage_encoder(model, "encoder_cell_stage1.onnx"))
+    else:
+        _drop_stages(model)
+        _rehash(model, "encoder_cell.onnx", _cell_encoder(model, fill=float("nan")))
     run = invoke("-q", "embed", work / "in.h5ad", "-m", model, "-o", work / "out.h5ad", "--view", "cell")
     assert_refused(run, "NaN or infinite values")
     assert not (work / "out.h5ad").exists()

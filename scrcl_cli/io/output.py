@@ -232,7 +232,8 @@ def stale_temporaries(dest: Path) -> list[Path]:
 
 # Model folder file names a killed `train` may have left in its temporary folder.
 _MODEL_FILES = frozenset({MANIFEST_NAME, "genes.txt", "weights.pt", "encoder_fused.onnx", "encoder_cell.onnx",
-                          "loss_log.csv", "train_embedding.npy", "train_clusters.csv"})
+                          "loss_log.csv", "train_embedding.npy", "train_clusters.csv",
+                          *(f"encoder_{view}_stage{i}.onnx" for view in ("fused", "cell") for i in range(3))})
 
 
 def _ours(entry: Path, dest: Path, protected: dict[tuple[int, int], Path]) -> bool:
