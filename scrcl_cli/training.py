@@ -46,6 +46,9 @@ class TrainConfig:
     input_mode: str = "lognorm"
     expression: str = "counts"
     embedding: str = "gcn-pca"
+    # Weight of the unsmoothed PCA beside the embedding when clustering (0: embedding alone);
+    # docs/defaults.md, "Unsmoothed component".
+    unsmoothed_weight: float = 1.0
     seed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -67,6 +70,7 @@ SPATIAL_DEFAULTS: dict[str, Any] = {
     "n_top_genes": 3000,
     # The spatial defaults were chosen on the fused embedding; gcn-pca was measured on SC data only.
     "embedding": "fused",
+    "unsmoothed_weight": 0.0,
 }
 
 # Clustering embeddings (docs/defaults.md, session 6). "gcn-pca": the first EMBED_DIM principal
