@@ -427,6 +427,8 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 @_opt("--embedding", type=click.Choice(list(C.EMBEDDINGS)), default=C.TRAIN_DEFAULTS.embedding,
       help="What is clustered and exported: 50 principal components of the GCN view's normalised hidden output "
       "(Euclidean k-means), or the reference's concat(z1, z2) (cosine k-means) (docs/defaults.md).")
+@_opt("--unsmoothed-weight", type=click.FloatRange(0, 10), default=C.TRAIN_DEFAULTS.unsmoothed_weight,
+      help="Cluster the gcn-pca embedding beside the unsmoothed PCA of the input, with this weight (0: embedding alone).")
 @_opt("--n-clusters", type=click.IntRange(1, 100_000), default=None, help="Clusters for the training cells (default: chosen without labels).")
 @_opt("--spatial", is_flag=True, help="Spatial mode: graph from obsm['spatial'], seurat_v3 genes, scaled input, neighbour vote. "
       "Options not given take the spatial defaults: --epochs 100 --hidden-dim 128 --out-dim 32 --temperature 1 "

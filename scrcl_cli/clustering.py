@@ -217,14 +217,59 @@ def ward_kmeans(
 CLUSTER_ALGORITHM = {"euclidean": "ward-kmeans", "cosine": "spherical-kmeans"}
 
 
-def cluster_embedding(x: np.ndarray, k: int, *, seed: int, metric: str) -> KMeansResult:
+def unsmoothed_components(x: np.ndarray | sp.spmatrix, n_components: int = 50) -> np.ndarray:
+    """Principal components of the unsmoothed model input (log-normalised HVGs).
+
+    x: (N, G) sparse or dense -> float64 (N, min(n_components, N - 1, G)). The PCA runs on the
+    G x G covariance (scikit-learn's ``covariance_eigh``, sparse input centred implicitly), so
+    memory stays linear in N and the result does not depend on a random seed.
+    """
+    from sklearn.decomposition import PCA
+
+    n, g = x.shape
+    d = max(1, min(n_components, n - 1, g))
+    xs = sp.csr_matrix(x, dtype=np.float64) if sp.issparse(x) else np.asarray(x, dtype=np.float64)
+    return np.asarray(PCA(n_components=d, svd_solver="covariance_eigh").fit_transform(xs), dtype=np.float64)
+
+
+def joint_embedding(embedding: np.ndarray, unsmoothed: np.ndarray, weight: float) -> np.ndarray:
+    """Columns of the trained embedding (N, D) beside unsmoothed principal components (N, P).
+
+    Each block is divided by the square root of its total variance, so both carry the same spread
+    before `weight` scales the unsmoothed one: (N, D + P) float64.
+    Why: the graph smoothing (and the GCN view) averages a rare type into its large neighbours,
+    so on the embedding alone k-means splits a big type before a small one separates; the
+    unsmoothed PCA keeps those cells apart (docs/defaults.md, "Unsmoothed component").
+    """
+    e = np.asarray(embedding, dtype=np.float64)
+    u = np.asarray(unsmoothed, dtype=np.float64)
+    e = e / max(float(np.sqrt(e.var(0).sum())), 1e-12)
+    u = u / max(float(np.sqrt(u.var(0).sum())), 1e-12)
+    return np.hstack([e, weight * u])
+
+
+def cluster_embedding(
+    x: np.ndarray, k: int, *, seed: int, metric: str, unsmoothed: np.ndarray | sp.spmatrix | None = None,
+    unsmoothed_weight: float = 0.0,
+) -> KMeansResult:
     """The clustering `train` and `cluster --denovo` apply to an embedding of `metric`.
 
     euclidean (gcn-pca): `ward_kmeans`; cosine (the fused embedding, and spatial mode whose
     defaults were chosen with it): spherical `kmeans` with k-means++ restarts.
+    With `unsmoothed` (the unsmoothed model input, (N, G)) and `unsmoothed_weight` > 0 on a
+    euclidean embedding, the cells are clustered on `joint_embedding` of x and the principal
+    components of `unsmoothed`; the centroids returned are still in the space of x (each
+    cluster's mean of x), so nearest-centroid mapping of new cells needs x alone.
     """
     if metric == "euclidean":
-        return ward_kmeans(x, k, seed=seed)
+        if unsmoothed is None or unsmoothed_weight <= 0:
+            return ward_kmeans(x, k, seed=seed)
+        z = joint_embedding(x, unsmoothed_components(unsmoothed), unsmoothed_weight)
+        res = ward_kmeans(z, k, seed=seed)
+        xd = np.asarray(x, dtype=np.float64)
+        n_k = res.centroids.shape[0]
+        cents = np.vstack([xd[res.labels == c].mean(0) for c in range(n_k)])
+        return KMeansResult(labels=res.labels, centroids=cents, inertia=res.inertia)
     return kmeans(x, k, seed=seed, metric=metric)
 
 

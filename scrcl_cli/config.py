@@ -31,6 +31,9 @@ class TrainConfig:
     input_mode: str = "lognorm"
     expression: str = "counts"
     embedding: str = "gcn-pca"
+    # Weight of the unsmoothed PCA clustered beside the embedding (0: the embedding alone). Measured
+    # and not adopted as a default: docs/defaults.md, "Unsmoothed component".
+    unsmoothed_weight: float = 0.0
     seed: int = 0
 
     def as_dict(self) -> dict[str, Any]:

@@ -492,7 +492,8 @@ def _cluster_query(
             k, _ = clustering.choose_n_clusters(rep.query.lognorm, seed=seed,
                                                 n_neighbors=int(bundle.manifest["graph"]["n_neighbors"]))
             method = "louvain-count"
-        res = clustering.cluster_embedding(emb, k, seed=seed, metric=metric)
+        res = clustering.cluster_embedding(emb, k, seed=seed, metric=metric, unsmoothed=rep.query.model_input,
+                                           unsmoothed_weight=float(bundle.manifest["config"].get("unsmoothed_weight", 0.0)))
         labels = res.labels
         conf = clustering.assignment_confidence(emb, res.centroids, labels, metric)
     else:

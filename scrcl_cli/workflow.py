@@ -111,7 +111,8 @@ def train_model(
     else:
         k, scores, k_method = n_clusters, {}, "given"
     metric = clustering.EMBEDDING_METRIC[config.embedding]
-    km = clustering.cluster_embedding(result.embedding, k, seed=config.seed, metric=metric)
+    km = clustering.cluster_embedding(result.embedding, k, seed=config.seed, metric=metric,
+                                      unsmoothed=prep.model_input, unsmoothed_weight=config.unsmoothed_weight)
     log.info("clustered the training cells into %d clusters (%s; %s on the %s embedding)",
              k, k_method, clustering.CLUSTER_ALGORITHM[metric], config.embedding)
     cent_cell = np.vstack([result.cell_embedding[km.labels == c].mean(0) for c in range(km.centroids.shape[0])])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 from scrcl_cli import clustering
@@ -186,3 +187,51 @@ def test_ward_kmeans_above_sample_size_starts_from_a_subsample_and_labels_every_
     sub = clustering.ward_kmeans(x, 6, seed=0, sample_size=400)
     assert sub.labels.shape == (3000,)
     assert ari(full.labels, sub.labels) > 0.99 and ari(y, sub.labels) > 0.95
+
+
+def _rare_hidden_by_smoothing() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(embedding (206, 4), unsmoothed input (206, 30), rare mask (206,)): two big groups of 100 cells
+    apart in both; six rare cells sit inside the first big group in the embedding (as smoothing
+    leaves them) but apart from it in the unsmoothed input."""
+    rng = np.random.default_rng(0)
+    n_big, n_rare = 100, 6
+    emb = np.vstack([rng.normal(0, 1, (n_big, 4)), rng.normal(0, 1, (n_big, 4)) + 12, rng.normal(0, 1, (n_rare, 4))])
+    raw = np.vstack([rng.normal(0, 1, (n_big, 30)), rng.normal(0, 1, (n_big, 30)), rng.normal(0, 1, (n_rare, 30))])
+    raw[n_big:2 * n_big, :10] += 6
+    raw[2 * n_big:, 10:20] += 6
+    rare = np.zeros(2 * n_big + n_rare, dtype=bool)
+    rare[2 * n_big:] = True
+    return emb, raw, rare
+
+
+def test_joint_embedding_blocks_have_equal_total_variance_before_the_weight():
+    emb, raw, _ = _rare_hidden_by_smoothing()
+    u = clustering.unsmoothed_components(raw, n_components=5)
+    z = clustering.joint_embedding(emb, u, 0.5)
+    assert z.shape == (206, 4 + 5)
+    assert z[:, :4].var(0).sum() == pytest.approx(1.0)
+    assert z[:, 4:].var(0).sum() == pytest.approx(0.25)
+
+
+def test_unsmoothed_components_same_for_sparse_and_dense():
+    _, raw, _ = _rare_hidden_by_smoothing()
+    raw = np.maximum(raw, 0)
+    dense = clustering.unsmoothed_components(raw, n_components=5)
+    sparse = clustering.unsmoothed_components(sp.csr_matrix(raw), n_components=5)
+    assert np.allclose(np.abs(dense), np.abs(sparse), atol=1e-8)  # signs of components are arbitrary
+
+
+def test_cluster_embedding_with_unsmoothed_component_isolates_rare_cells():
+    emb, raw, rare = _rare_hidden_by_smoothing()
+    alone = clustering.cluster_embedding(emb, 3, seed=0, metric="euclidean").labels
+    joint = clustering.cluster_embedding(emb, 3, seed=0, metric="euclidean", unsmoothed=raw, unsmoothed_weight=1.0)
+    # On the embedding alone no cluster holds the rare cells apart; with the unsmoothed PCA one is exactly them.
+    assert not any(np.array_equal(alone == c, rare) for c in range(3))
+    assert any(np.array_equal(joint.labels == c, rare) for c in range(3))
+    # Centroids stay in the embedding's space: each cluster's mean of the embedding.
+    assert joint.centroids.shape == (3, 4)
+    for c in range(3):
+        assert np.allclose(joint.centroids[c], emb[joint.labels == c].mean(0))
+    # Weight 0 is the embedding alone, whatever is passed.
+    zero = clustering.cluster_embedding(emb, 3, seed=0, metric="euclidean", unsmoothed=raw, unsmoothed_weight=0.0)
+    assert np.array_equal(zero.labels, alone)

@@ -217,3 +217,31 @@ def test_metrics_module_does_not_print(capsys: pytest.CaptureFixture[str]) -> No
     evaluate(SIX_TRUE, SIX_PRED)
     assert capsys.readouterr().out == ""
     assert metrics.log.name == "scrcl_cli.metrics"
+
+
+# Forty cells: "big" 30, "mid" 9, "rare" 1 (2.5 % < 3 %).
+#   big: 20 in cluster 0, 10 in cluster 1; mid: 9 in cluster 1; rare: 1 in cluster 0.
+# Contingency (rows big, mid, rare; columns 0, 1): [[20, 10], [0, 9], [1, 0]].
+# Best matching: 0->big (20), 1->mid (9); rare is left without a cluster.
+# Recall: big 20/30, mid 9/9, rare 0 (merged into big's cluster).
+RECALL_TRUE = ["big"] * 30 + ["mid"] * 9 + ["rare"]
+RECALL_PRED = [0] * 20 + [1] * 10 + [1] * 9 + [0]
+
+
+def test_type_recall_hand_computed_rare_type_merged() -> None:
+    got = metrics.type_recall(RECALL_TRUE, RECALL_PRED)
+    assert got == pytest.approx({"big": 20 / 30, "mid": 1.0, "rare": 0.0})
+    assert metrics.rare_type_recall(RECALL_TRUE, RECALL_PRED) == {"rare": 0.0}
+
+
+def test_type_recall_hand_computed_rare_type_kept_apart() -> None:
+    # The rare cell in a cluster of its own: matched to it, recall 1; big and mid unchanged.
+    pred = RECALL_PRED[:-1] + [2]
+    assert metrics.type_recall(RECALL_TRUE, pred) == pytest.approx({"big": 20 / 30, "mid": 1.0, "rare": 1.0})
+    assert metrics.rare_type_recall(RECALL_TRUE, pred) == {"rare": 1.0}
+    # The threshold is a fraction of all cells: at 25 % "mid" (9 of 40) counts as rare too.
+    assert set(metrics.rare_type_recall(RECALL_TRUE, pred, max_fraction=0.25)) == {"mid", "rare"}
+
+
+def test_rare_type_recall_empty_without_small_types() -> None:
+    assert metrics.rare_type_recall(SIX_TRUE, SIX_PRED) == {}
