@@ -4,7 +4,7 @@ Separates the network's cost from the rest of `scrcl-cli embed` (reading, prepro
 query graph and its smoothing), which benchmarks/inference.py times as a whole. Inputs are random
 non-negative (B, G) float32 batches: the cost of a dense MLP does not depend on the values.
 
-    python benchmarks/encoder_throughput.py /tmp/scrcl_bench/model_pbmc_10x_4k_top2000_e5_s0
+    python benchmarks/encoder_throughput.py bench/model_pbmc_10x_4k_top2000_e5_s0
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ is fitted over the sizes that finished.
 Usage:
     python benchmarks/end_to_end.py                                   # CLI defaults (100 epochs, H 1500)
     python benchmarks/end_to_end.py --sizes 1000,2000,4000,8000 --epochs 100 --hidden-dim 256 \\
-        --threads 1 --md /tmp/bench/e2e.md                            # what this CPU can do
+        --threads 1 --md bench/e2e.md                            # what this CPU can do
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_suite.sh [RESULTS_DIR]        # SUITE=quick (default), full or short
 #
-# It runs, on the GPU, writing everything to RESULTS_DIR (default $OUT, else /tmp/scrcl_gpu_suite):
+# It runs, on the GPU, writing everything to RESULTS_DIR (default $OUT, else gpu_suite_results):
 #   1. benchmarks/train_memory.py --device cuda: time and peak GPU memory of one training step
 #      (forward + backward + Adam) against N, linear losses vs the dense N x N form in the same
 #      run, H = 1500 (the reference width), G = 2000; the dense form runs until it is out of memory.
@@ -23,13 +23,13 @@
 #   c. benchmarks/end_to_end.py --device cuda at 50,000 cells, if time is left.
 # DEVICE=cpu ACC_ARGS="--quick --seeds 0" ACC_DATASETS=yan_rpkm rehearses it without a GPU.
 # Installs nothing except `pip install -e .[train,gpu]` when scrcl_cli, torch or onnxruntime-gpu
-# is missing. Generated data and models go to $SCRCL_BENCH_DIR (default /tmp/scrcl_bench_gpu).
+# is missing. Generated data and models go to $SCRCL_BENCH_DIR (default bench_gpu).
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
-RESULTS=${1:-${OUT:-/tmp/scrcl_gpu_suite}}
+RESULTS=${1:-${OUT:-gpu_suite_results}}
 SUITE=${SUITE:-quick}
-export SCRCL_BENCH_DIR=${SCRCL_BENCH_DIR:-/tmp/scrcl_bench_gpu}
+export SCRCL_BENCH_DIR=${SCRCL_BENCH_DIR:-bench_gpu}
 mkdir -p "$RESULTS" "$SCRCL_BENCH_DIR"
 SUMMARY="$RESULTS/summary.md"
 PY=${PYTHON:-python}

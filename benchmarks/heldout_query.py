@@ -3,9 +3,10 @@
 Labels are dropped before training and read only to score the query. Usage: python benchmarks/heldout_query.py
 """
 import numpy as np, anndata, subprocess, sys, tempfile, os
+from pathlib import Path
 from scrcl_cli.metrics import ari, nmi
 d = tempfile.mkdtemp()
-full = anndata.read_h5ad("/work/shared/data/pbmc_10x_4k_top2000.h5ad")
+full = anndata.read_h5ad(str(Path(__file__).resolve().parents[2] / "shared" / "data" / "pbmc_10x_4k_top2000.h5ad"))
 idx = np.random.default_rng(0).permutation(full.n_obs)
 ref, query = full[np.sort(idx[::2])].copy(), full[np.sort(idx[1::2])].copy()
 truth = query.obs["cell_type"].to_numpy(); ref.obs = ref.obs[[]]; query.obs = query.obs[[]]

@@ -27,7 +27,7 @@ larger N are then not run for that configuration. cells/s (encoder) = N / run_en
 cells/s (embed) = N / (everything from reading the file to having the embedding, no write).
 
 Usage (CPU; the runs and their commands are in docs/benchmarks.md):
-    python benchmarks/inference.py --md /tmp/scrcl_bench/inference.md
+    python benchmarks/inference.py --md bench/inference.md
 GPU host (from benchmarks/gpu_suite.sh): add ``--device cuda`` (CUDA provider verified).
 """
 
@@ -49,7 +49,7 @@ sys.path.insert(0, str(HERE))
 import make_large  # noqa: E402
 from benchutil import cpu_name, default_rss_limit, emit_markdown, loadavg, rss_now, rss_peak, run_guarded  # noqa: E402
 
-WORKDIR = Path(os.environ.get("SCRCL_BENCH_DIR", "/tmp/scrcl_bench"))
+WORKDIR = Path(os.environ.get("SCRCL_BENCH_DIR", "bench"))
 
 
 # ------------------------------------------------------------------ torch stand-in for an ORT session

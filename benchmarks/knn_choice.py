@@ -8,7 +8,7 @@ first call compiles its numba kernels (cached on disk afterwards); that time is 
 from a search of 2,000 cells before the timed one.
 
 Usage:
-    python benchmarks/knn_choice.py --sizes 50000,200000 --md /tmp/knn.md
+    python benchmarks/knn_choice.py --sizes 50000,200000 --md bench/knn.md
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ variant from a model directory's weights with the package's own exporter, and ti
 files on the same batch with ONNX Runtime at 1 and 2 threads. Nothing here changes the package.
 
 Usage:
-    python benchmarks/probe_cell_fold.py /tmp/scrcl_bench/model_pbmc_10x_4k_top2000_e20_s0
+    python benchmarks/probe_cell_fold.py bench/model_pbmc_10x_4k_top2000_e20_s0
 """
 
 from __future__ import annotations

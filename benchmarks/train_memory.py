@@ -33,11 +33,11 @@ raises its mmap threshold up to 32 MiB after the first large free, so N x N bloc
 counts retained heap rather than live tensors (measured at N = 2,000: dense losses 274 MiB with
 the glibc default vs 158 MiB with the fixed threshold; ours 72 vs 44 MiB). Both forms run with the
 same setting. The data preparation of each N is cached in $SCRCL_BENCH_DIR (default
-/tmp/scrcl_bench) and reused by later runs.
+bench) and reused by later runs.
 
 Usage (CPU; the runs and their exact commands are in docs/benchmarks.md; about 12 minutes on
 the shared 2-core machine with the data preparation, 10.5 with it cached):
-    python benchmarks/train_memory.py --threads 1 --md /tmp/scrcl_bench/train_memory.md
+    python benchmarks/train_memory.py --threads 1 --md bench/train_memory.md
 GPU host (also from benchmarks/gpu_suite.sh):
     python benchmarks/train_memory.py --device cuda --hidden-dim 1500 \\
         --sizes 5000,10000,20000,40000,80000,160000,320000,640000,1000000 --dense-max 60000
@@ -61,7 +61,7 @@ import make_large  # noqa: E402
 from scrcl_cli.training import TrainConfig  # noqa: E402  (its defaults are the benchmark's defaults)
 from benchutil import cpu_name, default_rss_limit, emit_markdown, loadavg, mem_available, rss_now, rss_peak, run_guarded  # noqa: E402
 
-WORKDIR = Path(os.environ.get("SCRCL_BENCH_DIR", "/tmp/scrcl_bench"))
+WORKDIR = Path(os.environ.get("SCRCL_BENCH_DIR", "bench"))
 
 
 # ------------------------------------------------------------------ data preparation (child)

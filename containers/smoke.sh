@@ -29,7 +29,7 @@ SMOKE_UID="${SMOKE_UID:-4242:4242}"
 read -r -a PODMAN <<<"${PODMAN:-podman --runtime runc}"
 
 shared=""
-for d in "${SHARED_DIR:-}" "$repo/../shared" "$repo/shared" /work/shared; do
+for d in "${SHARED_DIR:-}" "$repo/../shared" "$repo/shared"; do
     if [[ -n "$d" && -d "$d/data" ]]; then shared="$(cd "$d" && pwd)"; break; fi
 done
 SMOKE_DATA="${SMOKE_DATA:-${shared:+$shared/data/mouse_bladder_top2000.h5ad}}"
