@@ -17,6 +17,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Device = Literal["auto", "cpu", "cuda"]
+DEVICES: tuple[Device, ...] = ("auto", "cpu", "cuda")
+
+
+def as_device(value: str) -> Device:
+    """`value` as a Device; a one-line error for anything else (the CLI's Choice and the API both check)."""
+    for device in DEVICES:
+        if value == device:
+            return device
+    raise ScrclError(f"device must be one of {', '.join(DEVICES)}, not {value!r}", "Pass --device auto, cpu or cuda")
+
+
 _NO_CUDA_FIX = "Use --device auto or cpu, or start the container with --gpus all (Docker) / --nv (Apptainer)"
 
 

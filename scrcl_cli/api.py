@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import config as C
+from ._device import as_device
 from ._version import __version__
 from .bundle import ONNX_FILES, ModelBundle, finalize_manifest, read_bundle, write_model_dir
 from .errors import ScrclError
@@ -99,16 +100,24 @@ class Model:
 
         path = Path(path)
         if self.bundle.blobs is None:
-            raise ScrclError(f"this model was loaded from {self.bundle.path} and is already saved",
-                             "Copy the folder to save it elsewhere")
+            raise ScrclError(
+                f"this model was loaded from {self.bundle.path} and is already saved", "Copy the folder to save it elsewhere"
+            )
         check_outputs([Output(path, "path", "model")], inputs=(), overwrite=overwrite)
         manifest = {k: v for k, v in self.bundle.manifest.items() if k not in ("files", "format_version", "scrcl_version")}
         write_model_dir(path, self.bundle.blobs, manifest, overwrite=overwrite)
         return path
 
     def embed(
-        self, adata: AnnData, *, view: str = "fused", key_added: str = C.KEY_ADDED, device: str = "auto",
-        batch_size: int = C.BATCH_SIZE, min_gene_overlap: float = C.MIN_GENE_OVERLAP, threads: int = 0,
+        self,
+        adata: AnnData,
+        *,
+        view: str = "fused",
+        key_added: str = C.KEY_ADDED,
+        device: str = "auto",
+        batch_size: int = C.BATCH_SIZE,
+        min_gene_overlap: float = C.MIN_GENE_OVERLAP,
+        threads: int = 0,
     ) -> EmbedReport:
         """Embed the cells of `adata` (raw counts, or what the model was trained on) in place.
 
@@ -121,13 +130,30 @@ class Model:
         _check_adata(adata, "adata")
         _check_inference(view, device, batch_size, min_gene_overlap, threads, key_added)
         self.bundle.require(ONNX_FILES[view])
-        return inference.embed(adata, self.bundle, view=view, device=device, threads=threads,  # type: ignore[arg-type]
-                               batch_size=batch_size, min_gene_overlap=min_gene_overlap, key_added=key_added)
+        return inference.embed(
+            adata,
+            self.bundle,
+            view=view,
+            device=as_device(device),
+            threads=threads,
+            batch_size=batch_size,
+            min_gene_overlap=min_gene_overlap,
+            key_added=key_added,
+        )
 
     def cluster(
-        self, adata: AnnData, *, denovo: bool = False, n_clusters: int | None = None, seed: int = 0,
-        view: str = "fused", key_added: str = C.KEY_ADDED, device: str = "auto", batch_size: int = C.BATCH_SIZE,
-        min_gene_overlap: float = C.MIN_GENE_OVERLAP, threads: int = 0,
+        self,
+        adata: AnnData,
+        *,
+        denovo: bool = False,
+        n_clusters: int | None = None,
+        seed: int = 0,
+        view: str = "fused",
+        key_added: str = C.KEY_ADDED,
+        device: str = "auto",
+        batch_size: int = C.BATCH_SIZE,
+        min_gene_overlap: float = C.MIN_GENE_OVERLAP,
+        threads: int = 0,
     ) -> ClusterReport:
         """Embed `adata` and label every cell, in place, as ``scrcl-cli cluster`` does.
 
@@ -143,9 +169,19 @@ class Model:
         _check_int("seed", seed, 0, 2**32 - 1)
         _check_int("n_clusters", n_clusters, 1, 100_000, optional=True)
         self.bundle.require(ONNX_FILES[view])
-        return inference.cluster(adata, self.bundle, denovo=denovo, n_clusters=n_clusters, seed=seed, view=view,
-                                 device=device, threads=threads, batch_size=batch_size,
-                                 min_gene_overlap=min_gene_overlap, key_added=key_added)
+        return inference.cluster(
+            adata,
+            self.bundle,
+            denovo=denovo,
+            n_clusters=n_clusters,
+            seed=seed,
+            view=view,
+            device=as_device(device),
+            threads=threads,
+            batch_size=batch_size,
+            min_gene_overlap=min_gene_overlap,
+            key_added=key_added,
+        )
 
 
 def load(path: str | Path) -> Model:
@@ -167,9 +203,18 @@ def train_config(*, spatial: bool = False, **options: Any) -> C.TrainConfig:
 
 
 def fit(
-    adata: AnnData, *, n_clusters: int | None = None, spatial: bool = False, device: str = "auto",
-    batch_size: int | None = None, export: bool = True, refine_neighbours: int = C.REFINE_NEIGHBOURS,
-    key_added: str = C.KEY_ADDED, expression: str = "counts", name: str = "adata", **options: Any,
+    adata: AnnData,
+    *,
+    n_clusters: int | None = None,
+    spatial: bool = False,
+    device: str = "auto",
+    batch_size: int | None = None,
+    export: bool = True,
+    refine_neighbours: int = C.REFINE_NEIGHBOURS,
+    key_added: str = C.KEY_ADDED,
+    expression: str = "counts",
+    name: str = "adata",
+    **options: Any,
 ) -> Model:
     """Train scRCL on `adata` (raw counts in X by default) and return the model; writes into `adata`.
 
@@ -199,14 +244,23 @@ def fit(
     x = checked_matrix(adata.X, adata.var_names, name=name, expression=expression)  # type: ignore[arg-type]
     check_gene_names(adata.var_names, name)
     if n_clusters is not None and n_clusters > adata.n_obs:
-        raise ScrclError(f"n_clusters {n_clusters} is more than the {adata.n_obs} cells of {name}",
-                         f"Pass n_clusters between 1 and {adata.n_obs}, or None to choose it from the data")
+        raise ScrclError(
+            f"n_clusters {n_clusters} is more than the {adata.n_obs} cells of {name}",
+            f"Pass n_clusters between 1 and {adata.n_obs}, or None to choose it from the data",
+        )
     check_fits(config, adata.n_obs, adata.n_vars, batch_size=batch_size)
     work = ad.AnnData(X=x, obs=pd.DataFrame(index=adata.obs_names.copy()), var=pd.DataFrame(index=adata.var_names.copy()))
     if "spatial" in adata.obsm:
         work.obsm["spatial"] = np.asarray(adata.obsm["spatial"])
-    trained = train_model(work, config, device=device, n_clusters=n_clusters, export=export,  # type: ignore[arg-type]
-                          batch_size=batch_size, spatial={"refine_neighbours": refine_neighbours} if spatial else None)
+    trained = train_model(
+        work,
+        config,
+        device=as_device(device),
+        n_clusters=n_clusters,
+        export=export,
+        batch_size=batch_size,
+        spatial={"refine_neighbours": refine_neighbours} if spatial else None,
+    )
     annotate_training_cells(adata, trained, key_added=key_added)
     manifest = finalize_manifest(trained.files, trained.manifest, Path("unsaved model"))
     return Model(ModelBundle(path=Path("unsaved model"), manifest=manifest, blobs=dict(trained.files)))
@@ -222,5 +276,9 @@ def annotate_training_cells(adata: AnnData, trained: Any, *, key_added: str = C.
     for key, values in pairs:
         labels = [str(v) if v >= 0 else np.nan for v in values]
         adata.obs[key] = pd.Categorical(labels, categories=[str(i) for i in range(k)])
-    adata.uns["scrcl"] = {"scrcl_version": __version__, "genes_sha256": trained.manifest["genes_sha256"],
-                          "device": trained.device, "config": trained.manifest["config"]}
+    adata.uns["scrcl"] = {
+        "scrcl_version": __version__,
+        "genes_sha256": trained.manifest["genes_sha256"],
+        "device": trained.device,
+        "config": trained.manifest["config"],
+    }

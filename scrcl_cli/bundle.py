@@ -47,12 +47,50 @@ MAX_NAME = 1_000
 # Operators the exporter writes (export.py), plus shape and arithmetic relatives a future export
 # may use. Control flow (Loop, If, Scan) and custom domains are refused: an encoder is a fixed
 # feed-forward graph, and a crafted loop could run for ever.
-ONNX_OPS = frozenset({
-    "Abs", "Add", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape", "Div", "Exp", "Expand", "Flatten",
-    "Gather", "GatherElements", "GatherND", "Gemm", "Identity", "LeakyRelu", "Log", "MatMul", "Max", "Min", "Mul",
-    "Neg", "Pow", "ReduceL2", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid", "Slice", "Sqrt",
-    "Squeeze", "Sub", "Sum", "Tanh", "Transpose", "Unsqueeze", "Where",
-})
+ONNX_OPS = frozenset(
+    {
+        "Abs",
+        "Add",
+        "Cast",
+        "Clip",
+        "Concat",
+        "Constant",
+        "ConstantOfShape",
+        "Div",
+        "Exp",
+        "Expand",
+        "Flatten",
+        "Gather",
+        "GatherElements",
+        "GatherND",
+        "Gemm",
+        "Identity",
+        "LeakyRelu",
+        "Log",
+        "MatMul",
+        "Max",
+        "Min",
+        "Mul",
+        "Neg",
+        "Pow",
+        "ReduceL2",
+        "ReduceMean",
+        "ReduceSum",
+        "Relu",
+        "Reshape",
+        "Shape",
+        "Sigmoid",
+        "Slice",
+        "Sqrt",
+        "Squeeze",
+        "Sub",
+        "Sum",
+        "Tanh",
+        "Transpose",
+        "Unsqueeze",
+        "Where",
+    }
+)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -72,23 +110,29 @@ def _corrupt(path: Path, what: str) -> ScrclError:
 def read_file(folder: Path, name: str, *, limit: int = MAX_FILE_BYTES) -> bytes:
     """Bytes of the regular file `name` directly inside `folder`, never through a symlink, at most `limit` bytes."""
     if "/" in name or name in ("", ".", "..") or name.startswith("."):
-        raise ScrclError(f"the manifest of {folder} names a file outside the model folder ({name!r})",
-                         "Use a model folder written by scrcl-cli train")
+        raise ScrclError(
+            f"the manifest of {folder} names a file outside the model folder ({name!r})",
+            "Use a model folder written by scrcl-cli train",
+        )
     path = folder / name
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise ScrclError(f"model folder {folder} is missing {name}", "Restore the model folder or retrain") from None
     except OSError as exc:
-        raise ScrclError(f"{name} in {folder} cannot be opened ({exc.strerror}); symbolic links are not followed",
-                         "Copy the real file into the model folder") from None
+        raise ScrclError(
+            f"{name} in {folder} cannot be opened ({exc.strerror}); symbolic links are not followed",
+            "Copy the real file into the model folder",
+        ) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ScrclError(f"{name} in {folder} is not a regular file", "Restore the model folder or retrain")
         if st.st_size > limit:
-            raise ScrclError(f"{name} in {folder} is {st.st_size / 2**20:.0f} MiB, above the {limit / 2**20:.0f} MiB "
-                             "a model file may have", "Use a model folder written by scrcl-cli train")
+            raise ScrclError(
+                f"{name} in {folder} is {st.st_size / 2**20:.0f} MiB, above the {limit / 2**20:.0f} MiB a model file may have",
+                "Use a model folder written by scrcl-cli train",
+            )
         chunks = []
         while chunk := os.read(fd, 1 << 24):
             chunks.append(chunk)
@@ -110,6 +154,7 @@ def _parse_json(blob: bytes, path: Path) -> Any:
 
 
 # ----------------------------------------------------------------------------- schema
+
 
 class _Schema:
     """Checks of one manifest; every failure names the key."""
@@ -154,8 +199,11 @@ class _Schema:
         if not isinstance(value, list) or len(value) != rows:
             raise self.fail(f"{where}{key}", f"must be a list of {rows} rows")
         for row in value:
-            if (not isinstance(row, list) or len(row) != cols
-                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row)):
+            if (
+                not isinstance(row, list)
+                or len(row) != cols
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row)
+            ):
                 raise self.fail(f"{where}{key}", f"must hold {rows} rows of {cols} finite numbers")
 
     def names(self, value: Any, key: str) -> list[str]:
@@ -163,8 +211,9 @@ class _Schema:
             raise self.fail(key, f"must be a list of 1 to {MAX_GENES} names")
         for g in value:
             if not isinstance(g, str) or not 0 < len(g) <= MAX_NAME or any(ord(c) < 32 or ord(c) == 127 for c in g):
-                raise self.fail(key, f"holds an invalid name ({str(g)[:40]!r}): names are non-empty, printable, "
-                                f"at most {MAX_NAME} characters")
+                raise self.fail(
+                    key, f"holds an invalid name ({str(g)[:40]!r}): names are non-empty, printable, at most {MAX_NAME} characters"
+                )
         if len(set(value)) != len(value):
             raise self.fail(key, "holds duplicate names")
         return value
@@ -177,11 +226,14 @@ def validate_manifest(manifest: Any, path: Path) -> None:
         raise _corrupt(path, "not an object")
     version = s.get(manifest, "format_version", "")
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
-        raise ScrclError(f"{path} has model format {version}, newer than this scrcl-cli supports ({FORMAT_VERSION})",
-                         "Upgrade scrcl-cli")
+        raise ScrclError(
+            f"{path} has model format {version}, newer than this scrcl-cli supports ({FORMAT_VERSION})", "Upgrade scrcl-cli"
+        )
     if version != FORMAT_VERSION:
-        raise ScrclError(f"{path} has model format {str(version)[:20]}, which this scrcl-cli does not read "
-                         f"(it reads format {FORMAT_VERSION})", "Retrain the model with this scrcl-cli")
+        raise ScrclError(
+            f"{path} has model format {str(version)[:20]}, which this scrcl-cli does not read (it reads format {FORMAT_VERSION})",
+            "Retrain the model with this scrcl-cli",
+        )
     files = s.dict_(manifest, "files")
     for name, digest in files.items():
         if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
@@ -197,8 +249,11 @@ def validate_manifest(manifest: Any, path: Path) -> None:
     s.num(pre, "target_sum", 1e-6, 1e12, "preprocessing.")
     if mode == "spatial":
         std = s.get(pre, "gene_std", "preprocessing.")
-        if (not isinstance(std, list) or len(std) != n_genes
-                or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in std)):
+        if (
+            not isinstance(std, list)
+            or len(std) != n_genes
+            or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in std)
+        ):
             raise s.fail("preprocessing.gene_std", f"must hold {n_genes} finite non-negative numbers")
         s.num(pre, "max_value", 1e-6, 1e12, "preprocessing.")
     graph = s.dict_(manifest, "graph")
@@ -237,6 +292,7 @@ def manifest_file_names(folder: Path) -> list[str] | None:
 
 # ----------------------------------------------------------------------------- ONNX
 
+
 def check_onnx(blob: bytes, view: str | None, manifest: dict[str, Any], where: str) -> None:
     """Refuse an ONNX encoder that could read outside the folder, loop, or does not fit the manifest.
 
@@ -251,7 +307,9 @@ def check_onnx(blob: bytes, view: str | None, manifest: dict[str, Any], where: s
         raise ScrclError("the onnx package is missing, so the model cannot be checked", "pip install onnx") from exc
 
     def bad(what: str) -> ScrclError:
-        return ScrclError(f"{where} is not a valid scrcl-cli encoder ({what})", "Re-export the model with scrcl-cli export, or retrain")
+        return ScrclError(
+            f"{where} is not a valid scrcl-cli encoder ({what})", "Re-export the model with scrcl-cli export, or retrain"
+        )
 
     try:
         proto = onnx.ModelProto.FromString(blob)  # a protobuf parse only: external data is never loaded
@@ -271,7 +329,9 @@ def check_onnx(blob: bytes, view: str | None, manifest: dict[str, Any], where: s
         tensors_inline(s.values for s in graph.sparse_initializer)
         for node in graph.node:
             if node.domain not in ("", "ai.onnx") or node.op_type not in ONNX_OPS:
-                raise bad(f"operator {node.domain + '.' if node.domain else ''}{node.op_type[:40]} is not one the exporter writes")
+                raise bad(
+                    f"operator {node.domain + '.' if node.domain else ''}{node.op_type[:40]} is not one the exporter writes"
+                )
             for attr in node.attribute:
                 if attr.HasField("t"):
                     tensors_inline([attr.t])
@@ -287,8 +347,11 @@ def check_onnx(blob: bytes, view: str | None, manifest: dict[str, Any], where: s
         return
     n_genes = len(manifest["genes"])
     dim = int(manifest["model"][f"{view}_dim"])
-    want = {"x0": (1, 2, n_genes)} if view == "cell" else {
-        "x0": (1, 2, n_genes), "xs": (1, 2, n_genes), "nbr": (7, 2, None), "w": (1, 2, None)}
+    want = (
+        {"x0": (1, 2, n_genes)}
+        if view == "cell"
+        else {"x0": (1, 2, n_genes), "xs": (1, 2, n_genes), "nbr": (7, 2, None), "w": (1, 2, None)}
+    )
     inputs = {i.name: i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}}
     if set(inputs) != set(want):
         raise bad(f"inputs {sorted(inputs)[:6]} instead of {sorted(want)}")
@@ -306,6 +369,7 @@ def check_onnx(blob: bytes, view: str | None, manifest: dict[str, Any], where: s
 
 
 # ----------------------------------------------------------------------------- folder
+
 
 @dataclass(frozen=True)
 class ModelBundle:
@@ -336,8 +400,10 @@ class ModelBundle:
         self.require(name)
         blob = self.blobs[name] if self.blobs is not None else read_file(self.path, name)
         if sha256_bytes(blob) != self.manifest["files"][name]:
-            raise ScrclError(f"{name} in {self.path} does not match the sha256 in its manifest (the file was changed)",
-                             "Restore the model folder from its source or retrain")
+            raise ScrclError(
+                f"{name} in {self.path} does not match the sha256 in its manifest (the file was changed)",
+                "Restore the model folder from its source or retrain",
+            )
         return blob
 
     def stage_encoder(self, name: str) -> bytes:
@@ -379,8 +445,10 @@ def finalize_manifest(files: dict[str, bytes], manifest: dict[str, Any], where: 
     try:
         text = json.dumps(manifest, allow_nan=False)
     except ValueError as exc:
-        raise ScrclError("training produced non-finite numbers (NaN or infinity) in the model",
-                         "Lower --lr, or use a larger --hidden-dim / --out-dim") from exc
+        raise ScrclError(
+            "training produced non-finite numbers (NaN or infinity) in the model",
+            "Lower --lr, or use a larger --hidden-dim / --out-dim",
+        ) from exc
     final = json.loads(text)
     validate_manifest(final, where)
     return final
@@ -405,8 +473,10 @@ def check_mode(bundle: ModelBundle, *, spatial: bool) -> None:
     if bundle.is_spatial and not spatial:
         raise ScrclError(f"{bundle.path} was trained with --spatial", "Pass --spatial (the query needs obsm['spatial'])")
     if spatial and not bundle.is_spatial:
-        raise ScrclError(f"--spatial was given but {bundle.path} is an expression (non-spatial) model",
-                         "Drop --spatial or use a model trained with scrcl-cli train --spatial")
+        raise ScrclError(
+            f"--spatial was given but {bundle.path} is an expression (non-spatial) model",
+            "Drop --spatial or use a model trained with scrcl-cli train --spatial",
+        )
 
 
 def onnx_metadata(manifest: dict[str, Any]) -> dict[str, str]:
@@ -438,8 +508,10 @@ def re_export(path: Path) -> list[str]:
     try:
         state = torch.load(io.BytesIO(bundle.read_bytes("weights.pt")), weights_only=True, map_location="cpu")
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
-        raise ScrclError(f"weights.pt in {path} holds objects other than tensors, or is damaged; it is never unpickled",
-                         "Use a model folder written by scrcl-cli train, from a trusted source") from None
+        raise ScrclError(
+            f"weights.pt in {path} holds objects other than tensors, or is damaged; it is never unpickled",
+            "Use a model folder written by scrcl-cli train, from a trusted source",
+        ) from None
     if not isinstance(state, dict) or "gene_emb" not in state:
         raise ScrclError(f"weights.pt in {path} is not a scrcl-cli state dict", "Retrain the model")
     gene_emb = state.pop("gene_emb").numpy()
@@ -461,8 +533,10 @@ def _check_weights(state: dict[str, Any], manifest: dict[str, Any], path: Path) 
     for key, shape in want.items():
         value = state.get(key)
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
-            raise ScrclError(f"weights.pt in {path} does not match its manifest ({key} should be {shape})",
-                             "Restore the model folder or retrain")
+            raise ScrclError(
+                f"weights.pt in {path} does not match its manifest ({key} should be {shape})",
+                "Restore the model folder or retrain",
+            )
     for key, value in state.items():
         if not isinstance(value, torch.Tensor) or not torch.isfinite(value).all():
             raise ScrclError(f"weights.pt in {path} holds a non-finite or non-tensor entry ({key})", "Retrain the model")

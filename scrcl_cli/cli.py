@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from . import config as C
+from ._device import as_device
 from ._version import __version__
 from .errors import ScrclError
 
@@ -81,12 +82,16 @@ def _resource_error(exc: BaseException) -> ScrclError | None:
     from .io.output import disk_full_error
 
     text = str(exc)
-    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and (
-            "out of memory" in text.lower() or "can't allocate memory" in text or type(exc).__name__ == "OutOfMemoryError")):
+    if isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError)
+        and ("out of memory" in text.lower() or "can't allocate memory" in text or type(exc).__name__ == "OutOfMemoryError")
+    ):
         size = re.search(r"(\d+(?:\.\d+)?\s*[KMGT]i?B)|allocate (\d+) bytes", text)
         what = f" (an allocation of {size.group(1) or size.group(2) + ' bytes'} failed)" if size else ""
-        return ScrclError(f"ran out of memory{what}",
-                          "Use a smaller --batch-size or --hidden-dim, fewer cells per run, or a machine with more memory")
+        return ScrclError(
+            f"ran out of memory{what}",
+            "Use a smaller --batch-size or --hidden-dim, fewer cells per run, or a machine with more memory",
+        )
     if isinstance(exc, OSError):
         full = disk_full_error(exc)
         if full is not None:
@@ -233,8 +238,10 @@ def _finish_logging(ctx: click.Context, *, ok: bool) -> None:
         if ok and handler.error is not None:
             exc = handler.error
             full = _resource_error(exc) if isinstance(exc, OSError) else None
-            raise ScrclError(f"writing --log-file {handler.path} failed ({full.problem if full else exc})",
-                             "Free space or choose another log file")
+            raise ScrclError(
+                f"writing --log-file {handler.path} failed ({full.problem if full else exc})",
+                "Free space or choose another log file",
+            )
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -263,8 +270,11 @@ def _unraisable(args: Any) -> None:
 @click.version_option(__version__, "--version", message="%(version)s", help="Print the bare version and exit.")
 @click.option("-v", "--verbose", count=True, help="More log output (debug messages, library warnings), streamed as it comes.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
-@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also append a full debug log here (checked like every output; its folder is created).")
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also append a full debug log here (checked like every output; its folder is created).",
+)
 @click.option("--debug", is_flag=True, help="Show Python tracebacks for errors (for bug reports).")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: bool, log_file: Path | None, debug: bool) -> None:
@@ -275,8 +285,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, log_file: Path | None, de
         sys.unraisablehook = _unraisable
 
 
-def _guard(ctx: click.Context, outputs: list[tuple[Path | None, str, str]], inputs: tuple[Path, ...], *,
-           overwrite: bool) -> None:
+def _guard(ctx: click.Context, outputs: list[tuple[Path | None, str, str]], inputs: tuple[Path, ...], *, overwrite: bool) -> None:
     """Check every output of the command (and --log-file) before any work, then open the log file."""
     from .io.output import Output, check_outputs
 
@@ -290,19 +299,29 @@ def _guard(ctx: click.Context, outputs: list[tuple[Path | None, str, str]], inpu
 
 # ---------------------------------------------------------------- shared options
 
+
 def _opt(*decls: str, **kw: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     kw.setdefault("show_default", True)
     return click.option(*decls, **kw)
 
 
-device_option = _opt("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-                     help="Where to compute; the device actually used is reported.")
+device_option = _opt(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    help="Where to compute; the device actually used is reported.",
+)
 # More threads than cores only adds contention: --threads 3000 on 2 cores ran 30x slower than 2.
 THREAD_CAP = 4 * (os.cpu_count() or 1)
-threads_option = _opt("--threads", type=click.IntRange(0, THREAD_CAP), default=0,
-                      help=f"CPU threads (0: library default; at most 4 x the CPUs, here {THREAD_CAP}).")
-seed_option = _opt("--seed", type=click.IntRange(0, 2**32 - 1), default=0,
-                   help="Random seed in [0, 2^32); same seed, same CPU result.")
+threads_option = _opt(
+    "--threads",
+    type=click.IntRange(0, THREAD_CAP),
+    default=0,
+    help=f"CPU threads (0: library default; at most 4 x the CPUs, here {THREAD_CAP}).",
+)
+seed_option = _opt(
+    "--seed", type=click.IntRange(0, 2**32 - 1), default=0, help="Random seed in [0, 2^32); same seed, same CPU result."
+)
 
 
 def _quiet_callback(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
@@ -321,23 +340,45 @@ def _check_key(ctx: click.Context, param: click.Parameter, value: str) -> str:
     import re
 
     if not re.fullmatch(KEY_PATTERN, value):
-        raise click.BadParameter(f"{value!r} is not a valid obsm key: use letters, digits, '_', '.', '-' "
-                                 "(starting with a letter or '_'), e.g. X_scrcl")
+        raise click.BadParameter(
+            f"{value!r} is not a valid obsm key: use letters, digits, '_', '.', '-' (starting with a letter or '_'), e.g. X_scrcl"
+        )
     return value
 
 
-quiet_option = click.option("-q", "--quiet", "quiet_", is_flag=True, expose_value=False, callback=_quiet_callback,
-                            help="Only warnings and errors; no progress bars (same as the group's --quiet).")
+quiet_option = click.option(
+    "-q",
+    "--quiet",
+    "quiet_",
+    is_flag=True,
+    expose_value=False,
+    callback=_quiet_callback,
+    help="Only warnings and errors; no progress bars (same as the group's --quiet).",
+)
 overwrite_option = _opt("--overwrite", "--force", "overwrite", is_flag=True, help="Replace existing outputs.")
 input_arg = click.argument("input_h5ad", type=click.Path(path_type=Path))
-model_option = _opt("-m", "--model", "model_dir", required=True, type=click.Path(path_type=Path),
-                    help="Model directory written by 'scrcl-cli train'.")
-view_option = _opt("--view", type=click.Choice(["fused", "cell"]), default="fused",
-                   help="fused: the embedding training clustered (GCN view), needs the query kNN graph; cell: the MLP view only, per cell.")
+model_option = _opt(
+    "-m",
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Model directory written by 'scrcl-cli train'.",
+)
+view_option = _opt(
+    "--view",
+    type=click.Choice(["fused", "cell"]),
+    default="fused",
+    help="fused: the embedding training clustered (GCN view), needs the query kNN graph; cell: the MLP view only, per cell.",
+)
 key_option = _opt("--key-added", default=C.KEY_ADDED, callback=_check_key, help="obsm key for the embedding.")
 batch_option = _opt("--batch-size", type=click.IntRange(1, 1_000_000), default=C.BATCH_SIZE, help="Cells per ONNX Runtime call.")
-overlap_option = _opt("--min-gene-overlap", type=click.FloatRange(0, 1), default=C.MIN_GENE_OVERLAP,
-                      help="Minimum fraction of model genes the query must contain.")
+overlap_option = _opt(
+    "--min-gene-overlap",
+    type=click.FloatRange(0, 1),
+    default=C.MIN_GENE_OVERLAP,
+    help="Minimum fraction of model genes the query must contain.",
+)
 
 
 @contextmanager
@@ -348,10 +389,17 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int], Callable[..., None
 
     console = Console(stderr=True)
     if not enabled or not console.is_terminal:  # bars on a terminal only; cleared when the command ends
-        yield lambda desc, total: (lambda *a, **k: None)
+        yield lambda desc, total: lambda *a, **k: None
         return
-    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=True)
+    prog = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
 
     def make(desc: str, total: int) -> Callable[..., None]:
         task = prog.add_task(desc, total=total, info="")
@@ -398,46 +446,111 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 
 # ---------------------------------------------------------------- train
 
+
 @cli.command(epilog=TRAIN_EXAMPLES)
 @input_arg
 @_opt("-o", "--output", required=True, type=click.Path(path_type=Path), help="Model directory to write.")
-@_opt("--out-h5ad", type=click.Path(dir_okay=False, path_type=Path),
-      help="Also write a copy of the input with obsm['X_scrcl'] and obs['scrcl_cluster'].")
+@_opt(
+    "--out-h5ad",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a copy of the input with obsm['X_scrcl'] and obs['scrcl_cluster'].",
+)
 @_opt("--epochs", type=click.IntRange(1, 100_000), default=C.TRAIN_DEFAULTS.epochs)
 @_opt("--hidden-dim", type=click.IntRange(1, 16_384), default=C.TRAIN_DEFAULTS.hidden_dim)
-@_opt("--out-dim", type=click.IntRange(2, 4_096), default=C.TRAIN_DEFAULTS.out_dim, help="Refined embedding width O (the fused embedding is 2*O).")
+@_opt(
+    "--out-dim",
+    type=click.IntRange(2, 4_096),
+    default=C.TRAIN_DEFAULTS.out_dim,
+    help="Refined embedding width O (the fused embedding is 2*O).",
+)
 @_opt("--dropout", type=click.FloatRange(0, 1, max_open=True), default=C.TRAIN_DEFAULTS.dropout)
 @_opt("--lr", type=click.FloatRange(min=0, min_open=True), default=C.TRAIN_DEFAULTS.lr)
 @_opt("--weight-decay", type=click.FloatRange(min=0), default=C.TRAIN_DEFAULTS.weight_decay)
 @_opt("--temperature", type=click.FloatRange(min=0, min_open=True), default=C.TRAIN_DEFAULTS.temperature)
 @_opt("--lambda1", type=click.FloatRange(min=0), default=C.TRAIN_DEFAULTS.lambda1, help="Weight of the NCA loss.")
 @_opt("--lambda2", type=click.FloatRange(min=0), default=C.TRAIN_DEFAULTS.lambda2, help="Weight of the CVC loss.")
-@_opt("--t0", type=click.IntRange(0, 64), default=C.TRAIN_DEFAULTS.t0, help="Graph smoothing steps for the MLP view input (Â^t0 X).")
-@_opt("--t1", type=click.IntRange(0, 64), default=C.TRAIN_DEFAULTS.t1, help="Graph smoothing steps for the GCN view input (Â^t1 X).")
-@_opt("--n-neighbors", type=click.IntRange(2, 1_000), default=C.TRAIN_DEFAULTS.n_neighbors, help="k of the cell kNN graph, the cell included.")
-@_opt("--gene-neighbors", type=click.IntRange(1, 1_000), default=C.TRAIN_DEFAULTS.gene_neighbors,
-      help="k of the gene kNN graph that mixes gene embeddings, the gene included (1: no mixing).")
-@_opt("--n-top-genes", type=click.IntRange(1, 1_000_000), default=None,
-      help=f"Highly variable genes: {C.TRAIN_DEFAULTS.n_top_genes} (seurat flavour) by default, "
-      f"{C.SPATIAL_DEFAULTS['n_top_genes']} (seurat_v3) with --spatial.")
-@_opt("--input", "input_mode", type=click.Choice(["counts", "lognorm"]), default=C.TRAIN_DEFAULTS.input_mode,
-      help="Model input: log-normalised HVGs, or raw HVG counts as the reference does.")
-@_opt("--expression", type=click.Choice(["counts", "continuous", "log"]), default=C.TRAIN_DEFAULTS.expression,
-      help="What X holds: raw counts, non-integer values (TPM/RPKM), or log-normalised data.")
-@_opt("--embedding", type=click.Choice(list(C.EMBEDDINGS)), default=C.TRAIN_DEFAULTS.embedding,
-      help="What is clustered and exported: 50 principal components of the GCN view's normalised hidden output "
-      "(Euclidean k-means), or the reference's concat(z1, z2) (cosine k-means) (docs/defaults.md).")
-@_opt("--unsmoothed-weight", type=click.FloatRange(0, 10), default=C.TRAIN_DEFAULTS.unsmoothed_weight,
-      help="Cluster the gcn-pca embedding beside the unsmoothed PCA of the input, with this weight (0: embedding alone).")
-@_opt("--n-clusters", type=click.IntRange(1, 100_000), default=None, help="Clusters for the training cells (default: chosen without labels).")
-@_opt("--spatial", is_flag=True, help="Spatial mode: graph from obsm['spatial'], seurat_v3 genes, scaled input, neighbour vote. "
-      "Options not given take the spatial defaults: --epochs 100 --hidden-dim 128 --out-dim 32 --temperature 1 "
-      "--lambda1 10 --t0 5 --t1 5 --n-top-genes 3000 --embedding fused, no gene-graph mixing (docs/spatial.md).")
-@_opt("--refine-neighbours", type=click.IntRange(1, 10_000), default=C.REFINE_NEIGHBOURS, help="With --spatial: spots in the neighbour vote.")
-@_opt("--batch-size", "batch_size", type=click.IntRange(2, 100_000_000), default=None,
-      help="Train on mini-batches of about this many cells; an epoch is still one pass over the cells (default: full batch when it fits in memory).")
-@_opt("--out-of-core", is_flag=True,
-      help="Keep the smoothed inputs in memory-mapped files beside OUTPUT while training (removed afterwards), for atlases larger than memory.")
+@_opt(
+    "--t0", type=click.IntRange(0, 64), default=C.TRAIN_DEFAULTS.t0, help="Graph smoothing steps for the MLP view input (Â^t0 X)."
+)
+@_opt(
+    "--t1", type=click.IntRange(0, 64), default=C.TRAIN_DEFAULTS.t1, help="Graph smoothing steps for the GCN view input (Â^t1 X)."
+)
+@_opt(
+    "--n-neighbors",
+    type=click.IntRange(2, 1_000),
+    default=C.TRAIN_DEFAULTS.n_neighbors,
+    help="k of the cell kNN graph, the cell included.",
+)
+@_opt(
+    "--gene-neighbors",
+    type=click.IntRange(1, 1_000),
+    default=C.TRAIN_DEFAULTS.gene_neighbors,
+    help="k of the gene kNN graph that mixes gene embeddings, the gene included (1: no mixing).",
+)
+@_opt(
+    "--n-top-genes",
+    type=click.IntRange(1, 1_000_000),
+    default=None,
+    help=f"Highly variable genes: {C.TRAIN_DEFAULTS.n_top_genes} (seurat flavour) by default, "
+    f"{C.SPATIAL_DEFAULTS['n_top_genes']} (seurat_v3) with --spatial.",
+)
+@_opt(
+    "--input",
+    "input_mode",
+    type=click.Choice(["counts", "lognorm"]),
+    default=C.TRAIN_DEFAULTS.input_mode,
+    help="Model input: log-normalised HVGs, or raw HVG counts as the reference does.",
+)
+@_opt(
+    "--expression",
+    type=click.Choice(["counts", "continuous", "log"]),
+    default=C.TRAIN_DEFAULTS.expression,
+    help="What X holds: raw counts, non-integer values (TPM/RPKM), or log-normalised data.",
+)
+@_opt(
+    "--embedding",
+    type=click.Choice(list(C.EMBEDDINGS)),
+    default=C.TRAIN_DEFAULTS.embedding,
+    help="What is clustered and exported: 50 principal components of the GCN view's normalised hidden output "
+    "(Euclidean k-means), or the reference's concat(z1, z2) (cosine k-means) (docs/defaults.md).",
+)
+@_opt(
+    "--unsmoothed-weight",
+    type=click.FloatRange(0, 10),
+    default=C.TRAIN_DEFAULTS.unsmoothed_weight,
+    help="Cluster the gcn-pca embedding beside the unsmoothed PCA of the input, with this weight (0: embedding alone).",
+)
+@_opt(
+    "--n-clusters",
+    type=click.IntRange(1, 100_000),
+    default=None,
+    help="Clusters for the training cells (default: chosen without labels).",
+)
+@_opt(
+    "--spatial",
+    is_flag=True,
+    help="Spatial mode: graph from obsm['spatial'], seurat_v3 genes, scaled input, neighbour vote. "
+    "Options not given take the spatial defaults: --epochs 100 --hidden-dim 128 --out-dim 32 --temperature 1 "
+    "--lambda1 10 --t0 5 --t1 5 --n-top-genes 3000 --embedding fused, no gene-graph mixing (docs/spatial.md).",
+)
+@_opt(
+    "--refine-neighbours",
+    type=click.IntRange(1, 10_000),
+    default=C.REFINE_NEIGHBOURS,
+    help="With --spatial: spots in the neighbour vote.",
+)
+@_opt(
+    "--batch-size",
+    "batch_size",
+    type=click.IntRange(2, 100_000_000),
+    default=None,
+    help="Train on mini-batches of about this many cells; an epoch is still one pass over the cells (default: full batch when it fits in memory).",
+)
+@_opt(
+    "--out-of-core",
+    is_flag=True,
+    help="Keep the smoothed inputs in memory-mapped files beside OUTPUT while training (removed afterwards), for atlases larger than memory.",
+)
 @_opt("--no-export", is_flag=True, help="Skip the ONNX export (weights only).")
 @seed_option
 @device_option
@@ -445,8 +558,23 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 @overwrite_option
 @quiet_option
 @click.pass_context
-def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | None, n_clusters: int | None,
-          spatial: bool, refine_neighbours: int, batch_size: int | None, out_of_core: bool, no_export: bool, seed: int, device: str, threads: int, overwrite: bool, **hyper: Any) -> None:
+def train(
+    ctx: click.Context,
+    input_h5ad: Path,
+    output: Path,
+    out_h5ad: Path | None,
+    n_clusters: int | None,
+    spatial: bool,
+    refine_neighbours: int,
+    batch_size: int | None,
+    out_of_core: bool,
+    no_export: bool,
+    seed: int,
+    device: str,
+    threads: int,
+    overwrite: bool,
+    **hyper: Any,
+) -> None:
     """Train scRCL on the raw counts in INPUT_H5AD and write a model directory."""
     from .bundle import write_model_dir
     from .io.h5ad import read_h5ad_checked
@@ -460,7 +588,7 @@ def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | N
     from .config import SPATIAL_DEFAULTS, TrainConfig
     from .training import check_fits
 
-    resolve_torch_device(device)  # type: ignore[arg-type]  # an unusable --device fails before any work
+    resolve_torch_device(as_device(device))  # an unusable --device fails before any work
     _set_threads(threads)
     if not spatial and "spatial" in adata.obsm:
         log.info("%s has obsm['spatial']: for spatial domains, train with --spatial", input_h5ad.name)
@@ -475,8 +603,10 @@ def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | N
         hyper["n_top_genes"] = C.TRAIN_DEFAULTS.n_top_genes
     config = TrainConfig(seed=seed, **hyper)
     if n_clusters is not None and n_clusters > adata.n_obs:
-        raise ScrclError(f"--n-clusters {n_clusters} is more than the {adata.n_obs} cells of {input_h5ad.name}",
-                         f"Pass --n-clusters between 1 and {adata.n_obs}, or leave it out to choose it from the data")
+        raise ScrclError(
+            f"--n-clusters {n_clusters} is more than the {adata.n_obs} cells of {input_h5ad.name}",
+            f"Pass --n-clusters between 1 and {adata.n_obs}, or leave it out to choose it from the data",
+        )
     check_fits(config, adata.n_obs, adata.n_vars, batch_size=batch_size)
     from .workflow import train_model
 
@@ -490,10 +620,18 @@ def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | N
             if (epoch + 1) % every == 0 or epoch + 1 == config.epochs:
                 bar(epoch + 1, info=f"loss {terms.total.item():.4f}")
 
-        trained = train_model(adata, config, device=device, n_clusters=n_clusters, export=not no_export, batch_size=batch_size,  # type: ignore[arg-type]
-                              out_of_core=output if out_of_core else None,
-                              spatial={"refine_neighbours": refine_neighbours} if spatial else None,
-                              on_epoch=on_epoch, on_graph=lambda d, n: graph_bar(d, n))
+        trained = train_model(
+            adata,
+            config,
+            device=as_device(device),
+            n_clusters=n_clusters,
+            export=not no_export,
+            batch_size=batch_size,
+            out_of_core=output if out_of_core else None,
+            spatial={"refine_neighbours": refine_neighbours} if spatial else None,
+            on_epoch=on_epoch,
+            on_graph=lambda d, n: graph_bar(d, n),
+        )
     outputs = []
     if out_h5ad is not None:  # the copy first: it is the output most likely to fail on odd input metadata
         _annotate(adata, trained)
@@ -501,15 +639,18 @@ def train(ctx: click.Context, input_h5ad: Path, output: Path, out_h5ad: Path | N
         outputs.append(str(out_h5ad))
     write_model_dir(output, trained.files, trained.manifest, overwrite=overwrite)
     outputs.insert(0, str(output))
-    _summary("scrcl-cli train", [
-        ("cells", f"{int((trained.labels >= 0).sum())} used of {adata.n_obs}"),
-        ("genes used", str(trained.n_genes)),
-        ("clusters", f"{trained.manifest['clusters']['n_clusters']} ({trained.manifest['clusters']['method']})"),
-        ("device", trained.device),
-        ("final loss", f"{trained.manifest['training']['final_loss'][0]:.5g}"),
-        ("time", f"{time.perf_counter() - t:.1f} s (training {trained.seconds:.1f} s)"),
-        ("written", ", ".join(outputs)),
-    ])
+    _summary(
+        "scrcl-cli train",
+        [
+            ("cells", f"{int((trained.labels >= 0).sum())} used of {adata.n_obs}"),
+            ("genes used", str(trained.n_genes)),
+            ("clusters", f"{trained.manifest['clusters']['n_clusters']} ({trained.manifest['clusters']['method']})"),
+            ("device", trained.device),
+            ("final loss", f"{trained.manifest['training']['final_loss'][0]:.5g}"),
+            ("time", f"{time.perf_counter() - t:.1f} s (training {trained.seconds:.1f} s)"),
+            ("written", ", ".join(outputs)),
+        ],
+    )
 
 
 def _write_h5ad(adata: Any, dest: Path, *, overwrite: bool) -> None:
@@ -521,8 +662,10 @@ def _write_h5ad(adata: Any, dest: Path, *, overwrite: bool) -> None:
         raise
     except Exception as exc:  # anndata cannot write some metadata it read (object references, odd encodings)
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ScrclError(f"anndata could not write --out-h5ad {dest} ({first})",
-                         "Drop --out-h5ad, or remove the offending uns/obs entries from the input") from None
+        raise ScrclError(
+            f"anndata could not write --out-h5ad {dest} ({first})",
+            "Drop --out-h5ad, or remove the offending uns/obs entries from the input",
+        ) from None
 
 
 def _annotate(adata: Any, trained: Any) -> None:
@@ -532,6 +675,7 @@ def _annotate(adata: Any, trained: Any) -> None:
 
 
 # ---------------------------------------------------------------- embed / cluster
+
 
 def _write_csv(path: Path, header: list[str], rows: Any, *, overwrite: bool) -> None:
     import csv
@@ -549,10 +693,18 @@ def _write_csv(path: Path, header: list[str], rows: Any, *, overwrite: bool) -> 
 @cli.command(epilog=EMBED_EXAMPLES)
 @input_arg
 @model_option
-@_opt("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .h5ad (a copy of the input plus the embedding).")
+@_opt(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Output .h5ad (a copy of the input plus the embedding).",
+)
 @view_option
 @key_option
-@_opt("--spatial", is_flag=True, help="Spatial model: use the query's obsm['spatial'] graph (must match how the model was trained).")
+@_opt(
+    "--spatial", is_flag=True, help="Spatial model: use the query's obsm['spatial'] graph (must match how the model was trained)."
+)
 @_opt("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the embedding as a CSV table.")
 @batch_option
 @overlap_option
@@ -561,8 +713,21 @@ def _write_csv(path: Path, header: list[str], rows: Any, *, overwrite: bool) -> 
 @overwrite_option
 @quiet_option
 @click.pass_context
-def embed(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, view: str, key_added: str, spatial: bool,
-          csv_path: Path | None, batch_size: int, min_gene_overlap: float, device: str, threads: int, overwrite: bool) -> None:
+def embed(
+    ctx: click.Context,
+    input_h5ad: Path,
+    model_dir: Path,
+    output: Path,
+    view: str,
+    key_added: str,
+    spatial: bool,
+    csv_path: Path | None,
+    batch_size: int,
+    min_gene_overlap: float,
+    device: str,
+    threads: int,
+    overwrite: bool,
+) -> None:
     """Embed the cells of INPUT_H5AD with a trained model (ONNX Runtime, no torch)."""
     from . import inference
     from .bundle import ONNX_FILES, check_mode, read_bundle
@@ -576,37 +741,76 @@ def embed(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, v
     # X is read in blocks of cells and the output is a copy of the input plus the new elements (io/h5ad.py).
     query = ChunkedH5ad(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
     with _progress(not ctx.obj["quiet"]) as make:
-        rep = inference.embed_file(query, bundle, view=view, device=device, threads=threads, batch_size=batch_size,  # type: ignore[arg-type]
-                                   min_gene_overlap=min_gene_overlap, key_added=key_added,
-                                   progress=make("embedding", query.n_obs))
+        rep = inference.embed_file(
+            query,
+            bundle,
+            view=view,
+            device=as_device(device),
+            threads=threads,
+            batch_size=batch_size,
+            min_gene_overlap=min_gene_overlap,
+            key_added=key_added,
+            progress=make("embedding", query.n_obs),
+        )
     write_h5ad_patched(input_h5ad, output, rep.annotations, overwrite=overwrite)
     if csv_path is not None:
         emb = rep.annotations.obsm[key_added]
-        _write_csv(csv_path, ["cell"] + [f"{key_added}_{i}" for i in range(emb.shape[1])],
-                   ([c, *(f"{v:.7g}" for v in row)] for c, row in zip(query.obs_names, emb)), overwrite=overwrite)
-    _summary("scrcl-cli embed", [
-        ("cells", str(rep.n_cells)),
-        ("genes matched", f"{rep.n_genes_found} of {rep.n_genes_model}"),
-        ("view", rep.view), ("provider", rep.provider),
-        ("time", f"{time.perf_counter() - t:.1f} s"),
-        ("written", ", ".join(str(p) for p in (output, csv_path) if p)),
-    ])
+        _write_csv(
+            csv_path,
+            ["cell"] + [f"{key_added}_{i}" for i in range(emb.shape[1])],
+            ([c, *(f"{v:.7g}" for v in row)] for c, row in zip(query.obs_names, emb)),
+            overwrite=overwrite,
+        )
+    _summary(
+        "scrcl-cli embed",
+        [
+            ("cells", str(rep.n_cells)),
+            ("genes matched", f"{rep.n_genes_found} of {rep.n_genes_model}"),
+            ("view", rep.view),
+            ("provider", rep.provider),
+            ("time", f"{time.perf_counter() - t:.1f} s"),
+            ("written", ", ".join(str(p) for p in (output, csv_path) if p)),
+        ],
+    )
 
 
 @cli.command(epilog=CLUSTER_EXAMPLES)
 @input_arg
 @model_option
-@_opt("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .h5ad with obs['scrcl_cluster'].")
-@_opt("--markers", type=click.Path(dir_okay=False, path_type=Path), default=None,
-      help="Marker-gene table (CSV). Default: <output stem>_markers.csv.")
-@_opt("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
-      help="Write a PNG: the spatial domain map with --spatial, else a 2-D layout of the embedding coloured by cluster "
-      "(needs matplotlib, the 'plot' extra).")
-@_opt("--denovo", is_flag=True, help="Cluster the query itself (k-means, the model's metric) instead of using training centroids.")
-@_opt("--n-clusters", type=click.IntRange(1, 100_000), default=None, help="With --denovo: number of clusters (default: chosen without labels).")
+@_opt(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Output .h5ad with obs['scrcl_cluster'].",
+)
+@_opt(
+    "--markers",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Marker-gene table (CSV). Default: <output stem>_markers.csv.",
+)
+@_opt(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a PNG: the spatial domain map with --spatial, else a 2-D layout of the embedding coloured by cluster "
+    "(needs matplotlib, the 'plot' extra).",
+)
+@_opt(
+    "--denovo", is_flag=True, help="Cluster the query itself (k-means, the model's metric) instead of using training centroids."
+)
+@_opt(
+    "--n-clusters",
+    type=click.IntRange(1, 100_000),
+    default=None,
+    help="With --denovo: number of clusters (default: chosen without labels).",
+)
 @view_option
 @key_option
-@_opt("--spatial", is_flag=True, help="Spatial model: use the query's obsm['spatial'] graph (must match how the model was trained).")
+@_opt(
+    "--spatial", is_flag=True, help="Spatial model: use the query's obsm['spatial'] graph (must match how the model was trained)."
+)
 @batch_option
 @overlap_option
 @seed_option
@@ -615,9 +819,25 @@ def embed(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, v
 @overwrite_option
 @quiet_option
 @click.pass_context
-def cluster(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path, markers: Path | None, plot: Path | None, denovo: bool,
-            n_clusters: int | None, view: str, key_added: str, spatial: bool, batch_size: int, min_gene_overlap: float, seed: int,
-            device: str, threads: int, overwrite: bool) -> None:
+def cluster(
+    ctx: click.Context,
+    input_h5ad: Path,
+    model_dir: Path,
+    output: Path,
+    markers: Path | None,
+    plot: Path | None,
+    denovo: bool,
+    n_clusters: int | None,
+    view: str,
+    key_added: str,
+    spatial: bool,
+    batch_size: int,
+    min_gene_overlap: float,
+    seed: int,
+    device: str,
+    threads: int,
+    overwrite: bool,
+) -> None:
     """Embed INPUT_H5AD and assign every cell to a cluster (ONNX Runtime, no torch)."""
     import numpy as np
 
@@ -627,25 +847,44 @@ def cluster(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path,
 
     t = time.perf_counter()
     if n_clusters is not None and not denovo:
-        raise ScrclError("--n-clusters applies only with --denovo (the default labels cells by the training centroids)",
-                         "Add --denovo to cluster the query itself into that many clusters, or drop --n-clusters")
+        raise ScrclError(
+            "--n-clusters applies only with --denovo (the default labels cells by the training centroids)",
+            "Add --denovo to cluster the query itself into that many clusters, or drop --n-clusters",
+        )
     if output.name in ("", ".", ".."):
         raise ScrclError(f"-o/--output {str(output)!r} is not a file path", "Pass the path of the output .h5ad")
     markers = markers or output.with_name(output.stem + "_markers.csv")
-    _guard(ctx, [(output, "-o/--output", "file"), (markers, "--markers", "file"), (plot, "--plot", "file")],
-           (input_h5ad, model_dir), overwrite=overwrite)
+    _guard(
+        ctx,
+        [(output, "-o/--output", "file"), (markers, "--markers", "file"), (plot, "--plot", "file")],
+        (input_h5ad, model_dir),
+        overwrite=overwrite,
+    )
     bundle = read_bundle(model_dir)
     check_mode(bundle, spatial=spatial)
     bundle.require(ONNX_FILES[view])  # a model trained with --no-export fails here, before the query's graph
     query = ChunkedH5ad(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
     if plot is not None and spatial and query.spatial is None:  # checked before any work or output
-        raise ScrclError(f"--plot needs obsm['spatial'] and {input_h5ad.name} has none", "Drop --plot or pass a section with coordinates")
+        raise ScrclError(
+            f"--plot needs obsm['spatial'] and {input_h5ad.name} has none", "Drop --plot or pass a section with coordinates"
+        )
     if plot is not None:
         _require_matplotlib()
     with _progress(not ctx.obj["quiet"]) as make:
-        rep = inference.cluster_file(query, bundle, denovo=denovo, n_clusters=n_clusters, seed=seed, view=view, device=device,
-                                     threads=threads, batch_size=batch_size, min_gene_overlap=min_gene_overlap,
-                                     key_added=key_added, progress=make("embedding", query.n_obs))
+        rep = inference.cluster_file(
+            query,
+            bundle,
+            denovo=denovo,
+            n_clusters=n_clusters,
+            seed=seed,
+            view=view,
+            device=as_device(device),
+            threads=threads,
+            batch_size=batch_size,
+            min_gene_overlap=min_gene_overlap,
+            key_added=key_added,
+            progress=make("embedding", query.n_obs),
+        )
     new = rep.embed.annotations
     write_h5ad_patched(input_h5ad, output, new, overwrite=overwrite)
     if plot is not None:
@@ -657,21 +896,36 @@ def cluster(ctx: click.Context, input_h5ad: Path, model_dir: Path, output: Path,
         else:
             from .plotting import plot_embedding
 
-            plot_embedding(new.obsm[key_added], np.asarray(new.obs[key]), plot, seed=seed,
-                           title=f"{input_h5ad.name}: {key}", overwrite=overwrite)
-    _write_csv(markers, ["cluster", "rank", "gene", "log2_fold_change", "mean_lognorm_in_cluster", "fraction_expressing"],
-               ([c, r, g, f"{a:.4f}", f"{b:.4f}", f"{f:.4f}"] for c, r, g, a, b, f in rep.markers), overwrite=overwrite)
-    _summary("scrcl-cli cluster", [
-        ("cells", str(rep.embed.n_cells)),
-        ("genes matched", f"{rep.embed.n_genes_found} of {rep.embed.n_genes_model}"),
-        ("clusters", f"{rep.n_clusters} ({rep.method})"),
-        ("view", rep.embed.view), ("provider", rep.embed.provider),
-        ("time", f"{time.perf_counter() - t:.1f} s"),
-        ("written", ", ".join(str(p) for p in (output, markers, plot) if p is not None)),
-    ])
+            plot_embedding(
+                new.obsm[key_added],
+                np.asarray(new.obs[key]),
+                plot,
+                seed=seed,
+                title=f"{input_h5ad.name}: {key}",
+                overwrite=overwrite,
+            )
+    _write_csv(
+        markers,
+        ["cluster", "rank", "gene", "log2_fold_change", "mean_lognorm_in_cluster", "fraction_expressing"],
+        ([c, r, g, f"{a:.4f}", f"{b:.4f}", f"{f:.4f}"] for c, r, g, a, b, f in rep.markers),
+        overwrite=overwrite,
+    )
+    _summary(
+        "scrcl-cli cluster",
+        [
+            ("cells", str(rep.embed.n_cells)),
+            ("genes matched", f"{rep.embed.n_genes_found} of {rep.embed.n_genes_model}"),
+            ("clusters", f"{rep.n_clusters} ({rep.method})"),
+            ("view", rep.embed.view),
+            ("provider", rep.embed.provider),
+            ("time", f"{time.perf_counter() - t:.1f} s"),
+            ("written", ", ".join(str(p) for p in (output, markers, plot) if p is not None)),
+        ],
+    )
 
 
 # ---------------------------------------------------------------- export / info / demo
+
 
 @cli.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
@@ -703,16 +957,24 @@ def info() -> None:
     try:
         import onnxruntime as ort
 
-        lines += [f"onnxruntime {ort.__version__} ({', '.join(ort_distributions())})",
-                  f"onnxruntime providers: {', '.join(ort.get_available_providers())}"]
+        lines += [
+            f"onnxruntime {ort.__version__} ({', '.join(ort_distributions())})",
+            f"onnxruntime providers: {', '.join(ort.get_available_providers())}",
+        ]
     except ImportError:
         lines.append("onnxruntime: not installed")
     click.echo("\n".join(lines))
 
 
 @cli.command()
-@_opt("-o", "--output", "outdir", type=click.Path(file_okay=False, path_type=Path), default=Path("scrcl_demo"),
-      help="Folder for the model and the clustered copy.")
+@_opt(
+    "-o",
+    "--output",
+    "outdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("scrcl_demo"),
+    help="Folder for the model and the clustered copy.",
+)
 @_opt("--epochs", type=click.IntRange(1, 100_000), default=C.DEMO_EPOCHS)
 @_opt("--hidden-dim", type=click.IntRange(1, 16_384), default=C.DEMO_HIDDEN_DIM)
 @seed_option
@@ -733,24 +995,58 @@ def demo(ctx: click.Context, outdir: Path, epochs: int, hidden_dim: int, seed: i
     model, clustered = outdir / "model", outdir / "pbmc68k_clustered.h5ad"
     hyper = {k: v for k, v in C.TRAIN_DEFAULTS.as_dict().items() if k not in ("seed", "n_top_genes")}
     hyper.update(epochs=epochs, hidden_dim=hidden_dim)
-    ctx.invoke(train, input_h5ad=example, output=model, out_h5ad=None, n_clusters=None, spatial=False,
-               refine_neighbours=C.REFINE_NEIGHBOURS, batch_size=None, out_of_core=False, no_export=False, seed=seed,
-               device=device, threads=0, overwrite=overwrite, n_top_genes=None, **hyper)
-    ctx.invoke(cluster, input_h5ad=example, model_dir=model, output=clustered, markers=None, denovo=False,
-               n_clusters=None, view="fused", key_added=C.KEY_ADDED, spatial=False, plot=None, batch_size=C.BATCH_SIZE,
-               min_gene_overlap=C.MIN_GENE_OVERLAP, seed=seed, device="cpu" if device == "cpu" else "auto", threads=0,
-               overwrite=overwrite)
+    ctx.invoke(
+        train,
+        input_h5ad=example,
+        output=model,
+        out_h5ad=None,
+        n_clusters=None,
+        spatial=False,
+        refine_neighbours=C.REFINE_NEIGHBOURS,
+        batch_size=None,
+        out_of_core=False,
+        no_export=False,
+        seed=seed,
+        device=device,
+        threads=0,
+        overwrite=overwrite,
+        n_top_genes=None,
+        **hyper,
+    )
+    ctx.invoke(
+        cluster,
+        input_h5ad=example,
+        model_dir=model,
+        output=clustered,
+        markers=None,
+        denovo=False,
+        n_clusters=None,
+        view="fused",
+        key_added=C.KEY_ADDED,
+        spatial=False,
+        plot=None,
+        batch_size=C.BATCH_SIZE,
+        min_gene_overlap=C.MIN_GENE_OVERLAP,
+        seed=seed,
+        device="cpu" if device == "cpu" else "auto",
+        threads=0,
+        overwrite=overwrite,
+    )
     pred = anndata.read_h5ad(clustered).obs["scrcl_cluster"].to_numpy()
     score = ari_against_annotation(example, np.asarray(pred))  # evaluation only, after clustering
-    click.echo(f"demo: ARI against the published PBMC annotation = {score:.3f} "
-               f"({len(set(pred))} clusters, 10 annotated types); outputs in {outdir}")
+    click.echo(
+        f"demo: ARI against the published PBMC annotation = {score:.3f} "
+        f"({len(set(pred))} clusters, 10 annotated types); outputs in {outdir}"
+    )
 
 
 def _require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ScrclError("--plot needs matplotlib, which is not installed", "pip install 'scrcl-cli[plot]' or drop --plot") from None
+        raise ScrclError(
+            "--plot needs matplotlib, which is not installed", "pip install 'scrcl-cli[plot]' or drop --plot"
+        ) from None
 
 
 def main() -> None:

@@ -93,12 +93,20 @@ def _lloyd(x: np.ndarray, c: np.ndarray, max_iter: int, metric: str, x_sq: np.nd
 def check_n_clusters(k: int | None, n_cells: int) -> None:
     """A requested cluster count must not exceed the cells it partitions (a user error, not a clip)."""
     if k is not None and k > n_cells:
-        raise ScrclError(f"--n-clusters {k} is more than the {n_cells} cells to cluster",
-                         f"Pass --n-clusters between 1 and {n_cells}, or leave it out to choose it from the data")
+        raise ScrclError(
+            f"--n-clusters {k} is more than the {n_cells} cells to cluster",
+            f"Pass --n-clusters between 1 and {n_cells}, or leave it out to choose it from the data",
+        )
 
 
 def kmeans(
-    x: np.ndarray, k: int, *, seed: int, metric: str = "cosine", n_init: int = 10, max_iter: int = 300,
+    x: np.ndarray,
+    k: int,
+    *,
+    seed: int,
+    metric: str = "cosine",
+    n_init: int = 10,
+    max_iter: int = 300,
     sample_size: int = 50_000,
 ) -> KMeansResult:
     """k-means on the rows of `x` (N, d) with k-means++ seeding and `n_init` restarts.
@@ -179,22 +187,28 @@ def ward_merge(centroids: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray
 
 
 def ward_kmeans(
-    x: np.ndarray, k: int, *, seed: int, microclusters_per_cluster: int = 10, max_microclusters: int = 2000,
-    max_iter: int = 300, sample_size: int = 50_000,
+    x: np.ndarray,
+    k: int,
+    *,
+    seed: int,
+    microclusters_per_cluster: int = 10,
+    max_microclusters: int = 2000,
+    max_iter: int = 300,
+    sample_size: int = 50_000,
 ) -> KMeansResult:
     """Euclidean k-means started from a Ward agglomeration of k-means microclusters.
 
-    x: (N, d). Cuts the rows (a uniform subsample of `sample_size` above that) into
-    M = min(N, max(k, min(10 k, 2000))) microclusters (`kmeans`, three k-means++ restarts), merges
-    their weighted centroids into k groups (`ward_merge`), and runs Lloyd's iterations over all rows
-    from the k group means, so the result is a k-means fixed point (each row at its nearest
-    centroid, what `nearest_centroid` reproduces).
+     x: (N, d). Cuts the rows (a uniform subsample of `sample_size` above that) into
+     M = min(N, max(k, min(10 k, 2000))) microclusters (`kmeans`, three k-means++ restarts), merges
+     their weighted centroids into k groups (`ward_merge`), and runs Lloyd's iterations over all rows
+     from the k group means, so the result is a k-means fixed point (each row at its nearest
+     centroid, what `nearest_centroid` reproduces).
 
-    Why: on the gcn-pca embedding, k-means with k-means++ restarts lands in different minima of
-    nearly equal inertia from run to run (cite_cbmc, one embedding: pairwise ARI 0.76-0.85 between
-    seeds). Fine microclusters are reproducible and Ward's merge order is deterministic, which
-    raised the three-seed agreement from 0.857 to 0.888 at the same accuracy (docs/defaults.md,
-   ).
+     Why: on the gcn-pca embedding, k-means with k-means++ restarts lands in different minima of
+     nearly equal inertia from run to run (cite_cbmc, one embedding: pairwise ARI 0.76-0.85 between
+     seeds). Fine microclusters are reproducible and Ward's merge order is deterministic, which
+     raised the three-seed agreement from 0.857 to 0.888 at the same accuracy (docs/defaults.md,
+    ).
     """
     xd = np.asarray(x, dtype=np.float64)
     n = xd.shape[0]
@@ -249,7 +263,12 @@ def joint_embedding(embedding: np.ndarray, unsmoothed: np.ndarray, weight: float
 
 
 def cluster_embedding(
-    x: np.ndarray, k: int, *, seed: int, metric: str, unsmoothed: np.ndarray | sp.spmatrix | None = None,
+    x: np.ndarray,
+    k: int,
+    *,
+    seed: int,
+    metric: str,
+    unsmoothed: np.ndarray | sp.spmatrix | None = None,
     unsmoothed_weight: float = 0.0,
 ) -> KMeansResult:
     """The clustering `train` and `cluster --denovo` apply to an embedding of `metric`.
@@ -273,8 +292,9 @@ def cluster_embedding(
     return kmeans(x, k, seed=seed, metric=metric)
 
 
-def cosine_kmeans(x: np.ndarray, k: int, *, seed: int, n_init: int = 10, max_iter: int = 300,
-                  sample_size: int = 50_000) -> KMeansResult:
+def cosine_kmeans(
+    x: np.ndarray, k: int, *, seed: int, n_init: int = 10, max_iter: int = 300, sample_size: int = 50_000
+) -> KMeansResult:
     """Spherical k-means: `kmeans` with metric "cosine"."""
     return kmeans(x, k, seed=seed, metric="cosine", n_init=n_init, max_iter=max_iter, sample_size=sample_size)
 

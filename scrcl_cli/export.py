@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -39,6 +39,10 @@ OPSET = 18
 
 
 class _Frozen(nn.Module):
+    def __getattr__(self, name: str) -> Tensor:
+        # Every attribute read here is a registered buffer; nn.Module types them as Tensor | Module.
+        return cast(Tensor, super().__getattr__(name))
+
     def __init__(self, state: dict[str, Tensor], gene_emb: np.ndarray) -> None:
         super().__init__()
         for name, value in state.items():
@@ -104,9 +108,7 @@ def _example(g: int, b: int = 5, m: int = 9, k: int = 3) -> dict[str, Tensor]:
     }
 
 
-def export_onnx(
-    state: dict[str, Tensor], gene_emb: np.ndarray, *, view: str, metadata: dict[str, str]
-) -> bytes:
+def export_onnx(state: dict[str, Tensor], gene_emb: np.ndarray, *, view: str, metadata: dict[str, str]) -> bytes:
     """Serialised ONNX model of the `view` ("fused" or "cell") encoder with `metadata` props."""
     g = state["mlp_w"].shape[1]
     ex = _example(g)
@@ -129,8 +131,9 @@ def export_onnx(
     return _to_onnx(module, args, names, out_name, shapes, metadata)
 
 
-def _to_onnx(module: nn.Module, args: tuple[Tensor, ...], names: list[str], out_name: str, shapes: Any,
-             metadata: dict[str, str]) -> bytes:
+def _to_onnx(
+    module: nn.Module, args: tuple[Tensor, ...], names: list[str], out_name: str, shapes: Any, metadata: dict[str, str]
+) -> bytes:
     """torch.onnx (dynamo) export of `module` at OPSET, checked, with `metadata` props."""
     import onnx
 
@@ -142,11 +145,18 @@ def _to_onnx(module: nn.Module, args: tuple[Tensor, ...], names: list[str], out_
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            module, args, input_names=names, output_names=[out_name], dynamic_shapes=shapes,
-            opset_version=OPSET, dynamo=True, verbose=False,
+            module,
+            args,
+            input_names=names,
+            output_names=[out_name],
+            dynamic_shapes=shapes,
+            opset_version=OPSET,
+            dynamo=True,
+            verbose=False,
         )
     for lg, level in zip(quiet, levels):
         lg.setLevel(level)
+    assert program is not None  # dynamo=True always returns a program
     proto = program.model_proto
     # onnxruntime releases lag onnx's IR; 10 is read by every onnxruntime >= 1.18.
     proto.ir_version = min(proto.ir_version, 10)
@@ -170,12 +180,16 @@ def _to_onnx(module: nn.Module, args: tuple[Tensor, ...], names: list[str], out_
 # gather and no recomputation of a neighbourhood per batch: every stage runs once per cell.
 # The layout and the torch-free runner are in stages.py.
 
+
 class _Linear(nn.Module):
     """x (B, G) -> x Wᵀ (B, H), no bias: the part of a first layer that commutes with Â."""
 
     def __init__(self, w: Tensor) -> None:
         super().__init__()
         self.register_buffer("w", w.detach().clone().float())
+
+    def __getattr__(self, name: str) -> Tensor:
+        return cast(Tensor, super().__getattr__(name))
 
     def forward(self, x: Tensor) -> Tensor:
         return x @ self.w.T
@@ -217,8 +231,7 @@ def stage_modules(state: dict[str, Tensor], gene_emb: np.ndarray, view: str) -> 
     return [m.eval() for m in mods]
 
 
-def export_stages(state: dict[str, Tensor], gene_emb: np.ndarray, *, view: str,
-                  metadata: dict[str, str]) -> dict[str, bytes]:
+def export_stages(state: dict[str, Tensor], gene_emb: np.ndarray, *, view: str, metadata: dict[str, str]) -> dict[str, bytes]:
     """ONNX bytes of `view`'s stages keyed by file name (`stage_files`); each takes one (B, width)
     float32 input ``x`` and returns ``y``, with a dynamic number of cells."""
     from .stages import stage_files
@@ -227,6 +240,7 @@ def export_stages(state: dict[str, Tensor], gene_emb: np.ndarray, *, view: str,
     for i, (name, module) in enumerate(zip(stage_files(view), stage_modules(state, gene_emb, view))):
         width = state["mlp_w"].shape[1] if i == 0 else state["mlp_w"].shape[0]
         x = torch.rand(5, width, generator=torch.Generator().manual_seed(0))
-        out[name] = _to_onnx(module, (x,), ["x"], "y", {"x": {0: torch.export.Dim("num_cells", min=1)}},
-                             {**metadata, "stage": str(i)})
+        out[name] = _to_onnx(
+            module, (x,), ["x"], "y", {"x": {0: torch.export.Dim("num_cells", min=1)}}, {**metadata, "stage": str(i)}
+        )
     return out

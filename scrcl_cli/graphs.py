@@ -70,8 +70,13 @@ def torch_csr(m: sp.spmatrix, device: Any) -> Any:
         # torch 2.11 on CUDA still says the checks are "implicitly disabled" although
         # check_invariants=False opts out (seen on GPUs); scipy CSR is valid.
         warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled", category=UserWarning)
-        return torch.sparse_csr_tensor(torch.from_numpy(c.indptr.astype(np.int64)), torch.from_numpy(c.indices.astype(np.int64)),
-                                       torch.from_numpy(c.data), size=c.shape, check_invariants=False).to(device)
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(c.indptr.astype(np.int64)),
+            torch.from_numpy(c.indices.astype(np.int64)),
+            torch.from_numpy(c.data),
+            size=c.shape,
+            check_invariants=False,
+        ).to(device)
 
 
 def pca_scores(x: sp.csr_matrix | np.ndarray, n_comps: int = 50, *, gram: np.ndarray | None = None) -> np.ndarray:
@@ -208,29 +213,29 @@ def knn_cosine_approx(
     cents = cosine_kmeans(sample, n_lists, seed=seed, n_init=1, max_iter=25).centroids.astype(np.float32)
     top2 = np.empty((n, 2), dtype=np.int64)
     for s in range(0, n, block * 4):
-        sim = unit[s:s + block * 4] @ cents.T
+        sim = unit[s : s + block * 4] @ cents.T
         best = np.argpartition(-sim, 1, axis=1)[:, :2]
         swap = np.take_along_axis(sim, best, 1)
-        top2[s:s + block * 4] = np.where((swap[:, :1] >= swap[:, 1:]), best, best[:, ::-1])
+        top2[s : s + block * 4] = np.where((swap[:, :1] >= swap[:, 1:]), best, best[:, ::-1])
     cand_s = np.full((n, 2 * kk), -np.inf, dtype=np.float32)
     cand_i = np.tile(np.arange(n, dtype=np.int64)[:, None], (1, 2 * kk))
     # Cells grouped by their first and by their second list, so each list finds its own in O(1).
     members = [np.argsort(top2[:, slot], kind="stable") for slot in (0, 1)]
     bounds = [np.searchsorted(top2[m, slot], np.arange(n_lists + 1)) for slot, m in enumerate(members)]
     for lst in range(n_lists):  # one vectorised block per list; lists hold ~list_size cells
-        db = members[0][bounds[0][lst]:bounds[0][lst + 1]]
+        db = members[0][bounds[0][lst] : bounds[0][lst + 1]]
         if db.size == 0:
             continue
         for slot in (0, 1):
-            q = members[slot][bounds[slot][lst]:bounds[slot][lst + 1]]
+            q = members[slot][bounds[slot][lst] : bounds[slot][lst + 1]]
             if q.size == 0:
                 continue
             sim = unit[q] @ unit[db].T
             if slot == 0:  # q is db itself; as a second list, db never holds the query cells
                 np.fill_diagonal(sim, -np.inf)
             s_top, i_top = _top_sorted(sim, np.broadcast_to(db, sim.shape), min(kk, db.size))
-            cand_s[q, slot * kk: slot * kk + s_top.shape[1]] = s_top
-            cand_i[q, slot * kk: slot * kk + i_top.shape[1]] = i_top
+            cand_s[q, slot * kk : slot * kk + s_top.shape[1]] = s_top
+            cand_i[q, slot * kk : slot * kk + i_top.shape[1]] = i_top
     _, nbrs = _top_sorted(cand_s, cand_i, kk)
     for rnd in range(n_refine):
         changed = 0
@@ -293,7 +298,7 @@ def cell_graph(
         log.info("cell graph: cosine kNN on 50 principal components of %d cells", n)
         feats = pca_scores(lognorm, 50, gram=gram_matrix(lognorm, device=device) if gram is None else gram)
     else:
-        feats = lognorm.toarray() if sp.issparse(lognorm) else np.asarray(lognorm)
+        feats = lognorm.toarray() if sp.issparse(lognorm) else np.asarray(lognorm)  # type: ignore[union-attr]
     nbrs = knn_cosine(feats, n_neighbors, device=device, progress=progress)
     return knn_to_adjacency(nbrs)
 
@@ -348,8 +353,13 @@ def smooth(x: sp.csr_matrix | np.ndarray, a_hat: sp.csr_matrix, t: int) -> sp.cs
 
 
 def smooth_powers(
-    x: sp.spmatrix | np.ndarray, a_hat: sp.csr_matrix, powers: list[int] | tuple[int, ...], *, block: int = 256,
-    device: Any = None, out_dir: Any = None,
+    x: sp.spmatrix | np.ndarray,
+    a_hat: sp.csr_matrix,
+    powers: list[int] | tuple[int, ...],
+    *,
+    block: int = 256,
+    device: Any = None,
+    out_dir: Any = None,
 ) -> dict[int, np.ndarray]:
     """Â^t x for every t in `powers`, from one chain of max(powers) sparse products.
 
@@ -370,15 +380,17 @@ def smooth_powers(
     else:
         from pathlib import Path
 
-        out = {t: np.lib.format.open_memmap(Path(out_dir) / f"smoothed_t{t}.npy", mode="w+", dtype=np.float32,
-                                            shape=(n, g)) for t in wanted}
+        out = {
+            t: np.lib.format.open_memmap(Path(out_dir) / f"smoothed_t{t}.npy", mode="w+", dtype=np.float32, shape=(n, g))
+            for t in wanted
+        }
     if device is not None:
         _smooth_powers_torch(x, a_hat, wanted, out, block, device)
         return out
     for c0 in range(0, g, block):
         c1 = min(g, c0 + block)
         y = x[:, c0:c1]
-        y = y.toarray() if sp.issparse(y) else np.array(y)
+        y = y.toarray() if sp.issparse(y) else np.array(y)  # type: ignore[union-attr]
         for step in range(wanted[-1] + 1):
             if step:
                 y = a_hat @ y
@@ -387,8 +399,9 @@ def smooth_powers(
     return out
 
 
-def _smooth_powers_torch(x: sp.spmatrix | np.ndarray, a_hat: sp.csr_matrix, wanted: list[int],
-                         out: dict[int, np.ndarray], block: int, device: Any) -> None:
+def _smooth_powers_torch(
+    x: sp.spmatrix | np.ndarray, a_hat: sp.csr_matrix, wanted: list[int], out: dict[int, np.ndarray], block: int, device: Any
+) -> None:
     """`smooth_powers` on a torch device: fills `out` (t -> float32 (N, G)) in place."""
     import torch
 
@@ -398,7 +411,7 @@ def _smooth_powers_torch(x: sp.spmatrix | np.ndarray, a_hat: sp.csr_matrix, want
     for c0 in range(0, g, block):
         c1 = min(g, c0 + block)
         cols = xc[:, c0:c1]
-        y = torch.from_numpy(cols.toarray() if sp.issparse(cols) else np.ascontiguousarray(cols)).to(device)
+        y = torch.from_numpy(cols.toarray() if sp.issparse(cols) else np.ascontiguousarray(cols)).to(device)  # type: ignore[union-attr]
         for step in range(wanted[-1] + 1):
             if step:
                 y = a_t @ y

@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
 
-def open_session(bundle: ModelBundle, view: str, *, device: Device = "auto", threads: int = 0,
-                 file: str | None = None) -> tuple[Any, str]:
+def open_session(
+    bundle: ModelBundle, view: str, *, device: Device = "auto", threads: int = 0, file: str | None = None
+) -> tuple[Any, str]:
     """An ONNX Runtime session for `view` (or the model's ONNX `file`) and the provider it really uses."""
     import onnxruntime as ort
 
@@ -63,8 +64,10 @@ def open_session(bundle: ModelBundle, view: str, *, device: Device = "auto", thr
     try:
         session = ort.InferenceSession(blob, sess_options=opts, providers=providers)
     except Exception as exc:
-        raise ScrclError(f"ONNX Runtime could not load {file} ({_first_line(exc)})",
-                         "Re-export the model with scrcl-cli export, or upgrade onnxruntime") from exc
+        raise ScrclError(
+            f"ONNX Runtime could not load {file} ({_first_line(exc)})",
+            "Re-export the model with scrcl-cli export, or upgrade onnxruntime",
+        ) from exc
     return session, check_session_provider(session.get_providers(), device)
 
 
@@ -86,19 +89,25 @@ def run_session(session: Any, feeds: dict[str, np.ndarray], rows: int, width: in
     except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
         if "alloc" in str(exc).lower() or "memory" in str(exc).lower():
             raise MemoryError(_first_line(exc)) from None
-        raise ScrclError(f"the model's encoder failed in ONNX Runtime ({_first_line(exc)})",
-                         "Re-export the model with scrcl-cli export, or retrain") from None
+        raise ScrclError(
+            f"the model's encoder failed in ONNX Runtime ({_first_line(exc)})",
+            "Re-export the model with scrcl-cli export, or retrain",
+        ) from None
     return check_encoder_output(np.asarray(z), rows, width)
 
 
 def check_encoder_output(z: np.ndarray, rows: int, width: int) -> np.ndarray:
     """`z` as float32 when it is (rows, width) and finite; a one-line error otherwise (the encoder is untrusted)."""
     if z.shape != (rows, width):
-        raise ScrclError(f"the model's encoder returned shape {z.shape} where ({rows}, {width}) was expected",
-                         "The model folder is damaged: re-export it with scrcl-cli export, or retrain")
+        raise ScrclError(
+            f"the model's encoder returned shape {z.shape} where ({rows}, {width}) was expected",
+            "The model folder is damaged: re-export it with scrcl-cli export, or retrain",
+        )
     if not np.isfinite(z).all():
-        raise ScrclError("the model's encoder returned NaN or infinite values",
-                         "The model folder is damaged or the training diverged: retrain (e.g. with a lower --lr)")
+        raise ScrclError(
+            "the model's encoder returned NaN or infinite values",
+            "The model folder is damaged or the training diverged: retrain (e.g. with a lower --lr)",
+        )
     return z.astype(np.float32, copy=False)
 
 
@@ -139,8 +148,9 @@ def prepare_query(adata: AnnData, bundle: ModelBundle, *, min_gene_overlap: floa
     adata.X: validated counts (or the model's expression), (n_obs, n_vars). For a file that
     should not be loaded whole, use `prepare_query_file`, which gives the same matrices.
     """
-    x = checked_matrix(adata.X, adata.var_names, name=name, expression=bundle.manifest["preprocessing"]["expression"],
-                       from_model=True)  # a new matrix: the caller's X is never modified
+    x = checked_matrix(
+        adata.X, adata.var_names, name=name, expression=bundle.manifest["preprocessing"]["expression"], from_model=True
+    )  # a new matrix: the caller's X is never modified
     sel, found = gene_selection([str(v) for v in adata.var_names], bundle.genes, min_overlap=min_gene_overlap, name=name)
     _log_overlap(found, bundle, name)
     lognorm, model_input = _prepare_rows(x, sel, bundle.manifest["preprocessing"])
@@ -186,7 +196,9 @@ def _stack_rows(blocks: list[sp.csr_matrix]) -> sp.csr_matrix:
 
 
 def query_graph(
-    lognorm: sp.csr_matrix, graph_params: dict[str, Any], progress: Progress | None = None,
+    lognorm: sp.csr_matrix,
+    graph_params: dict[str, Any],
+    progress: Progress | None = None,
     coords: np.ndarray | None = None,
 ) -> sp.csr_matrix:
     """Normalised adjacency Â of the query's own graph, CSR (N, N): cosine kNN on expression, or
@@ -194,8 +206,11 @@ def query_graph(
     n = lognorm.shape[0]
     k = int(graph_params["n_neighbors"])
     if n < 2:
-        fix = ("Use --view cell for single cells" if int(graph_params["t0"]) == 0 and graph_params.get("kind") != "spatial"
-               else "Embed at least 2 cells together: this model smooths each cell over its neighbours in the query")
+        fix = (
+            "Use --view cell for single cells"
+            if int(graph_params["t0"]) == 0 and graph_params.get("kind") != "spatial"
+            else "Embed at least 2 cells together: this model smooths each cell over its neighbours in the query"
+        )
         raise ScrclError(f"the query has {n} cell, and this model needs the query's own kNN graph", fix)
     if graph_params.get("kind") == "spatial":
         from .spatial import spatial_graph
@@ -227,15 +242,14 @@ def _one_hop_batches(
     while start < n:
         size = batch_size
         while True:
-            targets = np.sort(order[start:start + size]).astype(np.int64)
+            targets = np.sort(order[start : start + size]).astype(np.int64)
             rows = a_hat[targets]
             k = int(np.diff(rows.indptr).max())
             if targets.size * k <= max_slots or size == 1:
                 break
             size = max(1, size // 2)
         nodes = np.unique(rows.indices).astype(np.int64)
-        local = sp.csr_matrix((rows.data, np.searchsorted(nodes, rows.indices), rows.indptr),
-                              shape=(targets.size, nodes.size))
+        local = sp.csr_matrix((rows.data, np.searchsorted(nodes, rows.indices), rows.indptr), shape=(targets.size, nodes.size))
         nbr, w = graphs.padded_neighbours(local, np.searchsorted(nodes, targets))
         yield targets, nodes, nbr, w
         start += targets.size
@@ -249,9 +263,17 @@ def _output_width(session: Any) -> int:
 
 
 def run_encoder(
-    session: Any, view: str, model_input: sp.csr_matrix, a_hat: sp.csr_matrix | None, graph_params: dict[str, Any],
-    *, batch_size: int = 4096, progress: Progress | None = None, hidden_dim: int = 1500,
-    gather_bytes: int = 256 << 20, width: int | None = None,
+    session: Any,
+    view: str,
+    model_input: sp.csr_matrix,
+    a_hat: sp.csr_matrix | None,
+    graph_params: dict[str, Any],
+    *,
+    batch_size: int = 4096,
+    progress: Progress | None = None,
+    hidden_dim: int = 1500,
+    gather_bytes: int = 256 << 20,
+    width: int | None = None,
 ) -> np.ndarray:
     """Run the ONNX encoder over all cells; returns float32 (N, D): the view's embedding (model-format.md).
 
@@ -269,8 +291,12 @@ def run_encoder(
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             rows = x0[start:stop]
-            z = run_session(session, {"x0": rows.toarray() if sp.issparse(rows) else rows}, stop - start,
-                            width if width is not None else _output_width(session))
+            z = run_session(
+                session,
+                {"x0": rows.toarray() if sp.issparse(rows) else np.asarray(rows)},  # type: ignore[union-attr]
+                stop - start,
+                width if width is not None else _output_width(session),
+            )
             out = np.empty((n, z.shape[1]), dtype=np.float32) if out is None else out
             out[start:stop] = z
             if progress:
@@ -291,8 +317,12 @@ def run_encoder(
             x0 = np.asarray(a_hat[targets] @ xs, dtype=np.float32)
         else:
             x0 = smoothed[t0][targets]
-        z = run_session(session, {"x0": x0, "xs": xs[nodes], "nbr": nbr, "w": w}, targets.size,
-                        width if width is not None else _output_width(session))
+        z = run_session(
+            session,
+            {"x0": x0, "xs": xs[nodes], "nbr": nbr, "w": w},
+            targets.size,
+            width if width is not None else _output_width(session),
+        )
         out = np.empty((n, z.shape[1]), dtype=np.float32) if out is None else out
         out[targets] = z
         done += targets.size
@@ -303,16 +333,24 @@ def run_encoder(
 
 
 def run_staged_encoder(
-    bundle: ModelBundle, view: str, model_input: sp.csr_matrix, a_hat: sp.csr_matrix | None,
-    graph_params: dict[str, Any], *, device: Device = "auto", threads: int = 0, batch_size: int = 4096,
+    bundle: ModelBundle,
+    view: str,
+    model_input: sp.csr_matrix,
+    a_hat: sp.csr_matrix | None,
+    graph_params: dict[str, Any],
+    *,
+    device: Device = "auto",
+    threads: int = 0,
+    batch_size: int = 4096,
     progress: Progress | None = None,
 ) -> tuple[np.ndarray, str]:
     """`run_encoder` through the model's staged encoder (stages.py): (N, D) float32 and the provider."""
     sessions = [open_session(bundle, view, device=device, threads=threads, file=f) for f in stages.stage_files(view)]
     powers = stages.stage_powers(view, int(graph_params["t0"]), int(graph_params["t1"]))
     log.info("%s view: staged encoder, Â powers %s between stages", view, powers)
-    emb = stages.run_stages([stages.ort_runner(s) for s, _ in sessions], powers, model_input, a_hat,
-                            batch_size=batch_size, progress=progress)
+    emb = stages.run_stages(
+        [stages.ort_runner(s) for s, _ in sessions], powers, model_input, a_hat, batch_size=batch_size, progress=progress
+    )
     return emb, sessions[0][1]
 
 
@@ -360,11 +398,18 @@ def _embed_query(
     n = query.model_input.shape[0]
     n_empty = int(np.count_nonzero(np.diff(query.model_input.indptr) == 0))
     if n_empty == n:
-        raise ScrclError(f"all {n} cells of {name} have zero counts in the model's genes",
-                         "Check that the query holds expression values and the same gene identifiers as the training data")
+        raise ScrclError(
+            f"all {n} cells of {name} have zero counts in the model's genes",
+            "Check that the query holds expression values and the same gene identifiers as the training data",
+        )
     if n_empty:
-        log.warning("%d of %d cells of %s have zero counts in the model's genes: they are embedded, but their "
-                    "embedding and cluster carry no information (uns['scrcl']['n_cells_empty'])", n_empty, n, name)
+        log.warning(
+            "%d of %d cells of %s have zero counts in the model's genes: they are embedded, but their "
+            "embedding and cluster carry no information (uns['scrcl']['n_cells_empty'])",
+            n_empty,
+            n,
+            name,
+        )
     need_graph = view == "fused" or int(params["t0"]) > 0
     if params.get("kind") == "spatial" and coords is not None:
         coords = check_coords(coords, n, name)
@@ -374,12 +419,30 @@ def _embed_query(
     a_hat = query_graph(query.lognorm, params, coords=coords) if need_graph else None
     width = int(bundle.manifest["model"][f"{view}_dim"])
     if stages.has_stages(bundle.manifest["files"], view):
-        emb, provider = run_staged_encoder(bundle, view, query.model_input, a_hat, params, device=device,
-                                           threads=threads, batch_size=batch_size, progress=progress)
+        emb, provider = run_staged_encoder(
+            bundle,
+            view,
+            query.model_input,
+            a_hat,
+            params,
+            device=device,
+            threads=threads,
+            batch_size=batch_size,
+            progress=progress,
+        )
         check_encoder_output(emb, n, width)
     else:
-        emb = run_encoder(session, view, query.model_input, a_hat, params, batch_size=batch_size, progress=progress,
-                          hidden_dim=int(bundle.manifest["model"]["hidden_dim"]), width=width)
+        emb = run_encoder(
+            session,
+            view,
+            query.model_input,
+            a_hat,
+            params,
+            batch_size=batch_size,
+            progress=progress,
+            hidden_dim=int(bundle.manifest["model"]["hidden_dim"]),
+            width=width,
+        )
     uns = {
         "scrcl_version": __version__,
         "model_sha256": bundle.manifest["files"][ONNX_FILES[view]],
@@ -392,9 +455,16 @@ def _embed_query(
         "n_cells_empty": n_empty,
         "graph": {k: params[k] for k in ("n_neighbors", "t0", "t1")},
     }
-    return EmbedReport(provider=provider, view=view, n_cells=emb.shape[0], n_genes_found=query.n_genes_found,
-                       n_genes_model=len(bundle.genes), seconds=time.perf_counter() - t, query=query,
-                       annotations=Annotations(obsm={key_added: emb}, uns={"scrcl": uns}))
+    return EmbedReport(
+        provider=provider,
+        view=view,
+        n_cells=emb.shape[0],
+        n_genes_found=query.n_genes_found,
+        n_genes_model=len(bundle.genes),
+        seconds=time.perf_counter() - t,
+        query=query,
+        annotations=Annotations(obsm={key_added: emb}, uns={"scrcl": uns}),
+    )
 
 
 def _coords(obsm: Any) -> np.ndarray | None:
@@ -422,8 +492,19 @@ def embed(
     t = time.perf_counter()
     session = open_session(bundle, view, device=device, threads=threads)
     query = prepare_query(adata, bundle, min_gene_overlap=min_gene_overlap, name=name)
-    rep = _embed_query(query, _coords(adata.obsm), bundle, view=view, session=session, device=device, threads=threads,
-                       batch_size=batch_size, key_added=key_added, progress=progress, name=name)
+    rep = _embed_query(
+        query,
+        _coords(adata.obsm),
+        bundle,
+        view=view,
+        session=session,
+        device=device,
+        threads=threads,
+        batch_size=batch_size,
+        key_added=key_added,
+        progress=progress,
+        name=name,
+    )
     rep.annotations.apply(adata)
     rep.seconds = time.perf_counter() - t
     return rep
@@ -451,8 +532,19 @@ def embed_file(
     session = open_session(bundle, view, device=device, threads=threads)
     source = _open(source, bundle)
     query = prepare_query_file(source, bundle, min_gene_overlap=min_gene_overlap)
-    rep = _embed_query(query, source.spatial, bundle, view=view, session=session, device=device, threads=threads,
-                       batch_size=batch_size, key_added=key_added, progress=progress, name=source.name)
+    rep = _embed_query(
+        query,
+        source.spatial,
+        bundle,
+        view=view,
+        session=session,
+        device=device,
+        threads=threads,
+        batch_size=batch_size,
+        key_added=key_added,
+        progress=progress,
+        name=source.name,
+    )
     rep.seconds = time.perf_counter() - t
     return rep
 
@@ -474,8 +566,15 @@ class ClusterReport:
 
 
 def _cluster_query(
-    rep: EmbedReport, coords: np.ndarray | None, bundle: ModelBundle, *, denovo: bool, n_clusters: int | None,
-    seed: int, cluster_key: str, key_added: str,
+    rep: EmbedReport,
+    coords: np.ndarray | None,
+    bundle: ModelBundle,
+    *,
+    denovo: bool,
+    n_clusters: int | None,
+    seed: int,
+    cluster_key: str,
+    key_added: str,
 ) -> ClusterReport:
     """Label the embedded cells of `rep`; adds the obs columns and uns['scrcl']['cluster'] to rep.annotations."""
     import pandas as pd
@@ -489,11 +588,18 @@ def _cluster_query(
         k = n_clusters
         method = "given"
         if k is None:
-            k, _ = clustering.choose_n_clusters(rep.query.lognorm, seed=seed,
-                                                n_neighbors=int(bundle.manifest["graph"]["n_neighbors"]))
+            k, _ = clustering.choose_n_clusters(
+                rep.query.lognorm, seed=seed, n_neighbors=int(bundle.manifest["graph"]["n_neighbors"])
+            )
             method = "louvain-count"
-        res = clustering.cluster_embedding(emb, k, seed=seed, metric=metric, unsmoothed=rep.query.model_input,
-                                           unsmoothed_weight=float(bundle.manifest["config"].get("unsmoothed_weight", 0.0)))
+        res = clustering.cluster_embedding(
+            emb,
+            k,
+            seed=seed,
+            metric=metric,
+            unsmoothed=rep.query.model_input,
+            unsmoothed_weight=float(bundle.manifest["config"].get("unsmoothed_weight", 0.0)),
+        )
         labels = res.labels
         conf = clustering.assignment_confidence(emb, res.centroids, labels, metric)
     else:
@@ -511,8 +617,13 @@ def _cluster_query(
             raise ScrclError("this is a spatial model and the query has no obsm['spatial']", "Pass a section with coordinates")
         refined = refine_labels(labels, coords, int(refine))
         ann.obs[f"{cluster_key}_refined"] = pd.Categorical([str(v) for v in refined], categories=cats)
-    ann.uns["scrcl"]["cluster"] = {"method": method, "n_clusters": len(np.unique(labels)), "seed": seed, "key": cluster_key,
-                                   "metric": metric}
+    ann.uns["scrcl"]["cluster"] = {
+        "method": method,
+        "n_clusters": len(np.unique(labels)),
+        "seed": seed,
+        "key": cluster_key,
+        "metric": metric,
+    }
     if denovo:
         ann.uns["scrcl"]["cluster"]["algorithm"] = clustering.CLUSTER_ALGORITHM[metric]
     markers = clustering.marker_table(rep.query.lognorm, bundle.genes, labels)
@@ -538,21 +649,35 @@ def cluster(
     for spatial models ``obs[cluster_key + '_refined']``, and everything `embed` sets.
     """
     if n_clusters is not None and not denovo:
-        raise ScrclError("--n-clusters applies only with --denovo (the default labels cells by the training centroids)",
-                         "Add --denovo to cluster the query itself into that many clusters, or drop --n-clusters")
+        raise ScrclError(
+            "--n-clusters applies only with --denovo (the default labels cells by the training centroids)",
+            "Add --denovo to cluster the query itself into that many clusters, or drop --n-clusters",
+        )
     if denovo:
         clustering.check_n_clusters(n_clusters, adata.n_obs)
     t = time.perf_counter()
-    embed_kwargs["session"] = open_session(bundle, embed_kwargs.get("view", "fused"), device=embed_kwargs.get("device", "auto"),
-                                           threads=embed_kwargs.get("threads", 0))
+    embed_kwargs["session"] = open_session(
+        bundle,
+        embed_kwargs.get("view", "fused"),
+        device=embed_kwargs.get("device", "auto"),
+        threads=embed_kwargs.get("threads", 0),
+    )
     name = embed_kwargs.pop("name", "the query")
     query = prepare_query(adata, bundle, min_gene_overlap=embed_kwargs.pop("min_gene_overlap", 0.5), name=name)
     coords = _coords(adata.obsm)
     if coords is not None and bundle.manifest["graph"].get("kind") == "spatial":
         coords = check_coords(coords, adata.n_obs, name)
     rep = _embed_query(query, coords, bundle, name=name, **embed_kwargs)
-    out = _cluster_query(rep, coords, bundle, denovo=denovo, n_clusters=n_clusters, seed=seed, cluster_key=cluster_key,
-                         key_added=embed_kwargs.get("key_added", "X_scrcl"))
+    out = _cluster_query(
+        rep,
+        coords,
+        bundle,
+        denovo=denovo,
+        n_clusters=n_clusters,
+        seed=seed,
+        cluster_key=cluster_key,
+        key_added=embed_kwargs.get("key_added", "X_scrcl"),
+    )
     rep.annotations.apply(adata)
     rep.seconds = time.perf_counter() - t
     return out
@@ -575,10 +700,16 @@ def cluster_file(
     to what `cluster` sets; write them with ``io.h5ad.write_h5ad_patched``.
     """
     if n_clusters is not None and not denovo:
-        raise ScrclError("--n-clusters applies only with --denovo (the default labels cells by the training centroids)",
-                         "Add --denovo to cluster the query itself into that many clusters, or drop --n-clusters")
-    embed_kwargs["session"] = open_session(bundle, embed_kwargs.get("view", "fused"), device=embed_kwargs.get("device", "auto"),
-                                           threads=embed_kwargs.get("threads", 0))
+        raise ScrclError(
+            "--n-clusters applies only with --denovo (the default labels cells by the training centroids)",
+            "Add --denovo to cluster the query itself into that many clusters, or drop --n-clusters",
+        )
+    embed_kwargs["session"] = open_session(
+        bundle,
+        embed_kwargs.get("view", "fused"),
+        device=embed_kwargs.get("device", "auto"),
+        threads=embed_kwargs.get("threads", 0),
+    )
     source = _open(source, bundle)
     if denovo:
         clustering.check_n_clusters(n_clusters, source.n_obs)
@@ -588,7 +719,15 @@ def cluster_file(
     if coords is not None and bundle.manifest["graph"].get("kind") == "spatial":
         coords = check_coords(coords, source.n_obs, source.name)
     rep = _embed_query(query, coords, bundle, name=source.name, **embed_kwargs)
-    out = _cluster_query(rep, coords, bundle, denovo=denovo, n_clusters=n_clusters, seed=seed,
-                         cluster_key=cluster_key, key_added=embed_kwargs.get("key_added", "X_scrcl"))
+    out = _cluster_query(
+        rep,
+        coords,
+        bundle,
+        denovo=denovo,
+        n_clusters=n_clusters,
+        seed=seed,
+        cluster_key=cluster_key,
+        key_added=embed_kwargs.get("key_added", "X_scrcl"),
+    )
     rep.seconds = time.perf_counter() - t
     return out

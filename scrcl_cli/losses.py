@@ -67,12 +67,7 @@ def nca_loss(lp1: Tensor, lp2: Tensor, adj: Tensor) -> Tensor:
     diag = a - (p1 * lp2).sum(1) + b - (p2 * lp1).sum(1)
     neg = (row_all - diag) / (n - 1)
     deg = _spmm(adj, torch.ones(n, 1, dtype=lp1.dtype, device=lp1.device)).squeeze(1)
-    nbr = (
-        deg * a
-        - (p1 * _spmm(adj, lp2)).sum(1)
-        + _spmm(adj, b.unsqueeze(1)).squeeze(1)
-        - (lp1 * _spmm(adj, p2)).sum(1)
-    )
+    nbr = deg * a - (p1 * _spmm(adj, lp2)).sum(1) + _spmm(adj, b.unsqueeze(1)).squeeze(1) - (lp1 * _spmm(adj, p2)).sum(1)
     pos = (nbr + diag) / (deg + 1)
     return (pos / neg).mean()
 

@@ -61,7 +61,7 @@ def hidden_pca_basis(h: Tensor, n_comps: int, block: int = 65_536) -> tuple[Tens
     second = torch.zeros(width, width, dtype=torch.float64, device=h.device)
     total = torch.zeros(width, dtype=torch.float64, device=h.device)
     for start in range(0, n, block):
-        u = F.normalize(h[start:start + block], dim=1)
+        u = F.normalize(h[start : start + block], dim=1)
         second += (u.T @ u).double()
         total += u.sum(0).double()
     mean = total / n
@@ -136,8 +136,9 @@ class ScRCL(nn.Module):
         h = dropout(h, self.p, gen, training=self.training)
         return F.leaky_relu(F.linear(h, self.fc_w, self.fc_b), 0.01)
 
-    def gene_embedding(self, x0: Tensor, gene_adj: Tensor, cells: Tensor | None = None,
-                       cell_weights: Tensor | None = None) -> Tensor:
+    def gene_embedding(
+        self, x0: Tensor, gene_adj: Tensor, cells: Tensor | None = None, cell_weights: Tensor | None = None
+    ) -> Tensor:
         """Gene encoder, X0^T (G, N) -> E (G, O), E >= 0. gene_adj: `graphs.gene_graph` (G, G).
 
         With `cells` (B,) int64, x0 holds only those cells' rows (B, G) and X0^T W is estimated
@@ -160,8 +161,14 @@ class ScRCL(nn.Module):
         return F.normalize(F.linear(h, self.proj_w, self.proj_b) @ gene_emb, dim=1)
 
     def forward(
-        self, x0: Tensor, x1: Tensor, adj: Tensor, gene_adj: Tensor, gen: torch.Generator | None = None,
-        cells: Tensor | None = None, cell_weights: Tensor | None = None,
+        self,
+        x0: Tensor,
+        x1: Tensor,
+        adj: Tensor,
+        gene_adj: Tensor,
+        gen: torch.Generator | None = None,
+        cells: Tensor | None = None,
+        cell_weights: Tensor | None = None,
     ) -> ScRCLOutput:
         """x0, x1: Â^t0 X and Â^t1 X, shape (N, G). adj (N, N), gene_adj (G, G): sparse, normalised.
 

@@ -36,8 +36,16 @@ def layout_2d(embedding: np.ndarray, *, seed: int, n_neighbors: int = 15, n_iter
     return np.asarray(layout.coords, dtype=np.float64)
 
 
-def plot_embedding(embedding: np.ndarray, labels: np.ndarray, path: Path, *, seed: int, title: str = "",
-                   overwrite: bool = False, extra: dict[str, np.ndarray] | None = None) -> Path:
+def plot_embedding(
+    embedding: np.ndarray,
+    labels: np.ndarray,
+    path: Path,
+    *,
+    seed: int,
+    title: str = "",
+    overwrite: bool = False,
+    extra: dict[str, np.ndarray] | None = None,
+) -> Path:
     """Write a PNG of the 2-D layout of `embedding` (N, D) coloured by `labels` (N,), one panel per labelling.
 
     `extra` adds panels coloured by other labels (e.g. published cell types). At most

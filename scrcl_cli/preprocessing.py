@@ -167,8 +167,6 @@ def prepare(
     )
 
 
-def transform_query(
-    x_aligned_lognorm: sp.csr_matrix, x_aligned_raw: sp.csr_matrix, input_mode: InputMode
-) -> sp.csr_matrix:
+def transform_query(x_aligned_lognorm: sp.csr_matrix, x_aligned_raw: sp.csr_matrix, input_mode: InputMode) -> sp.csr_matrix:
     """Model input for query cells already aligned to the model genes (see `data.align_genes`)."""
     return x_aligned_lognorm if input_mode == "lognorm" else sp.csr_matrix(x_aligned_raw, dtype=np.float32)

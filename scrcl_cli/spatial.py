@@ -64,8 +64,7 @@ def _local_quadratic(x: np.ndarray, y: np.ndarray, q: float, nf: int, span: floa
     rho = np.partition(dist, nf - 1)[nf - 1] * max(1.0, span)
     if rho <= 0:
         raise ScrclError(
-            "the loess trend of the seurat_v3 gene selection has a zero-width neighbourhood "
-            "(too many genes share one mean)",
+            "the loess trend of the seurat_v3 gene selection has a zero-width neighbourhood (too many genes share one mean)",
             "Select more genes with --n-top-genes, or keep all genes",
         )
     near = dist < rho  # the nf-th point and any tie with it get weight 0 in ehg127
@@ -410,8 +409,7 @@ def plot_domains(
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title, fontsize=9)
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=2.5 / max(size, 1) ** 0.5 * 2,
-              frameon=False)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=2.5 / max(size, 1) ** 0.5 * 2, frameon=False)
     fig.tight_layout()
     path = Path(path)
     from .io.output import atomic_path  # the package's one atomic-write path (permissions, signals, clean-up)

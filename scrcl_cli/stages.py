@@ -103,7 +103,7 @@ def run_stages(
     for start in range(0, n, batch_size):  # stage 0: model input rows -> (N, H)
         stop = min(n, start + batch_size)
         rows = model_input[start:stop] if order is None else model_input[order[start:stop]]
-        x = rows.toarray() if sp.issparse(rows) else np.ascontiguousarray(rows)
+        x = rows.toarray() if sp.issparse(rows) else np.ascontiguousarray(rows)  # type: ignore[union-attr]
         y = runners[0](np.asarray(x, dtype=np.float32))
         if hidden is None:
             hidden = np.empty((n, y.shape[1]), dtype=np.float32)
@@ -113,7 +113,7 @@ def run_stages(
     out: np.ndarray | None = None
     for i, t in enumerate(powers):
         clock = time.perf_counter()
-        smooth_inplace(hidden, a_hat, t)  # type: ignore[arg-type]
+        smooth_inplace(hidden, a_hat, t)
         log.info("smoothing Â^%d on (%d, %d): %.1f s", t, n, hidden.shape[1], time.perf_counter() - clock)
         clock = time.perf_counter()
         last = i == len(powers) - 1

@@ -68,10 +68,12 @@ def build_inputs(
     if adj is None:
         adj = graphs.cell_graph(lognorm, config.n_neighbors, device=graph_device, progress=progress, gram=gram)
     a_hat = graphs.gcn_norm(adj)
-    gene_prop = graphs.gene_graph(model_input, config.gene_neighbors,
-                                  gram=gram if shared else graphs.gram_matrix(model_input, device=graph_device))
-    smoothed = graphs.smooth_powers(sp.csr_matrix(model_input, dtype=np.float32), a_hat, (config.t0, config.t1),
-                                    device=graph_device, out_dir=scratch_dir)
+    gene_prop = graphs.gene_graph(
+        model_input, config.gene_neighbors, gram=gram if shared else graphs.gram_matrix(model_input, device=graph_device)
+    )
+    smoothed = graphs.smooth_powers(
+        sp.csr_matrix(model_input, dtype=np.float32), a_hat, (config.t0, config.t1), device=graph_device, out_dir=scratch_dir
+    )
     return TrainInputs(x0=smoothed[config.t0], x1=smoothed[config.t1], adj=adj, a_hat=a_hat, gene_prop=gene_prop)
 
 
@@ -152,7 +154,8 @@ def check_fits(config: TrainConfig, n_cells: int, n_genes: int, *, batch_size: i
         raise ScrclError(
             f"training {n_cells} cells x {g} genes with --hidden-dim {h} needs about {need / 2**30:.1f} GiB of memory "
             f"and {free / 2**30:.1f} GiB are available",
-            "Lower --hidden-dim or --n-top-genes, or use a machine with more memory")
+            "Lower --hidden-dim or --n-top-genes, or use a machine with more memory",
+        )
 
 
 def choose_batch_size(n: int, g: int, h: int, device: torch.device, requested: int | None) -> int | None:
@@ -166,8 +169,13 @@ def choose_batch_size(n: int, g: int, h: int, device: torch.device, requested: i
     b = n
     while b > 1024 and estimate_full_batch_bytes(b, g, h) > 0.25 * free:
         b //= 2
-    log.info("full-batch training needs about %.1f GiB of %.1f GiB free on %s: mini-batches of %d cells",
-             need / 2**30, free / 2**30, device, b)
+    log.info(
+        "full-batch training needs about %.1f GiB of %.1f GiB free on %s: mini-batches of %d cells",
+        need / 2**30,
+        free / 2**30,
+        device,
+        b,
+    )
     return b
 
 
@@ -191,8 +199,7 @@ def fit(
         raise ValueError("scRCL needs at least 2 cells")
     b = choose_batch_size(n, g, config.hidden_dim, device, batch_size)
     if b is not None:
-        return _fit_minibatch(inputs, config, device=device, batch_size=b, on_epoch=on_epoch,
-                              lr_power=minibatch_lr_power)
+        return _fit_minibatch(inputs, config, device=device, batch_size=b, on_epoch=on_epoch, lr_power=minibatch_lr_power)
     model, gen, x0, x1, gene_prop, opt, log_t = _setup(inputs, config, device)
     a_hat = to_torch_sparse(inputs.a_hat, device)
     adj = to_torch_sparse(inputs.adj, device)
@@ -202,8 +209,14 @@ def fit(
         opt.zero_grad(set_to_none=True)
         out = model(x0, x1, a_hat, gene_prop, gen)
         terms = scrcl_loss(
-            out.h1, out.h2, out.z1, out.z2, adj,
-            temperature=config.temperature, lambda1=config.lambda1, lambda2=config.lambda2,
+            out.h1,
+            out.h2,
+            out.z1,
+            out.z2,
+            adj,
+            temperature=config.temperature,
+            lambda1=config.lambda1,
+            lambda2=config.lambda2,
         )
         terms.total.backward()
         opt.step()
@@ -239,16 +252,27 @@ def _setup(inputs: TrainInputs, config: TrainConfig, device: torch.device, *, st
     return model, gen, x0, x1, gene_prop, opt, log_t
 
 
-def _finish(model: ScRCL, x0: Tensor, x1: Tensor, a_hat: Tensor, gene_prop: Tensor, log_t: Tensor, t_start: float,
-            device: torch.device, config: TrainConfig, extra: dict[str, Any] | None = None) -> TrainResult:
+def _finish(
+    model: ScRCL,
+    x0: Tensor,
+    x1: Tensor,
+    a_hat: Tensor,
+    gene_prop: Tensor,
+    log_t: Tensor,
+    t_start: float,
+    device: torch.device,
+    config: TrainConfig,
+    extra: dict[str, Any] | None = None,
+) -> TrainResult:
     """Eval-mode embeddings of every cell on the whole graph, and the result record."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t_start
     model.eval()
     with torch.no_grad():
-        out = model(x0, x1, a_hat, gene_prop) if x0.device == device else forward_streamed(
-            model, x0, x1, a_hat, gene_prop, device)
+        out = (
+            model(x0, x1, a_hat, gene_prop) if x0.device == device else forward_streamed(model, x0, x1, a_hat, gene_prop, device)
+        )
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         fused, z1 = out.fused.cpu().numpy(), out.z1.cpu().numpy()
         if config.embedding == "gcn-pca":
@@ -258,8 +282,9 @@ def _finish(model: ScRCL, x0: Tensor, x1: Tensor, a_hat: Tensor, gene_prop: Tens
                 state[f"embed_{view}_mean"], state[f"embed_{view}_components"] = mean.cpu(), comps.cpu()
                 # In row blocks: a normalised copy of a whole (N, H) view would not fit beside the
                 # model on a GPU at a million cells.
-                views[view] = np.concatenate([embed_hidden(h[i:i + 65_536], mean, comps).cpu().numpy()
-                                              for i in range(0, h.shape[0], 65_536)])
+                views[view] = np.concatenate(
+                    [embed_hidden(h[i : i + 65_536], mean, comps).cpu().numpy() for i in range(0, h.shape[0], 65_536)]
+                )
             embedding, cell_embedding = views["fused"], views["cell"]
         elif config.embedding == "fused":
             embedding, cell_embedding = fused, z1
@@ -281,8 +306,9 @@ def _finish(model: ScRCL, x0: Tensor, x1: Tensor, a_hat: Tensor, gene_prop: Tens
     )
 
 
-def forward_streamed(model: ScRCL, x0: Tensor, x1: Tensor, a_hat: Tensor, gene_prop: Tensor, device: torch.device,
-                     block: int = 65_536) -> Any:
+def forward_streamed(
+    model: ScRCL, x0: Tensor, x1: Tensor, a_hat: Tensor, gene_prop: Tensor, device: torch.device, block: int = 65_536
+) -> Any:
     """Eval-mode `model(x0, x1, a_hat, gene_prop)` with x0, x1 (N, G) left on the host and sent
     to `device` a row block at a time: only (N, H) arrays are whole on the device.
 
@@ -298,7 +324,7 @@ def forward_streamed(model: ScRCL, x0: Tensor, x1: Tensor, a_hat: Tensor, gene_p
         rows = torch.arange(s, min(n, s + block))
         b0 = _rows(x0, rows, device)
         h1.append(model.mlp_view(b0))
-        pre += b0.T @ model.gene_w[:, s:s + rows.shape[0]].T
+        pre += b0.T @ model.gene_w[:, s : s + rows.shape[0]].T
         p1.append(_rows(x1, rows, device) @ model.gcn1_w.T)
     e = torch.nn.functional.relu(torch.sparse.mm(gene_prop, pre) + model.gene_b)
     h1_t = torch.cat(h1)
@@ -371,7 +397,7 @@ def _seed_chunks(n: int, n_seeds: int, gen: torch.Generator, device: torch.devic
     while True:
         perm = torch.randperm(n, generator=gen, device=device)
         for i in range(0, n - n_seeds + 1, n_seeds):
-            yield perm[i:i + n_seeds]
+            yield perm[i : i + n_seeds]
 
 
 # Mini-batch learning rate: lr * (B / N) ** MINIBATCH_LR_POWER, B the mean batch size. With an epoch
@@ -420,8 +446,9 @@ def _fit_minibatch(
     for group in opt.param_groups:
         group["lr"] = lr
     inv_pi = torch.from_numpy((1.0 / pi).astype(np.float32)).to(device)
-    log.info("mini-batch training: %d epochs of %d steps on batches of about %.0f cells, lr %.3g",
-             config.epochs, steps, expected, lr)
+    log.info(
+        "mini-batch training: %d epochs of %d steps on batches of about %.0f cells, lr %.3g", config.epochs, steps, expected, lr
+    )
     log_t = torch.zeros(config.epochs, 4, dtype=torch.float64, device=device)
     seeds = _seed_chunks(n, n_seeds, gen, device)
     t_start = time.perf_counter()
@@ -433,12 +460,30 @@ def _fit_minibatch(
             opt.zero_grad(set_to_none=True)
             x0_b, x1_b = _rows(x0, nodes, device), _rows(x1, nodes, device)
             out = model(x0_b, x1_b, a_hat_b, gene_prop, gen, cells=nodes, cell_weights=inv_pi[nodes])
-            terms = scrcl_loss(out.h1, out.h2, out.z1, out.z2, adj_b, temperature=config.temperature,
-                               lambda1=config.lambda1, lambda2=config.lambda2)
+            terms = scrcl_loss(
+                out.h1,
+                out.h2,
+                out.z1,
+                out.z2,
+                adj_b,
+                temperature=config.temperature,
+                lambda1=config.lambda1,
+                lambda2=config.lambda2,
+            )
             terms.total.backward()
             opt.step()
             log_t[epoch] += torch.stack([terms.total, terms.eda, terms.nca, terms.cvc]).detach().double() / steps
         if on_epoch is not None:
             on_epoch(epoch, terms)
-    return _finish(model, x0, x1, to_torch_sparse(inputs.a_hat, device), gene_prop, log_t, t_start, device, config,
-                   extra={"batch_size": batch_size, "steps_per_epoch": steps, "lr": lr})
+    return _finish(
+        model,
+        x0,
+        x1,
+        to_torch_sparse(inputs.a_hat, device),
+        gene_prop,
+        log_t,
+        t_start,
+        device,
+        config,
+        extra={"batch_size": batch_size, "steps_per_epoch": steps, "lr": lr},
+    )

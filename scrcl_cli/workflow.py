@@ -26,8 +26,8 @@ from .preprocessing import prepare
 if TYPE_CHECKING:
     from anndata import AnnData
 
-    from .losses import LossTerms
     from .config import TrainConfig
+    from .losses import LossTerms
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +82,16 @@ def train_model(
         from . import spatial as st
 
         coords = spatial_coords(adata)
-        prep = st.prepare_spatial(x, names, config.n_top_genes)
+        prep: Any = st.prepare_spatial(x, names, config.n_top_genes)
         spatial_adj = st.spatial_graph(coords[prep.cell_mask], config.n_neighbors)
     else:
-        prep = prepare(x, names, n_top_genes=config.n_top_genes, input_mode=config.input_mode,  # type: ignore[arg-type]
-                       expression=config.expression)  # type: ignore[arg-type]
+        prep = prepare(
+            x,
+            names,
+            n_top_genes=config.n_top_genes,
+            input_mode=config.input_mode,  # type: ignore[arg-type]
+            expression=config.expression,  # type: ignore[arg-type]
+        )
     n = prep.model_input.shape[0]
     clustering.check_n_clusters(n_clusters, n)
     if n < config.n_neighbors + 1:
@@ -96,25 +101,48 @@ def train_model(
         )
     with contextlib.ExitStack() as stack:
         scratch = stack.enter_context(scratch_inputs(out_of_core)) if out_of_core is not None else None
-        inputs = build_inputs(prep.model_input, prep.lognorm, config, graph_device=dev if dev.type == "cuda" else None,
-                              progress=on_graph, adj=spatial_adj, scratch_dir=scratch)
+        inputs = build_inputs(
+            prep.model_input,
+            prep.lognorm,
+            config,
+            graph_device=dev if dev.type == "cuda" else None,
+            progress=on_graph,
+            adj=spatial_adj,
+            scratch_dir=scratch,
+        )
         log.info("cell graph: %d cells, %d edges; training on %s", n, inputs.adj.nnz // 2, describe_torch_device(dev))
         result = fit(inputs, config, device=dev, on_epoch=on_epoch, batch_size=batch_size)
     peak_gpu = int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None
-    log.info("trained %d epochs in %.1f s%s", config.epochs, result.seconds,
-             f" (peak GPU memory {peak_gpu / 2**30:.1f} GiB)" if peak_gpu is not None else "")
+    log.info(
+        "trained %d epochs in %.1f s%s",
+        config.epochs,
+        result.seconds,
+        f" (peak GPU memory {peak_gpu / 2**30:.1f} GiB)" if peak_gpu is not None else "",
+    )
 
     if n_clusters is None:
-        k, scores = clustering.choose_n_clusters(prep.lognorm, seed=config.seed, n_neighbors=config.n_neighbors,
-                                                 adj=inputs.adj if spatial is None else None)
+        k, scores = clustering.choose_n_clusters(
+            prep.lognorm, seed=config.seed, n_neighbors=config.n_neighbors, adj=inputs.adj if spatial is None else None
+        )
         k_method = "louvain-count"
     else:
         k, scores, k_method = n_clusters, {}, "given"
     metric = clustering.EMBEDDING_METRIC[config.embedding]
-    km = clustering.cluster_embedding(result.embedding, k, seed=config.seed, metric=metric,
-                                      unsmoothed=prep.model_input, unsmoothed_weight=config.unsmoothed_weight)
-    log.info("clustered the training cells into %d clusters (%s; %s on the %s embedding)",
-             k, k_method, clustering.CLUSTER_ALGORITHM[metric], config.embedding)
+    km = clustering.cluster_embedding(
+        result.embedding,
+        k,
+        seed=config.seed,
+        metric=metric,
+        unsmoothed=prep.model_input,
+        unsmoothed_weight=config.unsmoothed_weight,
+    )
+    log.info(
+        "clustered the training cells into %d clusters (%s; %s on the %s embedding)",
+        k,
+        k_method,
+        clustering.CLUSTER_ALGORITHM[metric],
+        config.embedding,
+    )
     cent_cell = np.vstack([result.cell_embedding[km.labels == c].mean(0) for c in range(km.centroids.shape[0])])
     if metric == "cosine":
         cent_cell = clustering.unit_rows(cent_cell)
@@ -125,18 +153,33 @@ def train_model(
     labels[prep.cell_mask] = km.labels
 
     preprocessing: dict[str, Any] = {
-        "mode": "sc", "input_mode": config.input_mode, "expression": config.expression, "target_sum": 1e4,
-        "n_top_genes": config.n_top_genes, "hvg_flavor": "seurat",
+        "mode": "sc",
+        "input_mode": config.input_mode,
+        "expression": config.expression,
+        "target_sum": 1e4,
+        "n_top_genes": config.n_top_genes,
+        "hvg_flavor": "seurat",
     }
     graph: dict[str, Any] = {
-        "kind": "expression", "n_neighbors": config.n_neighbors, "metric": "cosine",
-        "pca_threshold": graphs.PCA_THRESHOLD, "t0": config.t0, "t1": config.t1, "gene_neighbors": config.gene_neighbors,
+        "kind": "expression",
+        "n_neighbors": config.n_neighbors,
+        "metric": "cosine",
+        "pca_threshold": graphs.PCA_THRESHOLD,
+        "t0": config.t0,
+        "t1": config.t1,
+        "gene_neighbors": config.gene_neighbors,
     }
     if spatial is not None:
         from .spatial import refine_labels
 
-        preprocessing.update(mode="spatial", input_mode="scaled", expression="counts", hvg_flavor="seurat_v3",
-                             gene_std=[float(v) for v in prep.gene_std], max_value=float(prep.max_value))
+        preprocessing.update(
+            mode="spatial",
+            input_mode="scaled",
+            expression="counts",
+            hvg_flavor="seurat_v3",
+            gene_std=[float(v) for v in prep.gene_std],
+            max_value=float(prep.max_value),
+        )
         graph.update(kind="spatial", metric="euclidean", refine_neighbours=int(spatial["refine_neighbours"]))
         refined = np.full(adata.n_obs, -1, dtype=np.int64)
         refined[prep.cell_mask] = refine_labels(km.labels, coords[prep.cell_mask], int(spatial["refine_neighbours"]))
@@ -148,29 +191,47 @@ def train_model(
         "genes_sha256": genes_hash(prep.genes),
         "preprocessing": preprocessing,
         "graph": graph,
-        "model": {"hidden_dim": config.hidden_dim, "out_dim": config.out_dim, "embedding": config.embedding,
-                  "fused_dim": int(result.embedding.shape[1]), "cell_dim": int(result.cell_embedding.shape[1])},
+        "model": {
+            "hidden_dim": config.hidden_dim,
+            "out_dim": config.out_dim,
+            "embedding": config.embedding,
+            "fused_dim": int(result.embedding.shape[1]),
+            "cell_dim": int(result.cell_embedding.shape[1]),
+        },
         "config": config.as_dict(),
         "seed": config.seed,
         "training": {
-            "n_cells": n, "n_cells_dropped": int((~prep.cell_mask).sum()), "device": describe_torch_device(dev),
-            "seconds": round(result.seconds, 3), "final_loss": [float(v) for v in result.losses[-1]],
-            "torch_version": torch.__version__, "batch_size": result.extra.get("batch_size"),
+            "n_cells": n,
+            "n_cells_dropped": int((~prep.cell_mask).sum()),
+            "device": describe_torch_device(dev),
+            "seconds": round(result.seconds, 3),
+            "final_loss": [float(v) for v in result.losses[-1]],
+            "torch_version": torch.__version__,
+            "batch_size": result.extra.get("batch_size"),
             "peak_gpu_bytes": peak_gpu,
         },
         "clusters": {
-            "n_clusters": int(km.centroids.shape[0]), "method": k_method, "metric": metric,
+            "n_clusters": int(km.centroids.shape[0]),
+            "method": k_method,
+            "metric": metric,
             "algorithm": clustering.CLUSTER_ALGORITHM[metric],
             "k_selection": scores,
-            "centroids_fused": km.centroids.tolist(), "centroids_cell": cent_cell.tolist(),
+            "centroids_fused": km.centroids.tolist(),
+            "centroids_cell": cent_cell.tolist(),
         },
         "onnx": dict(ONNX_FILES),
     }
-    files = model_files(result, manifest, labels_kept=km.labels, obs_names=list(adata.obs_names[prep.cell_mask]),
-                        export=export)
-    return TrainedModel(files=files, manifest=manifest, embedding=embedding, labels=labels,
-                        device=describe_torch_device(dev), seconds=result.seconds, n_genes=len(prep.genes),
-                        extra_labels=extra_labels)
+    files = model_files(result, manifest, labels_kept=km.labels, obs_names=list(adata.obs_names[prep.cell_mask]), export=export)
+    return TrainedModel(
+        files=files,
+        manifest=manifest,
+        embedding=embedding,
+        labels=labels,
+        device=describe_torch_device(dev),
+        seconds=result.seconds,
+        n_genes=len(prep.genes),
+        extra_labels=extra_labels,
+    )
 
 
 def spatial_coords(adata: AnnData) -> np.ndarray:
@@ -179,8 +240,10 @@ def spatial_coords(adata: AnnData) -> np.ndarray:
     from .io.h5ad import check_coords
 
     if "spatial" not in adata.obsm:
-        raise ScrclError("--spatial needs spot coordinates in obsm['spatial'], which this file lacks",
-                         "Add them (e.g. from the Visium tissue_positions file) or drop --spatial")
+        raise ScrclError(
+            "--spatial needs spot coordinates in obsm['spatial'], which this file lacks",
+            "Add them (e.g. from the Visium tissue_positions file) or drop --spatial",
+        )
     return check_coords(adata.obsm["spatial"], adata.n_obs, "the input")
 
 
@@ -218,8 +281,9 @@ def model_files(
     files["weights.pt"] = buf.getvalue()
     files["genes.txt"] = ("\n".join(manifest["genes"]) + "\n").encode()
     header = "epoch,total,eda,nca,cvc\n"
-    files["loss_log.csv"] = (header + "".join(
-        f"{i + 1},{r[0]:.8g},{r[1]:.8g},{r[2]:.8g},{r[3]:.8g}\n" for i, r in enumerate(result.losses))).encode()
+    files["loss_log.csv"] = (
+        header + "".join(f"{i + 1},{r[0]:.8g},{r[1]:.8g},{r[2]:.8g},{r[3]:.8g}\n" for i, r in enumerate(result.losses))
+    ).encode()
     emb = io.BytesIO()
     np.save(emb, result.embedding.astype(np.float32))
     files["train_embedding.npy"] = emb.getvalue()

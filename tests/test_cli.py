@@ -7,13 +7,11 @@ import re
 
 import pytest
 from click.testing import CliRunner
-
-from scrcl_cli import __version__
-from scrcl_cli import bundle
-from scrcl_cli.metrics import ari
-from scrcl_cli.cli import cli
-
 from conftest import FAST, shared
+
+from scrcl_cli import __version__, bundle
+from scrcl_cli.cli import cli
+from scrcl_cli.metrics import ari
 
 
 def test_version_prints_only_the_version():
@@ -104,7 +102,6 @@ def test_embed_and_cluster_on_a_dense_x_file_keep_x_dense_and_match_the_csr_file
     import anndata as ad
     import numpy as np
     import scipy.sparse as sp
-
     from conftest import EXAMPLE
 
     a = ad.read_h5ad(EXAMPLE)
@@ -134,7 +131,6 @@ def test_cluster_reproduces_training_clusters_for_both_embeddings(tmp_path, embe
     pytest.importorskip("torch")
     import anndata as ad
     import numpy as np
-
     from conftest import EXAMPLE
 
     model, train_out = tmp_path / "m", tmp_path / "train.h5ad"

@@ -6,11 +6,10 @@ import anndata
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import shared
 
 from scrcl_cli import bundle
 from scrcl_cli.cli import cli
-
-from conftest import shared
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ def _train_concurrently(runs: dict[str, list[str]], tmp_path: Path, device: str 
         cmd = [sys.executable, "-m", "scrcl_cli", "-q", "train", str(EXAMPLE), "-o", str(out), *FAST_TRAIN,
                "--no-export", "--device", device, "--out-h5ad", str(tmp_path / f"{name}.h5ad"), *extra]
         procs[name] = (out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for out, proc in procs.values():
+    for _out, proc in procs.values():
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err
     return {name: out for name, (out, _) in procs.items()}

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import shared
-from robustness_helpers import FAST_TRAIN, error_lines, sha256_file, sha256_tree
+from robustness_helpers import FAST_TRAIN, error_lines, sha256_tree
 
 from scrcl_cli import bundle
 from scrcl_cli.cli import cli
@@ -268,7 +268,6 @@ def test_expression_log_on_integer_counts_is_an_error(work: Path):
 
 def test_zero_count_query_cells_are_counted_and_an_all_zero_query_is_an_error(work: Path, model: Path):
     import anndata as ad
-
     import scipy.sparse as sp
 
     adata = ad.read_h5ad(work / "in.h5ad")

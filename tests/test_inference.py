@@ -8,13 +8,11 @@ import sys
 import anndata
 import numpy as np
 import pytest
+from conftest import EXAMPLE, shared
 
-from scrcl_cli import inference
-from scrcl_cli import bundle
+from scrcl_cli import bundle, inference
 from scrcl_cli.io import h5ad
 from scrcl_cli.metrics import ari
-
-from conftest import EXAMPLE, FAST, shared
 
 
 def _query():

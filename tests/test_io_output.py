@@ -23,9 +23,9 @@ import pytest
 import scipy.sparse as sp
 from conftest import EXAMPLE
 from robustness_helpers import (
-    minimal_manifest,
     FAST_TRAIN,
     assert_one_line_error,
+    minimal_manifest,
     run_cli,
     sha256_file,
     sha256_tree,

@@ -308,7 +308,8 @@ def test_environment_files_are_pinned_and_sorted(name, env_file):
         for spec in block["pip"]:
             assert re.fullmatch(r"[\w.-]+(\[[\w,]+\])?==[\w.]+", spec), f"pin pip packages with ==: {spec}"
     # nf-core lint's order: conda packages sorted (pip last), then the dict blocks
-    key = lambda d: (1 if str(d).startswith("pip=") or str(d) == "pip" else 0, str(d))
+    def key(d):
+        return (1 if str(d).startswith("pip=") or str(d) == "pip" else 0, str(d))
     assert deps == sorted(plain, key=key) + sorted(dicts, key=str)
     pip_specs = [spec for block in dicts for spec in block["pip"]]
     assert any(spec.startswith("scrcl-cli") for spec in pip_specs)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from conftest import shared
 
 from scrcl_cli.preprocessing import highly_variable_seurat, nonzero_masks, normalize_log1p, prepare
-
-from conftest import shared
 
 sc = pytest.importorskip("scanpy")
 anndata = pytest.importorskip("anndata")

@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from conftest import shared
 
 from scrcl_cli.spatial import (
     highly_variable_seurat_v3,
@@ -20,8 +21,6 @@ from scrcl_cli.spatial import (
     scale_with,
     spatial_graph,
 )
-
-from conftest import shared
 
 anndata = pytest.importorskip("anndata")
 

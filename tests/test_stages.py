@@ -7,12 +7,11 @@ import anndata
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from conftest import EXAMPLE
 
 from scrcl_cli import bundle as model_bundle
 from scrcl_cli import inference, stages
 from scrcl_cli.io import h5ad
-
-from conftest import EXAMPLE
 
 # float32 rounding of a different summation order (X Wᵀ then Â^t, against Â^t X then Wᵀ), on
 # embeddings of magnitude about 1.

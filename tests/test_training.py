@@ -7,13 +7,12 @@ import pytest
 import scipy.sparse as sp
 
 pytest.importorskip("torch")
-import anndata  # noqa: E402
-import torch  # noqa: E402
+import anndata
+import torch
+from conftest import EXAMPLE
 
-from scrcl_cli.training import TrainConfig, build_inputs, fit  # noqa: E402
-from scrcl_cli.workflow import train_model  # noqa: E402
-
-from conftest import EXAMPLE  # noqa: E402
+from scrcl_cli.training import TrainConfig, build_inputs, fit
+from scrcl_cli.workflow import train_model
 
 CFG = TrainConfig(epochs=15, hidden_dim=48, out_dim=6, n_top_genes=300, seed=3)
 

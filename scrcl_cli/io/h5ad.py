@@ -75,8 +75,10 @@ def _open_hdf5(path: Path) -> Any:
     except OSError as exc:
         text = str(exc).lower()
         if "unable to lock file" in text:
-            raise ScrclError(f"{path} is locked by another program that is writing it",
-                             "Wait for that program to finish, or set HDF5_USE_FILE_LOCKING=FALSE if the file is complete") from None
+            raise ScrclError(
+                f"{path} is locked by another program that is writing it",
+                "Wait for that program to finish, or set HDF5_USE_FILE_LOCKING=FALSE if the file is complete",
+            ) from None
         raise _unreadable(path, exc) from None
 
 
@@ -85,17 +87,25 @@ def _check_hdf5_tree(path: Path) -> None:
     import h5py
 
     def refuse(where: str, what: str) -> ScrclError:
-        return ScrclError(f"{path} holds {what} at /{where}, which would make scrcl-cli read another file",
-                          "Write a self-contained copy with anndata (adata.write_h5ad) and pass that")
+        return ScrclError(
+            f"{path} holds {what} at /{where}, which would make scrcl-cli read another file",
+            "Write a self-contained copy with anndata (adata.write_h5ad) and pass that",
+        )
 
     with _open_hdf5(path) as f:
         if "matrix" in f and isinstance(f["matrix"], h5py.Dataset) and "row_attrs" in f:
-            raise ScrclError(f"{path} is a loom file, not an .h5ad file",
-                             "Convert it: anndata.read_loom(path).write_h5ad('out.h5ad')")
-        if "X" not in f and "obs" not in f and any(
-                isinstance(f.get(k), h5py.Group) and "barcodes" in f[k] for k in list(f.keys())[:8]):
-            raise ScrclError(f"{path} is a 10x Genomics .h5 matrix, not an .h5ad file",
-                             "Convert it: scanpy.read_10x_h5(path).write_h5ad('out.h5ad')")
+            raise ScrclError(
+                f"{path} is a loom file, not an .h5ad file", "Convert it: anndata.read_loom(path).write_h5ad('out.h5ad')"
+            )
+        if (
+            "X" not in f
+            and "obs" not in f
+            and any(isinstance(f.get(k), h5py.Group) and "barcodes" in f[k] for k in list(f.keys())[:8])
+        ):
+            raise ScrclError(
+                f"{path} is a 10x Genomics .h5 matrix, not an .h5ad file",
+                "Convert it: scanpy.read_10x_h5(path).write_h5ad('out.h5ad')",
+            )
         stack: list[tuple[str, Any]] = [("", f)]
         while stack:
             prefix, group = stack.pop()
@@ -105,8 +115,10 @@ def _check_hdf5_tree(path: Path) -> None:
                 if isinstance(link, h5py.ExternalLink):
                     raise refuse(where, "an external link")
                 if isinstance(link, h5py.SoftLink):
-                    raise ScrclError(f"{path} holds a soft link at /{where}, which .h5ad files do not use",
-                                     "Write a clean copy with anndata (adata.write_h5ad) and pass that")
+                    raise ScrclError(
+                        f"{path} holds a soft link at /{where}, which .h5ad files do not use",
+                        "Write a clean copy with anndata (adata.write_h5ad) and pass that",
+                    )
                 obj = group.get(key)
                 if isinstance(obj, h5py.Group):
                     stack.append((where + "/", obj))
@@ -125,8 +137,9 @@ def _unreadable(path: Path, exc: BaseException) -> ScrclError:
     )
 
 
-def read_h5ad_checked(path: Path, *, expression: Expression = "counts", from_model: bool = False,
-                      check_names: bool = False) -> AnnData:
+def read_h5ad_checked(
+    path: Path, *, expression: Expression = "counts", from_model: bool = False, check_names: bool = False
+) -> AnnData:
     """Read an `.h5ad` file and validate its `X` for scRCL.
 
     Parameters
@@ -173,14 +186,16 @@ def check_gene_names(var_names: Any, name: str) -> None:
     for g in var_names:
         g = str(g)
         if not g or len(g) > 1000 or any(ord(c) < 32 or ord(c) == 127 for c in g):
-            raise ScrclError(f"{name} has a gene name that cannot be stored in a model ({g[:40]!r}): names must be "
-                             "non-empty, printable and at most 1,000 characters", "Rename the genes in var_names")
+            raise ScrclError(
+                f"{name} has a gene name that cannot be stored in a model ({g[:40]!r}): names must be "
+                "non-empty, printable and at most 1,000 characters",
+                "Rename the genes in var_names",
+            )
 
 
 def _warn_duplicate_cells(obs_names: Any, name: str) -> None:
     if obs_names.has_duplicates:
-        log.warning("%s has %d duplicate cell names; outputs keep them as they are",
-                    name, int(obs_names.duplicated().sum()))
+        log.warning("%s has %d duplicate cell names; outputs keep them as they are", name, int(obs_names.duplicated().sum()))
 
 
 def _check_shape(has_x: bool, n_obs: int, n_vars: int, name: str) -> None:
@@ -211,8 +226,9 @@ def _check_unique_genes(var_names: Any, name: str) -> None:
 LOG_INTEGER_MAX = 20.0
 
 
-def check_sparse_structure(indptr: np.ndarray, indices: np.ndarray | None, n_major: int, n_minor: int, nnz: int,
-                           name: str) -> None:
+def check_sparse_structure(
+    indptr: np.ndarray, indices: np.ndarray | None, n_major: int, n_minor: int, nnz: int, name: str
+) -> None:
     """Refuse a compressed sparse matrix whose structure would crash or silently mislead scipy.
 
     indptr: (n_major + 1,) integers, starting at 0, non-decreasing, ending at `nnz`; indices
@@ -231,10 +247,11 @@ def check_sparse_structure(indptr: np.ndarray, indices: np.ndarray | None, n_maj
 def check_indices(indices: np.ndarray, n_minor: int, name: str) -> None:
     """Stored column (CSR) or row (CSC) indices must be integers in [0, n_minor)."""
     indices = np.asarray(indices)
-    if indices.size and (not np.issubdtype(indices.dtype, np.integer) or int(indices.min()) < 0
-                         or int(indices.max()) >= n_minor):
-        raise ScrclError(f"{name} has a malformed X: a stored index lies outside [0, {n_minor})",
-                         "The file's X is damaged: re-write it with anndata (adata.write_h5ad) from a good copy")
+    if indices.size and (not np.issubdtype(indices.dtype, np.integer) or int(indices.min()) < 0 or int(indices.max()) >= n_minor):
+        raise ScrclError(
+            f"{name} has a malformed X: a stored index lies outside [0, {n_minor})",
+            "The file's X is damaged: re-write it with anndata (adata.write_h5ad) from a good copy",
+        )
 
 
 class ValueCheck:
@@ -294,31 +311,36 @@ class ValueCheck:
             )
         if self.expression == "log" and self.first_nonint is None and self.max >= LOG_INTEGER_MAX:
             raise ScrclError(
-                f"{name} holds only whole numbers up to {self.max:.4g} in X, which look like raw counts, "
-                "not log-normalised data",
-                "Drop --expression log (raw counts are the default)" if not self.from_model else
-                "This model expects log-normalised data: log-normalise the query (scanpy.pp.normalize_total, log1p)")
+                f"{name} holds only whole numbers up to {self.max:.4g} in X, which look like raw counts, not log-normalised data",
+                "Drop --expression log (raw counts are the default)"
+                if not self.from_model
+                else "This model expects log-normalised data: log-normalise the query (scanpy.pp.normalize_total, log1p)",
+            )
         if self.first_nonint is not None:
             # embed/cluster have no --expression: the model fixes it, so the fix is to retrain.
             if self.expression != "counts":
                 return
-            fix = ("The model was trained on raw counts: pass raw counts, or use a model trained with "
-                   "--expression continuous (TPM/RPKM) or --expression log (log-normalised data)" if self.from_model else
-                   "Pass raw counts, or --expression continuous for TPM/RPKM or --expression log for log-normalised data")
+            fix = (
+                "The model was trained on raw counts: pass raw counts, or use a model trained with "
+                "--expression continuous (TPM/RPKM) or --expression log (log-normalised data)"
+                if self.from_model
+                else "Pass raw counts, or --expression continuous for TPM/RPKM or --expression log for log-normalised data"
+            )
             raise ScrclError(
                 f"{name} holds non-integer values in X where raw counts are expected (first: {self.first_nonint:.4g})",
                 fix,
             )
 
 
-def checked_matrix(x: Any, var_names: Any, *, name: str, expression: Expression = "counts",
-                   from_model: bool = False) -> sp.csr_matrix:
+def checked_matrix(
+    x: Any, var_names: Any, *, name: str, expression: Expression = "counts", from_model: bool = False
+) -> sp.csr_matrix:
     """X (n_obs, n_vars) checked for scRCL and returned as a new float32 CSR; `x` itself is not modified.
 
     Checks: shape, sparse structure (as stored: converting a damaged matrix can crash), dtype, the
     values (`ValueCheck`) and unique gene names. Raises ScrclError.
     """
-    n_obs, n_vars = (x.shape if x is not None else (0, 0))
+    n_obs, n_vars = x.shape if x is not None else (0, 0)
     _check_shape(x is not None, n_obs, n_vars, name)
     if not (sp.issparse(x) or isinstance(x, np.ndarray)):
         try:
@@ -329,8 +351,10 @@ def checked_matrix(x: Any, var_names: Any, *, name: str, expression: Expression 
         if x.format in ("csr", "csc"):
             major, minor = x.shape if x.format == "csr" else x.shape[::-1]
             if x.indices.shape[0] != x.data.shape[0]:
-                raise ScrclError(f"{name} has a malformed X: {x.indices.shape[0]} indices for {x.data.shape[0]} values",
-                                 "The file's X is damaged: re-write it with anndata (adata.write_h5ad) from a good copy")
+                raise ScrclError(
+                    f"{name} has a malformed X: {x.indices.shape[0]} indices for {x.data.shape[0]} values",
+                    "The file's X is damaged: re-write it with anndata (adata.write_h5ad) from a good copy",
+                )
             check_sparse_structure(x.indptr, x.indices, major, minor, x.data.shape[0], name)
     _check_dtype(x.dtype, name)
     check = ValueCheck(name, expression=expression, from_model=from_model)
@@ -382,8 +406,15 @@ class ChunkedH5ad:
     compound datasets) are read whole with `read_h5ad_checked` (logged).
     """
 
-    def __init__(self, path: Path, *, expression: Expression = "counts", from_model: bool = False,
-                 chunk_rows: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        expression: Expression = "counts",
+        from_model: bool = False,
+        chunk_rows: int | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> None:
         import h5py
         import pandas as pd
 
@@ -406,15 +437,15 @@ class ChunkedH5ad:
                     x = f.get("X")
                     layout, dtype, nnz, hdf5_rows, shape = _x_storage(x, sparse_dataset)
                     if shape is not None and shape != (len(self.obs_names), len(self.var_names)):
-                        raise ValueError(f"X has shape {shape} for {len(self.obs_names)} cells and "
-                                         f"{len(self.var_names)} genes")
+                        raise ValueError(f"X has shape {shape} for {len(self.obs_names)} cells and {len(self.var_names)} genes")
                     if layout == "csr":  # O(cells) integers, checked once; indices are checked per block
                         self._indptr = np.asarray(x["indptr"][()])
                         if x["indices"].shape[0] != nnz:
-                            raise ScrclError(f"{self.name} has a malformed X: {x['indices'].shape[0]} indices for "
-                                             f"{nnz} values", "The file's X is damaged: re-write it with anndata")
-                        check_sparse_structure(self._indptr, None, len(self.obs_names), len(self.var_names), nnz,
-                                               self.name)
+                            raise ScrclError(
+                                f"{self.name} has a malformed X: {x['indices'].shape[0]} indices for {nnz} values",
+                                "The file's X is damaged: re-write it with anndata",
+                            )
+                        check_sparse_structure(self._indptr, None, len(self.obs_names), len(self.var_names), nnz, self.name)
         except ScrclError:
             raise
         except Exception as exc:  # h5py/anndata raise many types for damaged files
@@ -470,27 +501,30 @@ class ChunkedH5ad:
         n, step = self.n_obs, self.chunk_rows
         if self._memory is not None:
             for start in range(0, n, step):
-                yield self._memory[start:start + step]
+                yield self._memory[start : start + step]
             return
         try:
             with h5py.File(self.path, "r") as f:
                 if self.layout == "dense":
                     x = f["X"]
                     for start in range(0, n, step):
-                        yield np.asarray(x[start:min(n, start + step)])
+                        yield np.asarray(x[start : min(n, start + step)])
                     return
                 g = f["X"]
                 if self.layout == "csc":
-                    log.info("%s stores X column-wise (CSC): reading it whole; store X as CSR to read it in "
-                             "blocks of cells", self.name)
+                    log.info(
+                        "%s stores X column-wise (CSC): reading it whole; store X as CSR to read it in blocks of cells", self.name
+                    )
                     indptr, indices, data = g["indptr"][()], g["indices"][()], g["data"][()]
                     if indices.shape[0] != data.shape[0]:
-                        raise ScrclError(f"{self.name} has a malformed X: {indices.shape[0]} indices for "
-                                         f"{data.shape[0]} values", "The file's X is damaged: re-write it with anndata")
+                        raise ScrclError(
+                            f"{self.name} has a malformed X: {indices.shape[0]} indices for {data.shape[0]} values",
+                            "The file's X is damaged: re-write it with anndata",
+                        )
                     check_sparse_structure(indptr, indices, self.n_vars, self.n_obs, data.shape[0], self.name)
                     whole = sp.csc_matrix((data, indices, indptr), shape=(self.n_obs, self.n_vars)).tocsr()
                     for start in range(0, n, step):
-                        yield whole[start:start + step]
+                        yield whole[start : start + step]
                     return
                 indptr = self._indptr
                 for start in range(0, n, step):
@@ -498,7 +532,7 @@ class ChunkedH5ad:
                     lo, hi = int(indptr[start]), int(indptr[stop])
                     indices = g["indices"][lo:hi]
                     check_indices(indices, self.n_vars, self.name)
-                    local = (indptr[start:stop + 1] - lo).astype(np.int64)
+                    local = (indptr[start : stop + 1] - lo).astype(np.int64)
                     yield sp.csr_matrix((g["data"][lo:hi], indices, local), shape=(stop - start, self.n_vars))
         except (ScrclError, GeneratorExit):
             raise
@@ -550,9 +584,10 @@ def gene_selection(var_names: list[str], genes: list[str], *, min_overlap: float
     found = src >= 0
     n_found = int(found.sum())
     if n_found == 0:
-        raise ScrclError(f"none of the {len(genes)} model genes were found in {name} (first model genes: "
-                         f"{', '.join(genes[:2])})", "Check that var_names hold the same gene identifiers "
-                         "(symbols vs Ensembl IDs) as the training data")
+        raise ScrclError(
+            f"none of the {len(genes)} model genes were found in {name} (first model genes: {', '.join(genes[:2])})",
+            "Check that var_names hold the same gene identifiers (symbols vs Ensembl IDs) as the training data",
+        )
     if n_found < min_overlap * len(genes):
         missing = [g for g, ok in zip(genes, found) if not ok][:2]
         raise ScrclError(
@@ -578,7 +613,6 @@ def align_genes(
     """
     sel, n_found = gene_selection(var_names, genes, min_overlap=min_overlap, name=name)
     return sp.csr_matrix(x @ sel), n_found
-
 
 
 @dataclass
@@ -646,9 +680,11 @@ def write_h5ad_patched(src: Path, dest: Path, annotations: Annotations, *, overw
             raise
         except Exception as exc:  # obs or uns in an encoding anndata cannot read back or write
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise ScrclError(f"the results could not be added to a copy of {Path(src).name} ({first})",
-                             "Its obs or uns holds elements anndata cannot rewrite: write a clean copy with "
-                             "anndata (adata.write_h5ad) and pass that") from None
+            raise ScrclError(
+                f"the results could not be added to a copy of {Path(src).name} ({first})",
+                "Its obs or uns holds elements anndata cannot rewrite: write a clean copy with "
+                "anndata (adata.write_h5ad) and pass that",
+            ) from None
 
 
 def write_h5ad_atomic(adata: AnnData, dest: Path, *, overwrite: bool) -> None:
@@ -677,9 +713,10 @@ def check_coords(coords: Any, n_obs: int, name: str) -> np.ndarray:
     if not np.isfinite(c).all():
         raise ScrclError(f"{name} has NaN or infinite values in obsm['spatial']", fix)
     if np.abs(c).max(initial=0.0) > MAX_COORD:
-        raise ScrclError(f"{name} has coordinates up to {np.abs(c).max():.3g} in obsm['spatial'], above {MAX_COORD:.0e}",
-                         "Rescale them (pixels or microns), e.g. subtract the minimum")
+        raise ScrclError(
+            f"{name} has coordinates up to {np.abs(c).max():.3g} in obsm['spatial'], above {MAX_COORD:.0e}",
+            "Rescale them (pixels or microns), e.g. subtract the minimum",
+        )
     if n_obs > 1 and (np.ptp(c[:, 0]) == 0 or np.ptp(c[:, 1]) == 0):
-        raise ScrclError(f"{name} has obsm['spatial'] with a constant column: all cells on one point or one line",
-                         fix)
+        raise ScrclError(f"{name} has obsm['spatial'] with a constant column: all cells on one point or one line", fix)
     return c

@@ -120,14 +120,18 @@ def _check_replaceable(out: Output) -> None:
         if not stat.S_ISDIR(st.st_mode):
             raise ScrclError(f"{out.option} {p} exists and is not a folder", "Choose another path for the model folder")
         if owned_entries(p) is None:
-            raise ScrclError(f"{out.option} {p} exists and holds files scrcl-cli did not write; replacing it would delete them",
-                             "Choose a new folder for the model, or empty this one yourself")
+            raise ScrclError(
+                f"{out.option} {p} exists and holds files scrcl-cli did not write; replacing it would delete them",
+                "Choose a new folder for the model, or empty this one yourself",
+            )
         return
     if stat.S_ISDIR(st.st_mode):
         raise ScrclError(f"{out.option} {p} is a folder", "Pass a file path for this output")
     if not stat.S_ISREG(st.st_mode):
-        raise ScrclError(f"{out.option} {p} is not a regular file (a device, pipe or socket) and is never replaced",
-                         "Pass the path of a regular file")
+        raise ScrclError(
+            f"{out.option} {p} is not a regular file (a device, pipe or socket) and is never replaced",
+            "Pass the path of a regular file",
+        )
 
 
 def _check_parent(out: Output) -> None:
@@ -137,15 +141,18 @@ def _check_parent(out: Output) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise ScrclError(f"cannot write {out.option} {out.path}: {probe} is a file, not a folder",
-                         "Choose an output path in a writable folder")
+        raise ScrclError(
+            f"cannot write {out.option} {out.path}: {probe} is a file, not a folder", "Choose an output path in a writable folder"
+        )
     test = probe / f".scrcl-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:  # access() is no proof for root or on read-only mounts: create and remove a file of our own
         os.close(os.open(test, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         os.unlink(test)
     except OSError as exc:
-        raise ScrclError(f"cannot write {out.option} {out.path}: {probe} is not writable ({exc.strerror})",
-                         "Choose an output path in a writable folder") from None
+        raise ScrclError(
+            f"cannot write {out.option} {out.path}: {probe} is not writable ({exc.strerror})",
+            "Choose an output path in a writable folder",
+        ) from None
 
 
 def check_outputs(outputs: Sequence[Output], *, inputs: Sequence[Path], overwrite: bool) -> None:
@@ -165,21 +172,27 @@ def check_outputs(outputs: Sequence[Output], *, inputs: Sequence[Path], overwrit
         for given, real in real_inputs:
             if target == real or _inside(target, real):
                 where = "is the input" if target == real else "lies inside the input"
-                raise ScrclError(f"{out.option} {out.path} {where} {given}",
-                                 "Choose another output path; inputs are never overwritten")
+                raise ScrclError(
+                    f"{out.option} {out.path} {where} {given}", "Choose another output path; inputs are never overwritten"
+                )
             if _inside(real, target):
-                raise ScrclError(f"{out.option} {out.path} contains the input {given}",
-                                 "Choose an output path that does not hold the inputs")
+                raise ScrclError(
+                    f"{out.option} {out.path} contains the input {given}", "Choose an output path that does not hold the inputs"
+                )
         if target == cwd or _inside(cwd, target):
-            raise ScrclError(f"{out.option} {out.path} is or contains the working directory",
-                             "Choose a new file or folder for this output")
+            raise ScrclError(
+                f"{out.option} {out.path} is or contains the working directory", "Choose a new file or folder for this output"
+            )
         for other, other_target in seen:
             if target == other_target:
-                raise ScrclError(f"{out.option} and {other.option} name the same file ({out.path})",
-                                 "Give each output its own path")
+                raise ScrclError(
+                    f"{out.option} and {other.option} name the same file ({out.path})", "Give each output its own path"
+                )
             if _inside(target, other_target) or _inside(other_target, target):
-                raise ScrclError(f"{out.option} {out.path} and {other.option} {other.path} lie one inside the other",
-                                 "Give each output its own path")
+                raise ScrclError(
+                    f"{out.option} {out.path} and {other.option} {other.path} lie one inside the other",
+                    "Give each output its own path",
+                )
         seen.append((out, target))
         if os.path.lexists(out.path):
             try:
@@ -187,8 +200,11 @@ def check_outputs(outputs: Sequence[Output], *, inputs: Sequence[Path], overwrit
             except OSError:
                 st = None
             if st is not None and (st.st_dev, st.st_ino) in input_inodes:
-                raise ScrclError(f"{out.option} {out.path} is the same file as the input {input_inodes[(st.st_dev, st.st_ino)]} "
-                                 "(a hard or symbolic link)", "Choose another output path; inputs are never overwritten")
+                raise ScrclError(
+                    f"{out.option} {out.path} is the same file as the input {input_inodes[(st.st_dev, st.st_ino)]} "
+                    "(a hard or symbolic link)",
+                    "Choose another output path; inputs are never overwritten",
+                )
             if out.kind == "log":
                 _check_log_file(out)
             elif not overwrite:
@@ -208,8 +224,7 @@ def _check_log_file(out: Output) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise ScrclError(f"{out.option} {out.path} is not a regular file", "Pass the path of a log file")
     if st.st_nlink > 1:
-        raise ScrclError(f"{out.option} {out.path} has other hard links, which would change too",
-                         "Pass a log file of its own")
+        raise ScrclError(f"{out.option} {out.path} has other hard links, which would change too", "Pass a log file of its own")
 
 
 def open_log(path: Path) -> int:
@@ -231,9 +246,19 @@ def stale_temporaries(dest: Path) -> list[Path]:
 
 
 # Model folder file names a killed `train` may have left in its temporary folder.
-_MODEL_FILES = frozenset({MANIFEST_NAME, "genes.txt", "weights.pt", "encoder_fused.onnx", "encoder_cell.onnx",
-                          "loss_log.csv", "train_embedding.npy", "train_clusters.csv",
-                          *(f"encoder_{view}_stage{i}.onnx" for view in ("fused", "cell") for i in range(3))})
+_MODEL_FILES = frozenset(
+    {
+        MANIFEST_NAME,
+        "genes.txt",
+        "weights.pt",
+        "encoder_fused.onnx",
+        "encoder_cell.onnx",
+        "loss_log.csv",
+        "train_embedding.npy",
+        "train_clusters.csv",
+        *(f"encoder_{view}_stage{i}.onnx" for view in ("fused", "cell") for i in range(3)),
+    }
+)
 
 
 def _ours(entry: Path, dest: Path, protected: dict[tuple[int, int], Path]) -> bool:
@@ -258,8 +283,12 @@ def _ours(entry: Path, dest: Path, protected: dict[tuple[int, int], Path]) -> bo
         return False
     for sub in os.scandir(entry):
         sst = sub.stat(follow_symlinks=False)
-        if (sub.name not in _MODEL_FILES or not stat.S_ISREG(sst.st_mode) or sst.st_nlink != 1
-                or (sst.st_dev, sst.st_ino) in protected):
+        if (
+            sub.name not in _MODEL_FILES
+            or not stat.S_ISREG(sst.st_mode)
+            or sst.st_nlink != 1
+            or (sst.st_dev, sst.st_ino) in protected
+        ):
             return False
     return True
 
