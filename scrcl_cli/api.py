@@ -24,7 +24,7 @@ import numpy as np
 from . import config as C
 from ._device import as_device
 from ._version import __version__
-from .bundle import ONNX_FILES, ModelBundle, finalize_manifest, read_bundle, write_model_dir
+from .bundle import ONNX_FILES, ModelBundle, finalize_manifest, owned_entries, read_bundle, write_model_dir
 from .errors import ScrclError
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ class Model:
             raise ScrclError(
                 f"this model was loaded from {self.bundle.path} and is already saved", "Copy the folder to save it elsewhere"
             )
-        check_outputs([Output(path, "path", "model")], inputs=(), overwrite=overwrite)
+        check_outputs([Output(path, "path", "model", owned_entries)], inputs=(), overwrite=overwrite)
         manifest = {k: v for k, v in self.bundle.manifest.items() if k not in ("files", "format_version", "scrcl_version")}
         write_model_dir(path, self.bundle.blobs, manifest, overwrite=overwrite)
         return path

@@ -290,6 +290,22 @@ def manifest_file_names(folder: Path) -> list[str] | None:
     return list(manifest["files"])
 
 
+def owned_entries(folder: Path) -> list[str] | None:
+    """Names of the entries of `folder` that scrcl-cli wrote, or None when it holds anything else.
+
+    A folder is ours when it holds a valid model manifest and, besides it, only the regular files
+    that manifest lists; a stray JSON file with a ``files`` key does not make a folder deletable.
+    """
+    names = manifest_file_names(folder)
+    if names is None:
+        return None
+    allowed = set(names) | {MANIFEST_NAME}
+    for entry in os.scandir(folder):
+        if entry.name not in allowed or not entry.is_file(follow_symlinks=False):
+            return None
+    return [n for n in allowed if (Path(folder) / n).exists()]
+
+
 # ----------------------------------------------------------------------------- ONNX
 
 
@@ -461,7 +477,7 @@ def write_model_dir(dest: Path, files: dict[str, bytes], manifest: dict[str, Any
     is validated before anything is written, so the tool never writes a folder it would refuse.
     """
     text = json.dumps(finalize_manifest(files, manifest, Path(dest)), indent=1)
-    with atomic_path(dest, overwrite=overwrite, directory=True) as tmp:
+    with atomic_path(dest, overwrite=overwrite, directory=True, owned=owned_entries) as tmp:
         for name, blob in files.items():
             (tmp / name).write_bytes(blob)
         (tmp / MANIFEST_NAME).write_text(text)
@@ -489,54 +505,3 @@ def onnx_metadata(manifest: dict[str, Any]) -> dict[str, str]:
         "graph": json.dumps(manifest["graph"]),
         "out_dim": str(manifest["model"]["out_dim"]),
     }
-
-
-def re_export(path: Path) -> list[str]:
-    """Rewrite the ONNX encoders of the model folder `path` from its weights; returns their file names.
-
-    The folder is replaced atomically and only if it holds nothing but its own files.
-    `weights.pt` is loaded with torch's ``weights_only``, so it can hold tensors only, never code.
-    """
-    import io
-    import pickle
-
-    import torch
-
-    from .workflow import export_files
-
-    bundle = read_bundle(path)
-    try:
-        state = torch.load(io.BytesIO(bundle.read_bytes("weights.pt")), weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
-        raise ScrclError(
-            f"weights.pt in {path} holds objects other than tensors, or is damaged; it is never unpickled",
-            "Use a model folder written by scrcl-cli train, from a trusted source",
-        ) from None
-    if not isinstance(state, dict) or "gene_emb" not in state:
-        raise ScrclError(f"weights.pt in {path} is not a scrcl-cli state dict", "Retrain the model")
-    gene_emb = state.pop("gene_emb").numpy()
-    _check_weights(state, bundle.manifest, path)
-    files = {name: bundle.read_bytes(name) for name in bundle.manifest["files"]}
-    new = export_files(state, gene_emb, bundle.manifest)
-    files.update(new)
-    manifest = {k: v for k, v in bundle.manifest.items() if k not in ("files", "format_version", "scrcl_version")}
-    write_model_dir(path, files, manifest, overwrite=True)
-    return sorted(new)
-
-
-def _check_weights(state: dict[str, Any], manifest: dict[str, Any], path: Path) -> None:
-    """The weights' shapes must agree with the manifest's genes and widths before anything is exported."""
-    import torch
-
-    g, h = len(manifest["genes"]), int(manifest["model"]["hidden_dim"])
-    want = {"mlp_w": (h, g), "gcn1_w": (h, g)}
-    for key, shape in want.items():
-        value = state.get(key)
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
-            raise ScrclError(
-                f"weights.pt in {path} does not match its manifest ({key} should be {shape})",
-                "Restore the model folder or retrain",
-            )
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor) or not torch.isfinite(value).all():
-            raise ScrclError(f"weights.pt in {path} holds a non-finite or non-tensor entry ({key})", "Retrain the model")

@@ -287,9 +287,14 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, log_file: Path | None, de
 
 def _guard(ctx: click.Context, outputs: list[tuple[Path | None, str, str]], inputs: tuple[Path, ...], *, overwrite: bool) -> None:
     """Check every output of the command (and --log-file) before any work, then open the log file."""
+    from .bundle import owned_entries
     from .io.output import Output, check_outputs
 
-    outs = [Output(Path(p), option, kind) for p, option, kind in outputs if p is not None]  # type: ignore[arg-type]
+    outs = [
+        Output(Path(p), option, kind, owned_entries if kind == "model" else None)  # type: ignore[arg-type]
+        for p, option, kind in outputs
+        if p is not None
+    ]
     log_file = (ctx.obj or {}).get("log_file")
     if log_file is not None:
         outs.append(Output(Path(log_file), "--log-file", "log"))
@@ -933,7 +938,7 @@ def cluster(
 @click.pass_context
 def export(ctx: click.Context, model_dir: Path) -> None:
     """Re-export the ONNX encoders of MODEL_DIR from its torch weights (the folder is rewritten atomically)."""
-    from .bundle import re_export
+    from .workflow import re_export
 
     _guard(ctx, [], (model_dir,), overwrite=False)
     written = re_export(model_dir)

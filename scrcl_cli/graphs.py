@@ -204,13 +204,16 @@ def knn_cosine_approx(
     Returns int64 (N, k-1), nearest first, the cell itself excluded. Deterministic given `seed`.
     Recall against the exact search is measured in docs/benchmarks.md.
     """
-    from .clustering import cosine_kmeans
+    from sklearn.cluster import KMeans
 
     n, kk = unit.shape[0], k - 1
     rng = np.random.default_rng(seed)
     n_lists = max(2, n // list_size)
     sample = unit[np.sort(rng.choice(n, size=min(n, 40 * n_lists), replace=False))]
-    cents = cosine_kmeans(sample, n_lists, seed=seed, n_init=1, max_iter=25).centroids.astype(np.float32)
+    # k-means on unit rows, centroids re-normalised: the lists of a spherical k-means, from scikit-learn.
+    km = KMeans(n_clusters=n_lists, n_init=1, max_iter=25, random_state=seed).fit(sample)
+    cents = km.cluster_centers_ / np.maximum(np.linalg.norm(km.cluster_centers_, axis=1, keepdims=True), 1e-12)
+    cents = cents.astype(np.float32)
     top2 = np.empty((n, 2), dtype=np.int64)
     for s in range(0, n, block * 4):
         sim = unit[s : s + block * 4] @ cents.T

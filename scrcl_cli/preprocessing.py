@@ -47,14 +47,12 @@ def normalize_log1p(x: sp.csr_matrix, target_sum: float = TARGET_SUM) -> sp.csr_
     return x
 
 
-def _mean_var(x: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene mean and unbiased variance in float64; x: CSR (n_cells, n_genes)."""
+def mean_var(x: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and unbiased variance, float64 (G,) each, of x: CSR (N, G); scanpy's ``_get_mean_var`` formula."""
     n = x.shape[0]
-    mean = np.asarray(x.sum(axis=0), dtype=np.float64).ravel() / n
-    sq = x.copy()
-    sq.data = sq.data.astype(np.float64) ** 2
-    mean_sq = np.asarray(sq.sum(axis=0)).ravel() / n
-    var = mean_sq - mean**2
+    data = x.data.astype(np.float64)
+    mean = np.bincount(x.indices, weights=data, minlength=x.shape[1]) / n
+    var = np.bincount(x.indices, weights=data * data, minlength=x.shape[1]) / n - mean**2
     if n > 1:
         var *= n / (n - 1)
     return mean, var
@@ -69,7 +67,7 @@ def highly_variable_seurat(lognorm: sp.csr_matrix, n_top_genes: int, n_bins: int
     """
     x = sp.csr_matrix(lognorm, dtype=np.float64, copy=True)
     x.data = np.expm1(x.data)
-    mean, var = _mean_var(x)
+    mean, var = mean_var(x)
     mean[mean == 0] = 1e-12
     with np.errstate(divide="ignore", invalid="ignore"):
         disp = var / mean
@@ -168,5 +166,5 @@ def prepare(
 
 
 def transform_query(x_aligned_lognorm: sp.csr_matrix, x_aligned_raw: sp.csr_matrix, input_mode: InputMode) -> sp.csr_matrix:
-    """Model input for query cells already aligned to the model genes (see `data.align_genes`)."""
+    """Model input for query cells already aligned to the model genes (`io.h5ad.gene_selection`)."""
     return x_aligned_lognorm if input_mode == "lognorm" else sp.csr_matrix(x_aligned_raw, dtype=np.float32)

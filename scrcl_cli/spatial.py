@@ -29,7 +29,7 @@ import scipy.sparse as sp
 
 from .errors import ScrclError
 from .graphs import knn_to_adjacency
-from .preprocessing import Prepared, nonzero_masks, normalize_log1p
+from .preprocessing import Prepared, mean_var, nonzero_masks, normalize_log1p
 
 log = logging.getLogger(__name__)
 
@@ -152,17 +152,6 @@ def loess_1d(x: np.ndarray, y: np.ndarray, *, span: float = 0.3, cell: float = 0
 # ----------------------------------------------------------------------------- genes
 
 
-def _mean_var(x: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene mean and unbiased variance (float64), scanpy's ``_get_mean_var`` formula."""
-    n = x.shape[0]
-    data = x.data.astype(np.float64)
-    mean = np.bincount(x.indices, weights=data, minlength=x.shape[1]) / n
-    var = np.bincount(x.indices, weights=data * data, minlength=x.shape[1]) / n - mean**2
-    if n > 1:
-        var *= n / (n - 1)
-    return mean, var
-
-
 def highly_variable_seurat_v3(counts: sp.csr_matrix, n_top_genes: int, *, span: float = 0.3) -> np.ndarray:
     """Seurat v3 (``vst``) highly variable genes on raw counts, as scanpy's
     ``highly_variable_genes(flavor="seurat_v3", n_top_genes=n_top_genes)`` with one batch.
@@ -180,7 +169,7 @@ def highly_variable_seurat_v3(counts: sp.csr_matrix, n_top_genes: int, *, span: 
         log.warning("seurat_v3 expects raw counts, but X holds non-integer values")
     if n_top_genes >= g:
         return np.ones(g, dtype=bool)
-    mean, var = _mean_var(x)
+    mean, var = mean_var(x)
     not_const = var > 0
     if not_const.sum() < 4:
         raise ScrclError(f"only {int(not_const.sum())} genes vary across cells", "Check that X holds raw counts")
@@ -205,7 +194,7 @@ def gene_std(lognorm: sp.csr_matrix) -> np.ndarray:
 
     lognorm: CSR (N, G). Returns float64, shape (G,).
     """
-    _, var = _mean_var(sp.csr_matrix(lognorm))
+    _, var = mean_var(sp.csr_matrix(lognorm))
     std = np.sqrt(np.maximum(var, 0.0))
     std[std == 0] = 1.0
     return std

@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from . import clustering, graphs
 from ._device import Device, describe_torch_device, resolve_torch_device
 from .bundle import ONNX_FILES, genes_hash, onnx_metadata
+from .errors import ScrclError
 from .preprocessing import prepare
 
 if TYPE_CHECKING:
@@ -71,7 +72,6 @@ def train_model(
     """
     import torch
 
-    from .errors import ScrclError
     from .training import build_inputs, fit, scratch_inputs
 
     dev = resolve_torch_device(device)
@@ -236,7 +236,6 @@ def train_model(
 
 def spatial_coords(adata: AnnData) -> np.ndarray:
     """obsm['spatial'] as float64 (n_obs, 2); a one-line error when it is missing."""
-    from .errors import ScrclError
     from .io.h5ad import check_coords
 
     if "spatial" not in adata.obsm:
@@ -295,3 +294,54 @@ def model_files(
     if export:
         files.update(export_files(result.state, result.gene_emb, manifest))
     return files
+
+
+def re_export(path: Path) -> list[str]:
+    """Rewrite the ONNX encoders of the model folder `path` from its weights; returns their file names.
+
+    The folder is replaced atomically and only if it holds nothing but its own files.
+    `weights.pt` is loaded with torch's ``weights_only``, so it can hold tensors only, never code.
+    """
+    import io
+    import pickle
+
+    import torch
+
+    from .bundle import read_bundle, write_model_dir
+
+    bundle = read_bundle(path)
+    try:
+        state = torch.load(io.BytesIO(bundle.read_bytes("weights.pt")), weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
+        raise ScrclError(
+            f"weights.pt in {path} holds objects other than tensors, or is damaged; it is never unpickled",
+            "Use a model folder written by scrcl-cli train, from a trusted source",
+        ) from None
+    if not isinstance(state, dict) or "gene_emb" not in state:
+        raise ScrclError(f"weights.pt in {path} is not a scrcl-cli state dict", "Retrain the model")
+    gene_emb = state.pop("gene_emb").numpy()
+    check_weights(state, bundle.manifest, path)
+    files = {name: bundle.read_bytes(name) for name in bundle.manifest["files"]}
+    new = export_files(state, gene_emb, bundle.manifest)
+    files.update(new)
+    manifest = {k: v for k, v in bundle.manifest.items() if k not in ("files", "format_version", "scrcl_version")}
+    write_model_dir(path, files, manifest, overwrite=True)
+    return sorted(new)
+
+
+def check_weights(state: dict[str, Any], manifest: dict[str, Any], path: Path) -> None:
+    """The weights' shapes must agree with the manifest's genes and widths before anything is exported."""
+    import torch
+
+    g, h = len(manifest["genes"]), int(manifest["model"]["hidden_dim"])
+    want = {"mlp_w": (h, g), "gcn1_w": (h, g)}
+    for key, shape in want.items():
+        value = state.get(key)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            raise ScrclError(
+                f"weights.pt in {path} does not match its manifest ({key} should be {shape})",
+                "Restore the model folder or retrain",
+            )
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not torch.isfinite(value).all():
+            raise ScrclError(f"weights.pt in {path} holds a non-finite or non-tensor entry ({key})", "Retrain the model")

@@ -129,6 +129,14 @@ def test_fused_batches_bounded_by_gather_budget_give_same_embedding(trained_mode
 # ----------------------------------------------------------------------------- files read in blocks
 
 
+def _align_genes(x, var_names, genes, *, min_overlap, name):
+    """Columns of x reordered to `genes` by the selection matrix (the whole-matrix reference)."""
+    import scipy.sparse as sp
+
+    sel, found = h5ad.gene_selection(var_names, genes, min_overlap=min_overlap, name=name)
+    return sp.csr_matrix(x @ sel), found
+
+
 def _reference_prepare(x, var_names, bundle):
     """prepare_query as it was before the block reader: every step on the whole (N, n_vars) matrix."""
     import scipy.sparse as sp
@@ -138,12 +146,12 @@ def _reference_prepare(x, var_names, bundle):
 
     pre = bundle.manifest["preprocessing"]
     x = sp.csr_matrix(x, dtype=np.float32)
-    lognorm, found = h5ad.align_genes(lognormalize(x, pre["expression"]), var_names, bundle.genes, min_overlap=0.5, name="q")
+    lognorm, found = _align_genes(lognormalize(x, pre["expression"]), var_names, bundle.genes, min_overlap=0.5, name="q")
     if pre.get("mode") == "spatial":
         model_input = sp.csr_matrix(scale_with(lognorm, np.asarray(pre["gene_std"]), float(pre["max_value"])),
                                     dtype=np.float32)
         return lognorm, model_input, found
-    raw = lognorm if pre["input_mode"] == "lognorm" else h5ad.align_genes(x, var_names, bundle.genes, min_overlap=0.0,
+    raw = lognorm if pre["input_mode"] == "lognorm" else _align_genes(x, var_names, bundle.genes, min_overlap=0.0,
                                                                           name="q")[0]
     return lognorm, transform_query(lognorm, raw, pre["input_mode"]), found
 

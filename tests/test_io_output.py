@@ -176,7 +176,7 @@ def test_model_directory_sigkill_during_write_leaves_nothing_or_the_previous_mod
     else:
         assert not dest.exists()
     # A complete write afterwards removes the stale temporary directory.
-    output.check_outputs([output.Output(dest, "-o", "model")], inputs=(), overwrite=True)  # removes the killed run's temporary
+    output.check_outputs([output.Output(dest, "-o", "model", bundle.owned_entries)], inputs=(), overwrite=True)  # removes the killed run's temporary
     bundle.write_model_dir(dest, {"weights.pt": b"new"}, minimal_manifest(["a"]), overwrite=True)
     assert _temporaries(dest) == []
     assert (dest / "weights.pt").read_bytes() == b"new"

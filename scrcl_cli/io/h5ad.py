@@ -603,18 +603,6 @@ def gene_selection(var_names: list[str], genes: list[str], *, min_overlap: float
     return sel, n_found
 
 
-def align_genes(
-    x: sp.csr_matrix, var_names: list[str], genes: list[str], *, min_overlap: float, name: str
-) -> tuple[sp.csr_matrix, int]:
-    """Reorder the columns of `x` (cells x var_names) to `genes`, zero-filling missing ones.
-
-    Returns the aligned CSR matrix, shape (n_cells, len(genes)), and the number of genes found.
-    Raises ScrclError when fewer than `min_overlap` of `genes` are present.
-    """
-    sel, n_found = gene_selection(var_names, genes, min_overlap=min_overlap, name=name)
-    return sp.csr_matrix(x @ sel), n_found
-
-
 @dataclass
 class Annotations:
     """Elements that `embed`/`cluster` add to a query; `X` and everything else stay as they are.

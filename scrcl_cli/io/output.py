@@ -57,6 +57,9 @@ class Output:
     path: Path
     option: str
     kind: OutputKind = "file"
+    # For a model folder: the names of the entries scrcl-cli wrote, or None when it holds anything else
+    # (`bundle.owned_entries`); without it an existing folder is never replaced.
+    owned: Callable[[Path], list[str] | None] | None = None
 
 
 def _real(path: Path) -> Path:
@@ -92,25 +95,6 @@ def _inodes(paths: Iterable[Path]) -> dict[tuple[int, int], Path]:
     return found
 
 
-def owned_entries(folder: Path) -> list[str] | None:
-    """Names of the entries of `folder` that scrcl-cli wrote, or None when it holds anything else.
-
-    A folder is ours when it holds a valid model manifest and, besides it, only the regular
-    files that manifest lists. The manifest is parsed by the model-format module, so a stray
-    JSON file with a ``files`` key does not make a folder deletable.
-    """
-    from ..bundle import manifest_file_names
-
-    names = manifest_file_names(folder)
-    if names is None:
-        return None
-    allowed = set(names) | {MANIFEST_NAME}
-    for entry in os.scandir(folder):
-        if entry.name not in allowed or not entry.is_file(follow_symlinks=False):
-            return None
-    return [n for n in allowed if (folder / n).exists()]
-
-
 def _check_replaceable(out: Output) -> None:
     p = out.path
     st = os.lstat(p)
@@ -119,7 +103,7 @@ def _check_replaceable(out: Output) -> None:
     if out.kind == "model":
         if not stat.S_ISDIR(st.st_mode):
             raise ScrclError(f"{out.option} {p} exists and is not a folder", "Choose another path for the model folder")
-        if owned_entries(p) is None:
+        if out.owned is None or out.owned(p) is None:
             raise ScrclError(
                 f"{out.option} {p} exists and holds files scrcl-cli did not write; replacing it would delete them",
                 "Choose a new folder for the model, or empty this one yourself",
@@ -338,7 +322,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _replace_folder(tmp: Path, dest: Path) -> None:
+def _replace_folder(tmp: Path, dest: Path, owned_entries: Callable[[Path], list[str] | None]) -> None:
     """Put the new folder `tmp` at `dest`, then delete the old folder's own files (checked as ours again)."""
     owned = owned_entries(dest)
     if owned is None:  # changed since the check: never delete what is not ours
@@ -379,7 +363,9 @@ def _remove_temporary(tmp: Path, directory: bool) -> None:
 
 
 @contextmanager
-def atomic_path(dest: Path, *, overwrite: bool, directory: bool = False) -> Iterator[Path]:
+def atomic_path(
+    dest: Path, *, overwrite: bool, directory: bool = False, owned: Callable[[Path], list[str] | None] | None = None
+) -> Iterator[Path]:
     """Yield a fresh temporary path beside `dest`; on success move it onto `dest`.
 
     The destination's folders are created here, at commit time, never by the checks. On any
@@ -388,7 +374,7 @@ def atomic_path(dest: Path, *, overwrite: bool, directory: bool = False) -> Iter
     the replaceability checks run again here, just before the rename.
     """
     dest = Path(dest)
-    out = Output(dest, str(dest), "model" if directory else "file")
+    out = Output(dest, str(dest), "model" if directory else "file", owned)
     created: list[Path] = []
     parent = dest.parent if str(dest.parent) else Path(".")
     probe = parent
@@ -409,7 +395,8 @@ def atomic_path(dest: Path, *, overwrite: bool, directory: bool = False) -> Iter
                 raise ScrclError(f"{dest} already exists", "Pass --overwrite or choose another output path")
             _check_replaceable(out)
         if directory and dest.exists():
-            _replace_folder(tmp, dest)
+            assert owned is not None  # _check_replaceable refused the folder otherwise
+            _replace_folder(tmp, dest, owned)
         else:
             os.replace(tmp, dest)
     except BaseException:
