@@ -16,12 +16,12 @@ gene names only, written to the work directory.
 
 Usage (from the repository root)::
 
-    python benchmarks/accuracy.py                      # everything, 3 seeds, full scrcl-cli (GPU: ~5 min)
-    python benchmarks/accuracy.py --quick              # CPU: narrower model -> docs/accuracy-quick.md
-    python benchmarks/accuracy.py --skip-scrcl         # baselines only
-    python benchmarks/accuracy.py --skip-scrcl --json base.json   # baselines once (CPU) ...
-    python benchmarks/accuracy.py --baselines-from base.json      # ... then scrcl-cli alone (GPU)
-    python benchmarks/accuracy.py --datasets worm_neuron yan_rpkm --seeds 0 1
+    python -m benchmarks accuracy                      # everything, 3 seeds, full scrcl-cli (GPU: ~5 min)
+    python -m benchmarks accuracy --quick              # CPU: narrower model -> docs/accuracy-quick.md
+    python -m benchmarks accuracy --skip-scrcl         # baselines only
+    python -m benchmarks accuracy --skip-scrcl --json base.json   # baselines once (CPU) ...
+    python -m benchmarks accuracy --baselines-from base.json      # ... then scrcl-cli alone (GPU)
+    python -m benchmarks accuracy --datasets worm_neuron yan_rpkm --seeds 0 1
 
 Needs the ``bench`` extra (scanpy, leidenalg, igraph). scrcl-cli is optional: when it is not
 installed the baselines still run and the report says scrcl-cli was not run.
@@ -53,11 +53,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO))
 
-import baselines  # noqa: E402
-from scrcl_cli.metrics import ari, evaluate  # noqa: E402
+from benchmarks import baselines
+from scrcl_cli.metrics import ari, evaluate
 
 log = logging.getLogger("accuracy")
 
@@ -816,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="zero-centering a sparse")
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
-    command = f"python benchmarks/accuracy.py {shlex.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    command = f"python -m benchmarks accuracy {shlex.join(sys.argv[1:] if argv is None else argv)}".rstrip()
     data_dir = Path(args.data_dir)
     names = args.datasets or manifest_datasets(data_dir)
     missing = [n for n in names if not (data_dir / f"{n}.h5ad").exists()]

@@ -123,7 +123,7 @@ def embed(adata: AnnData, *, expression: Expression, seed: int) -> Embedding:
                      seconds_graph=time.perf_counter() - t)
 
 
-def _igraph(conn: sp.csr_matrix):  # noqa: ANN202 - igraph is imported lazily
+def _igraph(conn: sp.csr_matrix):
     import igraph as ig
 
     upper = sp.triu(conn, k=1).tocoo()
@@ -132,7 +132,7 @@ def _igraph(conn: sp.csr_matrix):  # noqa: ANN202 - igraph is imported lazily
     return g
 
 
-def leiden(conn: sp.csr_matrix, *, resolution: float, seed: int, graph=None) -> np.ndarray:  # noqa: ANN001
+def leiden(conn: sp.csr_matrix, *, resolution: float, seed: int, graph=None) -> np.ndarray:
     """Leiden (leidenalg, RB configuration model) on the weighted graph; labels shape (n_obs,)."""
     import leidenalg
 

@@ -106,7 +106,9 @@ def run_guarded(cmd: list[str], *, timeout: float, rss_limit: int, poll_s: float
     """
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **(env or {})})
+        # The repository root on the child's path, so that `-m benchmarks.<suite>` children find the package.
+        path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, "PYTHONPATH": path, **(env or {})})
         killed = None
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -140,12 +142,21 @@ def emit_markdown(md: str, path: os.PathLike[str] | None) -> None:
         Path(path).write_text(md)
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def python_cmd(script: str, *argv: str) -> list[str]:
     return [sys.executable, script, *argv]
 
 
+def module_cmd(module: str, *argv: str) -> list[str]:
+    """A child process running the suite `module` (``benchmarks.<name>``, or ``__main__`` of one run as a suite)."""
+    name = module if module.startswith("benchmarks.") else f"benchmarks.{module.rsplit('.', 1)[-1]}"
+    return [sys.executable, "-m", name, *argv]
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python benchmarks/benchutil.py --json OUT.json -- CMD ARGS...``: run CMD, record wall time and peak RSS."""
+    """``python -m benchmarks run --json OUT.json -- CMD ARGS...``: run CMD, record wall time and peak RSS."""
     import argparse
     from pathlib import Path
 

@@ -3,7 +3,7 @@
 Synthetic 50-d Gaussian blobs (K centres, unit noise: the width of the gcn-pca embedding), N rows
 for each N asked. Both methods run in the same invocation on the same rows; the table gives
 seconds and the peak memory numpy allocated (tracemalloc) for each, and their ratios
-(ward / k-means++). Usage: python benchmarks/cluster_scaling.py [--sizes 100000 1000000] [--k 11]
+(ward / k-means++). Usage: python -m benchmarks clustering [--sizes 100000 1000000] [--k 11]
 """
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ def measure(fn) -> tuple[float, float, np.ndarray]:
     return sec, peak, labels
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", type=int, default=[100_000, 1_000_000])
     p.add_argument("--k", type=int, default=11)
     p.add_argument("--dim", type=int, default=50)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     print("| rows | k-means++ s | Ward-init s | time ratio | k-means++ peak MiB | Ward-init peak MiB | memory ratio | ARI between them |")
     print("|---|---|---|---|---|---|---|---|")
     from sklearn.metrics import adjusted_rand_score

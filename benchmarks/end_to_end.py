@@ -8,8 +8,8 @@ The label-free clusters of `train` are scored against the resampled cells' sourc
 is fitted over the sizes that finished.
 
 Usage:
-    python benchmarks/end_to_end.py                                   # CLI defaults (100 epochs, H 1500)
-    python benchmarks/end_to_end.py --sizes 1000,2000,4000,8000 --epochs 100 --hidden-dim 256 \\
+    python -m benchmarks end-to-end                                   # CLI defaults (100 epochs, H 1500)
+    python -m benchmarks end-to-end --sizes 1000,2000,4000,8000 --epochs 100 --hidden-dim 256 \\
         --threads 1 --md bench/e2e.md                            # what this CPU can do
 """
 
@@ -27,11 +27,8 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
 
-import benchutil  # noqa: E402
-import make_large  # noqa: E402
+from benchmarks import benchutil, make_large
 
 
 def run_size(n: int, src: make_large.Source, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -125,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", type=Path, default=None)
     args = ap.parse_args(argv)
     args.rss_limit = args.rss_limit or benchutil.default_rss_limit()
-    command = "python benchmarks/end_to_end.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks end-to-end " + " ".join(sys.argv[1:] if argv is None else argv)
     src = make_large.load_source(args.source)
     rows = []
     with tempfile.TemporaryDirectory(prefix="scrcl-e2e-") as tmp:

@@ -27,7 +27,7 @@ larger N are then not run for that configuration. cells/s (encoder) = N / run_en
 cells/s (embed) = N / (everything from reading the file to having the embedding, no write).
 
 Usage (CPU; the runs and their commands are in docs/benchmarks.md):
-    python benchmarks/inference.py --md bench/inference.md
+    python -m benchmarks inference --md bench/inference.md
 GPU host (from benchmarks/gpu_suite.sh): add ``--device cuda`` (CUDA provider verified).
 """
 
@@ -38,16 +38,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
-import make_large  # noqa: E402
-from benchutil import cpu_name, default_rss_limit, emit_markdown, loadavg, rss_now, rss_peak, run_guarded  # noqa: E402
+from benchmarks import make_large
+from benchmarks.benchutil import cpu_name, default_rss_limit, emit_markdown, loadavg, module_cmd, rss_now, rss_peak, run_guarded
 
 WORKDIR = Path(os.environ.get("SCRCL_BENCH_DIR", "bench"))
 
@@ -211,7 +209,7 @@ def run_cli(args: argparse.Namespace, n: int, view: str) -> dict[str, Any]:
 
 
 def run_sub(argv: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    g = run_guarded([sys.executable, str(Path(__file__).resolve()), *argv], timeout=args.child_timeout,
+    g = run_guarded(module_cmd(__name__, *argv), timeout=args.child_timeout,
                     rss_limit=args.rss_limit)
     r = g.last_json() if g.returncode == 0 else None
     if r is not None:

@@ -8,7 +8,7 @@ first call compiles its numba kernels (cached on disk afterwards); that time is 
 from a search of 2,000 cells before the timed one.
 
 Usage:
-    python benchmarks/knn_choice.py --sizes 50000,200000 --md bench/knn.md
+    python -m benchmarks knn --sizes 50000,200000 --md bench/knn.md
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
 
-import make_large  # noqa: E402
-from benchutil import cpu_name, emit_markdown, loadavg  # noqa: E402
+from benchmarks import make_large
+from benchmarks.benchutil import cpu_name, emit_markdown, loadavg
 
 
 def exact_sample(unit: np.ndarray, rows: np.ndarray, kk: int) -> np.ndarray:
@@ -56,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from scrcl_cli.preprocessing import lognormalize
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/knn_choice.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks knn " + " ".join(sys.argv[1:] if argv is None else argv)
     rows_md = []
     t = time.perf_counter()
     import pynndescent

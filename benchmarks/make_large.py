@@ -13,8 +13,8 @@ memory is the source matrix plus one block, whatever N is. The output depends on
 (source, N, seed): each block draws from its own seeded stream.
 
 Usage:
-    python benchmarks/make_large.py -n 200000 -o bench/pbmc_200k.h5ad
-    python benchmarks/make_large.py -n 1000000 -o bench/pbmc_1m.h5ad --seed 1
+    python -m benchmarks make-large -n 200000 -o bench/pbmc_200k.h5ad
+    python -m benchmarks make-large -n 1000000 -o bench/pbmc_1m.h5ad --seed 1
 
 Library use (other benchmarks): ``resample(load_source(path), n, seed)`` returns CSR + labels
 in memory; ``write_resampled(...)`` writes the file.
@@ -26,9 +26,9 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import scipy.sparse as sp

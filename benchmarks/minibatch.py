@@ -6,9 +6,9 @@ at the annotated K (labels read only to score). Single seeds differ by up to ±0
 data, so the comparison is over many seeds: mean, sd and the mean paired difference.
 
 Usage:
-    python benchmarks/minibatch.py --datasets pbmc68k_reduced_700 --seeds 8 --epochs 25 \\
+    python -m benchmarks minibatch --datasets pbmc68k_reduced_700 --seeds 8 --epochs 25 \\
         --hidden-dim 48 --out-dim 6 --lr 1e-3 --n-top-genes 300 --batch-size 256
-    python benchmarks/minibatch.py --datasets pbmc_10x_4k_top2000 --seeds 3 --epochs 100 \\
+    python -m benchmarks minibatch --datasets pbmc_10x_4k_top2000 --seeds 3 --epochs 100 \\
         --hidden-dim 256 --batch-size 1024
 """
 
@@ -24,12 +24,10 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(HERE))
 
-import benchutil  # noqa: E402
-from accuracy import DEFAULT_DATA as DATA  # noqa: E402
-from accuracy import detect_expression  # noqa: E402
+from benchmarks import benchutil
+from benchmarks.accuracy import DEFAULT_DATA as DATA
+from benchmarks.accuracy import detect_expression
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from scrcl_cli.training import TrainConfig, build_inputs, fit
 
     torch.set_num_threads(args.threads)
-    command = "python benchmarks/minibatch.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks minibatch " + " ".join(sys.argv[1:] if argv is None else argv)
     rows = []
     for name in args.datasets.split(","):
         path = DATA / f"{name}.h5ad"

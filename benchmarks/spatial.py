@@ -19,9 +19,9 @@ Labels are read here only, for scoring and for the true K.
 
 Usage (from the repository root)::
 
-    python benchmarks/spatial.py --quick                 # CPU: fewer epochs, narrower model
-    python benchmarks/spatial.py                         # the recommended defaults (GPU advised)
-    python benchmarks/spatial.py --quick --seeds 0 --datasets osmfish_sscortex
+    python -m benchmarks spatial --quick                 # CPU: fewer epochs, narrower model
+    python -m benchmarks spatial                         # the recommended defaults (GPU advised)
+    python -m benchmarks spatial --quick --seeds 0 --datasets osmfish_sscortex
 
 Needs the ``bench`` extra (scanpy, leidenalg, igraph), torch, and matplotlib for the pictures.
 """
@@ -46,11 +46,11 @@ import scipy.sparse as sp
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO))
 
-from scrcl_cli import clustering, graphs, spatial, training  # noqa: E402
-from scrcl_cli.training import TrainConfig  # noqa: E402
-from scrcl_cli.metrics import ari, nmi  # noqa: E402
+from scrcl_cli import clustering, graphs, spatial, training
+from scrcl_cli.config import SPATIAL_DEFAULTS
+from scrcl_cli.metrics import ari, nmi
+from scrcl_cli.training import TrainConfig
 
 log = logging.getLogger("spatial-bench")
 
@@ -60,7 +60,7 @@ DATASETS = ["dlpfc_151510_top500", "osmfish_sscortex"]
 # The recommended spatial defaults (one setting for every dataset, nothing chosen per dataset
 # or from labels); see docs/spatial.md for the evidence.
 SPATIAL_DEFAULTS: dict[str, Any] = {
-    k: v for k, v in {**asdict(TrainConfig()), **training.SPATIAL_DEFAULTS}.items()
+    k: v for k, v in {**asdict(TrainConfig()), **SPATIAL_DEFAULTS}.items()
     if k not in ("input_mode", "expression", "seed")
 }
 QUICK = {"epochs": 100, "hidden_dim": 128}
@@ -114,7 +114,6 @@ def scrcl_runs(ds: Dataset, cfg: dict[str, Any], seeds: list[int], device: str,
     """Train once per seed and cluster with the true K and with a label-free K."""
     import torch
 
-    from scrcl_cli import training
 
     t_prep = time.perf_counter()
     prep = spatial.prepare_spatial(ds.counts, ds.var_names, cfg["n_top_genes"])

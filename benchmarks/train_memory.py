@@ -37,9 +37,9 @@ bench) and reused by later runs.
 
 Usage (CPU; the runs and their exact commands are in docs/benchmarks.md; about 12 minutes on
 the shared 2-core machine with the data preparation, 10.5 with it cached):
-    python benchmarks/train_memory.py --threads 1 --md bench/train_memory.md
+    python -m benchmarks scaling --threads 1 --md bench/train_memory.md
 GPU host (also from benchmarks/gpu_suite.sh):
-    python benchmarks/train_memory.py --device cuda --hidden-dim 1500 \\
+    python -m benchmarks scaling --device cuda --hidden-dim 1500 \\
         --sizes 5000,10000,20000,40000,80000,160000,320000,640000,1000000 --dense-max 60000
 """
 
@@ -49,17 +49,25 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
-import make_large  # noqa: E402
-from scrcl_cli.training import TrainConfig  # noqa: E402  (its defaults are the benchmark's defaults)
-from benchutil import cpu_name, default_rss_limit, emit_markdown, loadavg, mem_available, rss_now, rss_peak, run_guarded  # noqa: E402
+from benchmarks import make_large
+from benchmarks.benchutil import (
+    cpu_name,
+    default_rss_limit,
+    emit_markdown,
+    loadavg,
+    mem_available,
+    module_cmd,
+    rss_now,
+    rss_peak,
+    run_guarded,
+)
+from scrcl_cli.config import TrainConfig  # its defaults are the benchmark's defaults
 
 WORKDIR = Path(os.environ.get("SCRCL_BENCH_DIR", "bench"))
 
@@ -119,7 +127,7 @@ def warm_up_libraries(dev: Any) -> None:
     import numpy as np
     import torch
 
-    from dense_losses import dense_scrcl_loss
+    from benchmarks.dense_losses import dense_scrcl_loss
     from scrcl_cli.graphs import knn_to_adjacency
     from scrcl_cli.losses import scrcl_loss
     from scrcl_cli.model import to_torch_sparse
@@ -137,7 +145,7 @@ def do_child(args: argparse.Namespace, n: int, impl: str, part: str) -> dict[str
     import torch
     import torch.nn.functional as F
 
-    from dense_losses import dense_scrcl_loss
+    from benchmarks.dense_losses import dense_scrcl_loss
     from scrcl_cli.losses import scrcl_loss
     from scrcl_cli.model import ScRCL, to_torch_sparse
 
@@ -248,7 +256,7 @@ def do_child(args: argparse.Namespace, n: int, impl: str, part: str) -> dict[str
 
 def run_sub(argv: list[str], args: argparse.Namespace) -> dict[str, Any]:
     env = {"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)} if args.malloc_mmap_threshold else None
-    g = run_guarded([sys.executable, str(Path(__file__).resolve()), *argv], timeout=args.child_timeout,
+    g = run_guarded(module_cmd(__name__, *argv), timeout=args.child_timeout,
                     rss_limit=args.rss_limit, env=env)
     out = g.last_json() if g.returncode == 0 else None
     if out is not None:
@@ -397,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from dense_losses import check_parity
+    from benchmarks.dense_losses import check_parity
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no CUDA device")
