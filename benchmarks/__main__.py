@@ -14,6 +14,7 @@ SUITES = {
     "minibatch": ("minibatch", "mini-batch against full-batch training on shared datasets (docs/benchmarks.md §3)"),
     "clustering": ("cluster_scaling", "Ward-initialised k-means cost against N"),
     "knn": ("knn_choice", "query kNN search: the package's against pynndescent"),
+    "libraries": ("libraries", "the package's Louvain against Leiden (igraph/leidenalg) for the label-free K"),
     "make-large": ("make_large", "write a resampled dataset of N real cells"),
     "run": ("benchutil", "run a command, recording wall time and peak RSS"),
 }

@@ -591,7 +591,7 @@ def _cluster_query(
             k, _ = clustering.choose_n_clusters(
                 rep.query.lognorm, seed=seed, n_neighbors=int(bundle.manifest["graph"]["n_neighbors"])
             )
-            method = "louvain-count"
+            method = "leiden-count"
         res = clustering.cluster_embedding(
             emb,
             k,

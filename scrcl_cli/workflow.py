@@ -124,7 +124,7 @@ def train_model(
         k, scores = clustering.choose_n_clusters(
             prep.lognorm, seed=config.seed, n_neighbors=config.n_neighbors, adj=inputs.adj if spatial is None else None
         )
-        k_method = "louvain-count"
+        k_method = "leiden-count"
     else:
         k, scores, k_method = n_clusters, {}, "given"
     metric = clustering.EMBEDDING_METRIC[config.embedding]

@@ -42,9 +42,9 @@ def test_nearest_centroid_reproduces_converged_kmeans_labels():
     assert conf.min() > 0.5
 
 
-def test_louvain_recovers_planted_communities():
+def test_leiden_recovers_planted_communities():
     x, y = _blobs(n=800, k=6, noise=0.5, seed=2)
-    labels = clustering.louvain(knn_to_adjacency(knn_cosine(x, 15)), seed=0)
+    labels = clustering.leiden(knn_to_adjacency(knn_cosine(x, 15)), seed=0)
     assert ari(y, labels) > 0.9
 
 
