@@ -355,8 +355,9 @@ def leiden(adj: sp.csr_matrix, *, resolution: float = 1.0, seed: int = 0) -> np.
 
     upper = sp.triu(sp.csr_matrix(adj), k=1).tocoo()
     graph = ig.Graph(n=adj.shape[0], edges=np.column_stack([upper.row, upper.col]).tolist())
-    part = leidenalg.find_partition(graph, leidenalg.RBConfigurationVertexPartition,
-                                    resolution_parameter=resolution, seed=int(seed) % 2**31, n_iterations=-1)
+    part = leidenalg.find_partition(
+        graph, leidenalg.RBConfigurationVertexPartition, resolution_parameter=resolution, seed=int(seed) % 2**31, n_iterations=-1
+    )
     return np.asarray(part.membership, dtype=np.int64)
 
 

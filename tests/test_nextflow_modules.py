@@ -708,3 +708,25 @@ def test_readme_explains_nf_test_and_the_test_profile():
     assert "make_test_data.py" in readme
     for name in MODULES:
         assert f"SCRCL_{name.upper()}" in readme
+
+
+@pytest.mark.parametrize(("module", "env_file"), [(m, f) for m in MODULES for f in ("environment.yml", "environment.gpu.yml")])
+def test_environment_files_pin_the_image_locks(module, env_file):
+    """Each environment equals what nextflow/pin_environments.py writes from the image's lock file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pin_environments", NEXTFLOW / "pin_environments.py")
+    pin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pin)
+    flavour, extras, purpose = pin.ENVIRONMENTS[(module, env_file)]
+    assert (MODULE_ROOT / module / env_file).read_text() == pin.render(flavour, extras, purpose), (
+        "run python nextflow/pin_environments.py after containers/lock.sh")
+    env = yaml.safe_load((MODULE_ROOT / module / env_file).read_text())
+    pins = {p.split("==")[0].split("[")[0].lower() for p in env["dependencies"][-1]["pip"]}
+    assert "conda-forge::python=3.11" in env["dependencies"]  # the images' Python
+    tomllib = pytest.importorskip("tomllib", reason="needs Python 3.11+ (tomllib)")
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for dep in project["dependencies"]:
+        assert Requirement(dep).name.lower().replace("_", "-") in {p.replace("_", "-") for p in pins}, dep
