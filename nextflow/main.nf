@@ -68,7 +68,7 @@ workflow {
     SCRCL_TRAIN(channel.fromList(references))
 
     // One model for every query: a value channel, so each query task reuses it.
-    def ch_model = SCRCL_TRAIN.out.model.map { meta, model -> model }.first()
+    def ch_model = SCRCL_TRAIN.out.model.first()
     def ch_query = channel.fromList(queries)
 
     SCRCL_EMBED(ch_query, ch_model)

@@ -56,8 +56,8 @@ CUDA_SIF = "oras://ghcr.io/scrcl-cli/scrcl-cli:0.1.0-cuda-sif"
 # what each module takes besides tuple val(meta), path(h5ad)
 INPUTS = {
     "train": ["tuple val(meta), path(h5ad)"],
-    "embed": ["tuple val(meta), path(h5ad)", "path(model)"],
-    "cluster": ["tuple val(meta), path(h5ad)", "path(model)"],
+    "embed": ["tuple val(meta), path(h5ad)", "tuple val(meta2), path(model)"],
+    "cluster": ["tuple val(meta), path(h5ad)", "tuple val(meta2), path(model)"],
 }
 # files downstream modules rely on in a model directory (the CLI contract)
 MODEL_FILES = ["scrcl_model.json", "encoder_fused.onnx", "encoder_cell.onnx", "weights.pt", "genes.txt"]

@@ -12,7 +12,7 @@ process SCRCL_CLUSTER {
 
     input:
     tuple val(meta), path(h5ad)
-    path(model)
+    tuple val(meta2), path(model)
 
     output:
     tuple val(meta), path("${prefix}.h5ad")       , emit: h5ad
