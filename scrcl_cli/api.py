@@ -14,6 +14,7 @@ modified.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,12 @@ def _check_int(name: str, value: Any, lo: int, hi: int, *, optional: bool = Fals
         return
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= int(value) <= hi:
         raise ScrclError(f"{name} must be an integer in [{lo}, {hi}], not {value!r}", f"Pass a valid {name}")
+
+
+def _as_path(value: Any, name: str) -> Path:
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise ScrclError(f"{name} must be a file system path, not {value!r}", f"Pass {name} as a str or pathlib.Path")
+    return Path(value)
 
 
 def _check_choice(name: str, value: Any, options: tuple[str, ...]) -> None:
@@ -98,7 +105,7 @@ class Model:
         """
         from .io.output import Output, check_outputs
 
-        path = Path(path)
+        path = _as_path(path, "path")
         if self.bundle.blobs is None:
             raise ScrclError(
                 f"this model was loaded from {self.bundle.path} and is already saved", "Copy the folder to save it elsewhere"
@@ -186,7 +193,7 @@ class Model:
 
 def load(path: str | Path) -> Model:
     """Open a model folder written by `Model.save` or ``scrcl-cli train``; every file is checked (no torch)."""
-    return Model(read_bundle(Path(path)))
+    return Model(read_bundle(_as_path(path, "path")))
 
 
 def train_config(*, spatial: bool = False, **options: Any) -> C.TrainConfig:

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 3
 ONNX_FILES = {"fused": "encoder_fused.onnx", "cell": "encoder_cell.onnx"}
 MAX_MANIFEST_BYTES = 256 << 20
+# names a manifest may list: plain file names, no path separators, control characters or leading dot
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 MAX_FILE_BYTES = 8 << 30
 # Upper bounds of the manifest's numbers: far above any real model, low enough that a crafted
 # value cannot make a run loop for ever or allocate without limit.
@@ -109,9 +112,9 @@ def _corrupt(path: Path, what: str) -> ScrclError:
 
 def read_file(folder: Path, name: str, *, limit: int = MAX_FILE_BYTES) -> bytes:
     """Bytes of the regular file `name` directly inside `folder`, never through a symlink, at most `limit` bytes."""
-    if "/" in name or name in ("", ".", "..") or name.startswith("."):
+    if not _FILE_NAME.fullmatch(name):
         raise ScrclError(
-            f"the manifest of {folder} names a file outside the model folder ({name!r})",
+            f"the manifest of {folder} names {name[:40]!r}, which is not a file inside the model folder",
             "Use a model folder written by scrcl-cli train",
         )
     path = folder / name
@@ -236,6 +239,8 @@ def validate_manifest(manifest: Any, path: Path) -> None:
         )
     files = s.dict_(manifest, "files")
     for name, digest in files.items():
+        if not _FILE_NAME.fullmatch(name) or name == MANIFEST_NAME:
+            raise s.fail("files", f"names {name[:40]!r}, not a model file name ({_FILE_NAME.pattern})")
         if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise s.fail(f"files.{name[:40]}", "is not a sha256")
     genes = s.names(s.get(manifest, "genes", ""), "genes")
@@ -300,10 +305,21 @@ def owned_entries(folder: Path) -> list[str] | None:
     if names is None:
         return None
     allowed = set(names) | {MANIFEST_NAME}
+    manifest = _parse_json(read_file(Path(folder), MANIFEST_NAME, limit=MAX_MANIFEST_BYTES), Path(folder))
+    present = []
     for entry in os.scandir(folder):
         if entry.name not in allowed or not entry.is_file(follow_symlinks=False):
             return None
-    return [n for n in allowed if (Path(folder) / n).exists()]
+        if entry.name != MANIFEST_NAME:
+            # a copied or crafted manifest must not make a user's file "ours": its content must match
+            try:
+                blob = read_file(Path(folder), entry.name)
+            except ScrclError:
+                return None
+            if sha256_bytes(blob) != manifest["files"][entry.name]:
+                return None
+        present.append(entry.name)
+    return present
 
 
 # ----------------------------------------------------------------------------- ONNX

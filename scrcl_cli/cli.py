@@ -8,6 +8,7 @@ traceback. Logs and progress go to stderr; stdout carries only what scripts read
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -305,6 +306,24 @@ def _guard(ctx: click.Context, outputs: list[tuple[Path | None, str, str]], inpu
 # ---------------------------------------------------------------- shared options
 
 
+class _FiniteFloatRange(click.FloatRange):
+    """A FloatRange that also refuses nan and inf, which pass every comparison-based bound."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+def _range(field: str) -> click.ParamType:
+    """The Click type of the TrainConfig field `field`, from its range in `config.RANGES`."""
+    lo, hi, lo_open, hi_open = C.RANGES[field]
+    if isinstance(lo, int) and isinstance(hi, int):
+        return click.IntRange(lo, hi, min_open=lo_open, max_open=hi_open)
+    return _FiniteFloatRange(lo, hi, min_open=lo_open, max_open=hi_open)
+
+
 def _opt(*decls: str, **kw: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     kw.setdefault("show_default", True)
     return click.option(*decls, **kw)
@@ -325,7 +344,7 @@ threads_option = _opt(
     help=f"CPU threads (0: library default; at most 4 x the CPUs, here {THREAD_CAP}).",
 )
 seed_option = _opt(
-    "--seed", type=click.IntRange(0, 2**32 - 1), default=0, help="Random seed in [0, 2^32); same seed, same CPU result."
+    "--seed", type=_range("seed"), default=C.TRAIN_DEFAULTS.seed, help="Random seed in [0, 2^32); same seed, same CPU result."
 )
 
 
@@ -377,10 +396,12 @@ view_option = _opt(
     help="fused: the embedding training clustered (GCN view), needs the query kNN graph; cell: the MLP view only, per cell.",
 )
 key_option = _opt("--key-added", default=C.KEY_ADDED, callback=_check_key, help="obsm key for the embedding.")
-batch_option = _opt("--batch-size", type=click.IntRange(1, 1_000_000), default=C.BATCH_SIZE, help="Cells per ONNX Runtime call.")
+batch_option = _opt(
+    "--batch-size", type=click.IntRange(*C.INFERENCE_BATCH_RANGE), default=C.BATCH_SIZE, help="Cells per ONNX Runtime call."
+)
 overlap_option = _opt(
     "--min-gene-overlap",
-    type=click.FloatRange(0, 1),
+    type=_FiniteFloatRange(0, 1),
     default=C.MIN_GENE_OVERLAP,
     help="Minimum fraction of model genes the query must contain.",
 )
@@ -460,41 +481,37 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write a copy of the input with obsm['X_scrcl'] and obs['scrcl_cluster'].",
 )
-@_opt("--epochs", type=click.IntRange(1, 100_000), default=C.TRAIN_DEFAULTS.epochs)
-@_opt("--hidden-dim", type=click.IntRange(1, 16_384), default=C.TRAIN_DEFAULTS.hidden_dim)
+@_opt("--epochs", type=_range("epochs"), default=C.TRAIN_DEFAULTS.epochs)
+@_opt("--hidden-dim", type=_range("hidden_dim"), default=C.TRAIN_DEFAULTS.hidden_dim)
 @_opt(
     "--out-dim",
-    type=click.IntRange(2, 4_096),
+    type=_range("out_dim"),
     default=C.TRAIN_DEFAULTS.out_dim,
     help="Refined embedding width O (the fused embedding is 2*O).",
 )
-@_opt("--dropout", type=click.FloatRange(0, 1, max_open=True), default=C.TRAIN_DEFAULTS.dropout)
-@_opt("--lr", type=click.FloatRange(min=0, min_open=True), default=C.TRAIN_DEFAULTS.lr)
-@_opt("--weight-decay", type=click.FloatRange(min=0), default=C.TRAIN_DEFAULTS.weight_decay)
-@_opt("--temperature", type=click.FloatRange(min=0, min_open=True), default=C.TRAIN_DEFAULTS.temperature)
-@_opt("--lambda1", type=click.FloatRange(min=0), default=C.TRAIN_DEFAULTS.lambda1, help="Weight of the NCA loss.")
-@_opt("--lambda2", type=click.FloatRange(min=0), default=C.TRAIN_DEFAULTS.lambda2, help="Weight of the CVC loss.")
-@_opt(
-    "--t0", type=click.IntRange(0, 64), default=C.TRAIN_DEFAULTS.t0, help="Graph smoothing steps for the MLP view input (Â^t0 X)."
-)
-@_opt(
-    "--t1", type=click.IntRange(0, 64), default=C.TRAIN_DEFAULTS.t1, help="Graph smoothing steps for the GCN view input (Â^t1 X)."
-)
+@_opt("--dropout", type=_range("dropout"), default=C.TRAIN_DEFAULTS.dropout)
+@_opt("--lr", type=_range("lr"), default=C.TRAIN_DEFAULTS.lr)
+@_opt("--weight-decay", type=_range("weight_decay"), default=C.TRAIN_DEFAULTS.weight_decay)
+@_opt("--temperature", type=_range("temperature"), default=C.TRAIN_DEFAULTS.temperature)
+@_opt("--lambda1", type=_range("lambda1"), default=C.TRAIN_DEFAULTS.lambda1, help="Weight of the NCA loss.")
+@_opt("--lambda2", type=_range("lambda2"), default=C.TRAIN_DEFAULTS.lambda2, help="Weight of the CVC loss.")
+@_opt("--t0", type=_range("t0"), default=C.TRAIN_DEFAULTS.t0, help="Graph smoothing steps for the MLP view input (Â^t0 X).")
+@_opt("--t1", type=_range("t1"), default=C.TRAIN_DEFAULTS.t1, help="Graph smoothing steps for the GCN view input (Â^t1 X).")
 @_opt(
     "--n-neighbors",
-    type=click.IntRange(2, 1_000),
+    type=_range("n_neighbors"),
     default=C.TRAIN_DEFAULTS.n_neighbors,
     help="k of the cell kNN graph, the cell included.",
 )
 @_opt(
     "--gene-neighbors",
-    type=click.IntRange(1, 1_000),
+    type=_range("gene_neighbors"),
     default=C.TRAIN_DEFAULTS.gene_neighbors,
     help="k of the gene kNN graph that mixes gene embeddings, the gene included (1: no mixing).",
 )
 @_opt(
     "--n-top-genes",
-    type=click.IntRange(1, 1_000_000),
+    type=_range("n_top_genes"),
     default=None,
     help=f"Highly variable genes: {C.TRAIN_DEFAULTS.n_top_genes} (seurat flavour) by default, "
     f"{C.SPATIAL_DEFAULTS['n_top_genes']} (seurat_v3) with --spatial.",
@@ -521,7 +538,7 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 )
 @_opt(
     "--unsmoothed-weight",
-    type=click.FloatRange(0, 10),
+    type=_range("unsmoothed_weight"),
     default=C.TRAIN_DEFAULTS.unsmoothed_weight,
     help="Cluster the gcn-pca embedding beside the unsmoothed PCA of the input, with this weight (0: embedding alone).",
 )
@@ -547,7 +564,7 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 @_opt(
     "--batch-size",
     "batch_size",
-    type=click.IntRange(2, 100_000_000),
+    type=click.IntRange(*C.TRAIN_BATCH_RANGE),
     default=None,
     help="Train on mini-batches of about this many cells; an epoch is still one pass over the cells (default: full batch when it fits in memory).",
 )
@@ -869,10 +886,7 @@ def cluster(
     check_mode(bundle, spatial=spatial)
     bundle.require(ONNX_FILES[view])  # a model trained with --no-export fails here, before the query's graph
     query = ChunkedH5ad(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
-    if plot is not None and spatial and query.spatial is None:  # checked before any work or output
-        raise ScrclError(
-            f"--plot needs obsm['spatial'] and {input_h5ad.name} has none", "Drop --plot or pass a section with coordinates"
-        )
+    inference.query_coords(query, bundle)  # a spatial model's coordinates, checked before any work or output
     if plot is not None:
         _require_matplotlib()
     with _progress(not ctx.obj["quiet"]) as make:
@@ -940,7 +954,8 @@ def export(ctx: click.Context, model_dir: Path) -> None:
     """Re-export the ONNX encoders of MODEL_DIR from its torch weights (the folder is rewritten atomically)."""
     from .workflow import re_export
 
-    _guard(ctx, [], (model_dir,), overwrite=False)
+    # MODEL_DIR is both read and rewritten: checked as an output that replaces only our own folder
+    _guard(ctx, [(model_dir, "MODEL_DIR", "model")], (), overwrite=True)
     written = re_export(model_dir)
     log.info("re-exported %s", ", ".join(written))
 
@@ -980,8 +995,8 @@ def info() -> None:
     default=Path("scrcl_demo"),
     help="Folder for the model and the clustered copy.",
 )
-@_opt("--epochs", type=click.IntRange(1, 100_000), default=C.DEMO_EPOCHS)
-@_opt("--hidden-dim", type=click.IntRange(1, 16_384), default=C.DEMO_HIDDEN_DIM)
+@_opt("--epochs", type=_range("epochs"), default=C.DEMO_EPOCHS)
+@_opt("--hidden-dim", type=_range("hidden_dim"), default=C.DEMO_HIDDEN_DIM)
 @seed_option
 @device_option
 @overwrite_option

@@ -6,8 +6,60 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
+from numbers import Integral, Real
 from typing import Any
+
+from .errors import ScrclError
+
+# The allowed values of each TrainConfig field: numbers as (low, high, low open, high open), words
+# as choices. The CLI's option types and TrainConfig's own check both read these.
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "epochs": (1, 100_000, False, False),
+    "hidden_dim": (1, 16_384, False, False),
+    "out_dim": (2, 4_096, False, False),
+    "dropout": (0.0, 1.0, False, True),
+    "lr": (0.0, 10.0, True, False),
+    "weight_decay": (0.0, 10.0, False, False),
+    "temperature": (0.0, 100.0, True, False),
+    "lambda1": (0.0, 1e6, False, False),
+    "lambda2": (0.0, 1e6, False, False),
+    "t0": (0, 64, False, False),
+    "t1": (0, 64, False, False),
+    "n_neighbors": (2, 1_000, False, False),
+    "gene_neighbors": (1, 1_000, False, False),
+    "n_top_genes": (1, 1_000_000, False, False),
+    "unsmoothed_weight": (0.0, 10.0, False, False),
+    "seed": (0, 2**32 - 1, False, False),
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "input_mode": ("counts", "lognorm"),
+    "expression": ("counts", "continuous", "log"),
+    "embedding": ("gcn-pca", "fused"),
+}
+
+
+def describe_range(name: str) -> str:
+    """`name`'s allowed values in interval notation, e.g. ``(0, 10]``."""
+    lo, hi, lo_open, hi_open = RANGES[name]
+    fmt = "{:g}" if isinstance(lo, float) else "{:d}"
+    return f"{'(' if lo_open else '['}{fmt.format(lo)}, {fmt.format(hi)}{')' if hi_open else ']'}"
+
+
+def check_number(name: str, value: Any, *, integer: bool) -> int | float:
+    """`value` as a Python int (integer) or finite float inside RANGES[name]; ScrclError otherwise."""
+    lo, hi, lo_open, hi_open = RANGES[name]
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, Integral if integer else Real):
+        raise ScrclError(f"{name} must be {kind} in {describe_range(name)}, not {value!r}", f"Pass {kind} for {name}")
+    number: int | float = int(value) if integer else float(value)  # type: ignore[call-overload]
+    inside = math.isfinite(number) and (lo < number if lo_open else lo <= number) and (number < hi if hi_open else number <= hi)
+    if not inside:
+        raise ScrclError(
+            f"{name} must be {kind} in {describe_range(name)}, not {value!r}", f"Pass {kind} for {name} in that range"
+        )
+    return number
 
 
 @dataclass(frozen=True)
@@ -36,6 +88,18 @@ class TrainConfig:
     unsmoothed_weight: float = 0.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # The API takes these from users (numpy scalars included): check and normalise them once here.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in CHOICES:
+                if value not in CHOICES[f.name]:
+                    raise ScrclError(
+                        f"{f.name} must be one of {', '.join(CHOICES[f.name])}, not {value!r}", f"Pass a valid {f.name}"
+                    )
+            else:
+                object.__setattr__(self, f.name, check_number(f.name, value, integer=f.type == "int"))
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -61,7 +125,7 @@ SPATIAL_DEFAULTS: dict[str, Any] = {
 # components of the GCN view's L2-normalised hidden output, clustered with Euclidean k-means.
 # "fused": the reference's concat(z1, z2), clustered with cosine k-means.
 # The k-means metric of each is `clustering.EMBEDDING_METRIC`.
-EMBEDDINGS = ("gcn-pca", "fused")
+EMBEDDINGS = CHOICES["embedding"]
 EMBED_DIM = 50
 
 
@@ -69,6 +133,8 @@ TRAIN_DEFAULTS = TrainConfig()
 
 # Inference defaults shared by the CLI and the API.
 BATCH_SIZE = 4096
+INFERENCE_BATCH_RANGE = (1, 1_000_000)  # cells per ONNX Runtime call
+TRAIN_BATCH_RANGE = (2, 100_000_000)  # cells per training mini-batch
 MIN_GENE_OVERLAP = 0.5
 KEY_ADDED = "X_scrcl"
 CLUSTER_KEY = "scrcl_cluster"

@@ -49,15 +49,14 @@ def open_session(
     if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
         # Load CUDA/cuDNN from the nvidia wheels before the session looks for them.
         ort.preload_dlls()
-    if device != "cuda":
-        # In auto mode a missing GPU is expected; ORT's provider errors would only alarm users.
-        ort.set_default_logger_severity(3)
+    # ORT's own log lines (provider fallbacks, a failing node) would reach stderr beside our one-line
+    # error; the provider actually used and any failure are reported by scrcl-cli itself.
+    ort.set_default_logger_severity(4)  # fatal only
     opts = ort.SessionOptions()
+    opts.log_severity_level = 4
     if threads > 0:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    if device != "cuda":
-        opts.log_severity_level = 3  # keep ORT's CUDA fallback chatter off the user's screen in auto mode
     file = file or ONNX_FILES[view]
     # hash-checked and validated right before loading
     blob = bundle.encoder(view) if file == ONNX_FILES[view] else bundle.stage_encoder(file)
@@ -88,7 +87,11 @@ def run_session(session: Any, feeds: dict[str, np.ndarray], rows: int, width: in
         raise
     except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
         if "alloc" in str(exc).lower() or "memory" in str(exc).lower():
-            raise MemoryError(_first_line(exc)) from None
+            # a trained encoder's memory is linear in the block of cells; a hostile one may ask for anything
+            raise ScrclError(
+                f"the model's encoder asked ONNX Runtime for more memory than this machine has ({_first_line(exc)})",
+                "Split the query into smaller files; if the model folder did not come from scrcl-cli train, retrain it",
+            ) from None
         raise ScrclError(
             f"the model's encoder failed in ONNX Runtime ({_first_line(exc)})",
             "Re-export the model with scrcl-cli export, or retrain",
@@ -534,7 +537,7 @@ def embed_file(
     query = prepare_query_file(source, bundle, min_gene_overlap=min_gene_overlap)
     rep = _embed_query(
         query,
-        source.spatial,
+        query_coords(source, bundle),
         bundle,
         view=view,
         session=session,
@@ -547,6 +550,18 @@ def embed_file(
     )
     rep.seconds = time.perf_counter() - t
     return rep
+
+
+def query_coords(source: ChunkedH5ad, bundle: ModelBundle) -> np.ndarray | None:
+    """The query's checked coordinates (N, 2) for a spatial model; None for any other model."""
+    if not bundle.is_spatial:
+        return None
+    if source.spatial is None:
+        why = source.spatial_problem or f"{source.name} has no obsm['spatial']"
+        raise ScrclError(
+            f"this is a spatial model and {why}", "Pass a section with an (n_cells, 2) array of x, y in obsm['spatial']"
+        )
+    return check_coords(source.spatial, source.n_obs, source.name)
 
 
 def _open(source: ChunkedH5ad | Path, bundle: ModelBundle) -> ChunkedH5ad:
@@ -715,9 +730,7 @@ def cluster_file(
         clustering.check_n_clusters(n_clusters, source.n_obs)
     t = time.perf_counter()
     query = prepare_query_file(source, bundle, min_gene_overlap=min_gene_overlap)
-    coords = source.spatial
-    if coords is not None and bundle.manifest["graph"].get("kind") == "spatial":
-        coords = check_coords(coords, source.n_obs, source.name)
+    coords = query_coords(source, bundle)
     rep = _embed_query(query, coords, bundle, name=source.name, **embed_kwargs)
     out = _cluster_query(
         rep,

@@ -317,10 +317,10 @@ def re_export(path: Path) -> list[str]:
             f"weights.pt in {path} holds objects other than tensors, or is damaged; it is never unpickled",
             "Use a model folder written by scrcl-cli train, from a trusted source",
         ) from None
-    if not isinstance(state, dict) or "gene_emb" not in state:
+    if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
         raise ScrclError(f"weights.pt in {path} is not a scrcl-cli state dict", "Retrain the model")
-    gene_emb = state.pop("gene_emb").numpy()
     check_weights(state, bundle.manifest, path)
+    gene_emb = state.pop("gene_emb").numpy()
     files = {name: bundle.read_bytes(name) for name in bundle.manifest["files"]}
     new = export_files(state, gene_emb, bundle.manifest)
     files.update(new)
@@ -330,18 +330,40 @@ def re_export(path: Path) -> list[str]:
 
 
 def check_weights(state: dict[str, Any], manifest: dict[str, Any], path: Path) -> None:
-    """The weights' shapes must agree with the manifest's genes and widths before anything is exported."""
+    """Every tensor the exporter reads must be present, finite and shaped as the manifest says.
+
+    state: the state dict of weights.pt (gene_emb included). Shapes, with G genes, H hidden, O out:
+    the `ScRCL` parameters, gene_emb (G, O) and, for gcn-pca, the PCA bases (H,) and (H, D).
+    """
     import torch
 
-    g, h = len(manifest["genes"]), int(manifest["model"]["hidden_dim"])
-    want = {"mlp_w": (h, g), "gcn1_w": (h, g)}
+    model = manifest["model"]
+    g, h, o = len(manifest["genes"]), int(model["hidden_dim"]), int(model["out_dim"])
+    want: dict[str, tuple[int | None, ...]] = {
+        "mlp_w": (h, g), "mlp_b": (h,), "gcn1_w": (h, g), "gcn1_b": (h,), "gcn2_w": (h, h), "gcn2_b": (h,),
+        "fc_w": (h, h), "fc_b": (h,), "proj_w": (g, h), "proj_b": (g,), "gene_w": (o, None), "gene_b": (o,),
+        "gene_emb": (g, o),
+    }  # fmt: skip
+    if model["embedding"] == "gcn-pca":
+        for view in ("cell", "fused"):
+            want[f"embed_{view}_mean"] = (h,)
+            want[f"embed_{view}_components"] = (h, int(model[f"{view}_dim"]))
+    unexpected = sorted(set(state) - set(want))
+    if unexpected:
+        raise ScrclError(
+            f"weights.pt in {path} holds an unexpected entry ({unexpected[0][:40]})", "Restore the model folder or retrain"
+        )
     for key, shape in want.items():
         value = state.get(key)
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+        if (
+            not isinstance(value, torch.Tensor)
+            or value.ndim != len(shape)
+            or any(w is not None and w != d for w, d in zip(shape, value.shape))
+        ):
+            text = "×".join("N" if w is None else str(w) for w in shape)
             raise ScrclError(
-                f"weights.pt in {path} does not match its manifest ({key} should be {shape})",
+                f"weights.pt in {path} does not match its manifest ({key} should be a {text} tensor)",
                 "Restore the model folder or retrain",
             )
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor) or not torch.isfinite(value).all():
-            raise ScrclError(f"weights.pt in {path} holds a non-finite or non-tensor entry ({key})", "Retrain the model")
+        if not value.is_floating_point() or not torch.isfinite(value).all():
+            raise ScrclError(f"weights.pt in {path} holds a non-finite or non-float entry ({key})", "Retrain the model")

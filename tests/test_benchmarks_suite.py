@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +22,7 @@ def test_no_sys_path_edits_in_benchmarks():
 
 
 @pytest.mark.parametrize("suite", ["accuracy", "spatial", "scaling", "inference", "end-to-end", "minibatch",
-                                   "clustering", "knn", "make-large", "run"])
+                                   "clustering", "knn", "make-large", "run", "cut"])
 def test_every_suite_answers_help(suite: str):
     res = subprocess.run([sys.executable, "-m", "benchmarks", suite, "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=240, check=False, env=ENV)
@@ -35,3 +36,22 @@ def test_clustering_suite_runs_and_prints_its_table():
     assert res.returncode == 0, res.stderr[-2000:]
     row = [line for line in res.stdout.splitlines() if line.startswith("| 1,500 |")]
     assert row and row[0].rstrip().endswith("|"), res.stdout
+
+
+def test_cut_stress_rule_and_groups_read_no_result():
+    from conftest import shared
+
+    from benchmarks import cut
+
+    labels = np.array(["big"] * 400 + [f"t{i}" for i in range(9) for _ in range(60)] + ["tiny"] * 10)
+    keep = cut.stressed(labels)
+    assert keep is not None
+    kept = labels[keep]
+    assert (kept == "big").sum() == 200  # the largest type halved
+    # two of the smallest types with >= 20 cells cut to 0.5 % of the 750 cells left after halving (4 cells)
+    counts = sorted(int((kept == f"t{i}").sum()) for i in range(9))
+    assert counts == [4, 4] + [60] * 7
+    assert (kept == "tiny").sum() == 10  # below 20 cells: left alone
+    assert cut.stressed(np.array(["a", "b"] * 50)) is None  # fewer than 10 types
+    tuning, confirmation = cut.groups(shared("MANIFEST.md").parent)
+    assert len(tuning) == cut.N_TUNING and not set(tuning) & set(confirmation)

@@ -210,7 +210,7 @@ MODEL_CASES = [
     ("tampered_gene_list", _tamper_genes, ("gene list does not match genes_sha256", "retrain")),
     ("newer_format", _newer_format, ("newer than this scrcl-cli supports", "upgrade scrcl-cli")),
     ("older_format", _older_format, ("model format 1", "does not read", "retrain")),
-    ("path_outside_model_dir", _path_outside, ("names a file outside the model folder",)),
+    ("path_outside_model_dir", _path_outside, ("not a model file name",)),
     ("listed_file_missing", _missing_listed_file, ("is missing encoder_cell.onnx", "restore")),
     ("no_manifest", _no_manifest, ("has no scrcl_model.json", "scrcl-cli train")),
     ("no_onnx_export", _no_onnx, ("has no encoder_fused.onnx", "scrcl-cli export")),

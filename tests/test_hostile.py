@@ -483,3 +483,193 @@ def test_odd_obs_metadata_never_gives_a_traceback(work: Path, model: Path):
     run = invoke("-q", "cluster", work / "in.h5ad", "-m", model, "-o", work / "b.h5ad")
     assert run.code == 1 and len(error_lines(run.stderr)) == 1 and "Traceback" not in run.stderr, run.stderr
     same()
+
+
+# ----------------------------------------------------------------------------- second round of hostile files
+
+
+def test_an_hdf5_hard_link_cycle_is_refused_not_walked_forever(work: Path, model: Path):
+    import h5py
+
+    with h5py.File(work / "in.h5ad", "r+") as f:
+        f["uns/cycle"] = f["uns"]  # /uns/cycle is /uns: a walk that follows it never ends
+    run = invoke("-q", "embed", work / "in.h5ad", "-m", model, "-o", work / "out.h5ad")
+    assert_refused(run, "/uns/cycle", "hard link")
+
+
+def test_float16_counts_are_read_in_blocks_like_float32(work: Path, model: Path):
+    import h5py
+
+    run = invoke("-q", "embed", work / "in.h5ad", "-m", model, "-o", work / "a.h5ad")
+    assert run.code == 0, run.stderr
+    with h5py.File(work / "in.h5ad", "r+") as f:  # the 700-cell counts are small integers: exact in float16
+        data = f["X/data"][()]
+        del f["X/data"]
+        f["X/data"] = data.astype(np.float16)
+    run = invoke("-q", "embed", work / "in.h5ad", "-m", model, "-o", work / "b.h5ad")
+    assert run.code == 0, run.stderr
+    with h5py.File(work / "a.h5ad", "r") as a, h5py.File(work / "b.h5ad", "r") as b:  # anndata cannot read float16 CSR
+        np.testing.assert_array_equal(a["obsm/X_scrcl"][()], b["obsm/X_scrcl"][()])
+
+
+@pytest.mark.parametrize("command", ["train", "embed"])
+def test_a_sparse_entry_stored_twice_is_refused(command: str, work: Path, model: Path):
+    def twice(x: dict) -> None:
+        idx = x["indices"][()]
+        idx[1] = idx[0]  # row 0 now stores one gene twice; scipy would add the two values silently
+        del x["indices"]
+        x["indices"] = idx
+
+    _edit_x(work / "in.h5ad", twice)
+    args = [*FAST_TRAIN, "-o", work / "m"] if command == "train" else ["-m", model, "-o", work / "out.h5ad"]
+    assert_refused(invoke("-q", command, work / "in.h5ad", *args), "stored twice")
+
+
+def test_a_file_without_var_is_refused_rather_than_given_numbered_genes(work: Path):
+    import h5py
+
+    with h5py.File(work / "in.h5ad", "r+") as f:
+        del f["var"]
+    assert_refused(invoke("-q", "train", work / "in.h5ad", *FAST_TRAIN, "-o", work / "m"), "has no /var")
+    assert not (work / "m").exists()
+
+
+def test_a_manifest_file_name_with_a_nul_byte_is_refused(work: Path, model: Path):
+    import scrcl_cli
+    from scrcl_cli.errors import ScrclError
+
+    _edit(model, lambda d: d["files"].update({"a\x00b": "0" * 64}))
+    assert_refused(invoke("-q", "embed", work / "in.h5ad", "-m", model, "-o", work / "out.h5ad"), "not a model file name")
+    with pytest.raises(ScrclError, match="not a model file name"):
+        scrcl_cli.load(model)
+
+
+def test_overwrite_never_deletes_a_listed_file_whose_content_differs(work: Path, model: Path):
+    victim = work / "victim"
+    victim.mkdir()
+    shutil.copyfile(model / bundle.MANIFEST_NAME, victim / bundle.MANIFEST_NAME)
+    _edit(victim, lambda d: d["files"].update({"thesis.txt": "0" * 64}))  # a copied manifest claiming the user's file
+    (victim / "thesis.txt").write_text("the only copy\n")
+    assert bundle.owned_entries(victim) is None
+    run = invoke("-q", "train", work / "in.h5ad", *FAST_TRAIN, "-o", victim, "--overwrite")
+    assert_refused(run, "did not write")
+    assert (victim / "thesis.txt").read_text() == "the only copy\n"
+    assert sorted(bundle.owned_entries(model) or []) == sorted([*json.loads((model / bundle.MANIFEST_NAME).read_text())["files"],
+                                                               bundle.MANIFEST_NAME])
+
+
+def test_output_through_a_link_and_dotdot_is_resolved_as_the_kernel_does(work: Path, model: Path):
+    (model / "d").mkdir()
+    (work / "lk").symlink_to(model / "d")
+    run = invoke("-q", "embed", work / "in.h5ad", "-m", model, "-o", "lk/../evil.h5ad", cwd=work)
+    assert_refused(run, "lies inside the input")
+    assert not (model / "evil.h5ad").exists()
+
+
+def _graph_encoder(model: Path, nodes: list, initializers: list) -> bytes:
+    """A cell encoder x0 (N, G) -> embedding (N, D) made of `nodes`, with the model's gene hash."""
+    from onnx import TensorProto, helper
+
+    m = json.loads((model / bundle.MANIFEST_NAME).read_text())
+    g, d = len(m["genes"]), int(m["model"]["cell_dim"])
+    graph = helper.make_graph(nodes, "crafted", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, ["N", g])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", d])], initializers)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 10
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "genes_sha256", m["genes_sha256"]
+    return proto.SerializeToString()
+
+
+@pytest.mark.parametrize("failure", ["index_out_of_range", "huge_allocation"])
+def test_an_encoder_failing_at_run_time_gives_one_line_and_no_onnx_runtime_log(failure: str, work: Path, model: Path):
+    from onnx import helper, numpy_helper
+    from robustness_helpers import run_cli
+
+    m = json.loads((model / bundle.MANIFEST_NAME).read_text())
+    g, d = len(m["genes"]), int(m["model"]["cell_dim"])
+    w = numpy_helper.from_array(np.zeros((g, d), np.float32), "W")
+    if failure == "index_out_of_range":
+        extra = [numpy_helper.from_array(np.array([10**9], np.int64), "gi")]
+        nodes = [helper.make_node("Gather", ["x0", "gi"], ["xg"], axis=1), helper.make_node("ReduceSum", ["xg"], ["r"], keepdims=0),
+                 helper.make_node("MatMul", ["x0", "W"], ["e"]), helper.make_node("Add", ["e", "r"], ["embedding"])]
+    else:  # 2^50 floats: far more than any machine has
+        extra = [numpy_helper.from_array(np.array([2**25, 2**25], np.int64), "shape")]
+        nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"]), helper.make_node("ReduceSum", ["big"], ["r"], keepdims=0),
+                 helper.make_node("MatMul", ["x0", "W"], ["e"]), helper.make_node("Add", ["e", "r"], ["embedding"])]
+    _drop_stages(model)
+    _rehash(model, "encoder_cell.onnx", _graph_encoder(model, nodes, [w, *extra]))
+    proc = run_cli("-q", "embed", work / "in.h5ad", "-m", model, "-o", work / "out.h5ad", "--view", "cell")
+    assert proc.returncode == 1 and len(error_lines(proc.stderr)) == 1, proc.stderr
+    assert proc.stderr.startswith("error: the model's encoder"), proc.stderr
+    assert not (work / "out.h5ad").exists()
+
+
+@pytest.mark.parametrize("args", [["--lr", "1e300"], ["--lr", "nan"], ["--temperature", "inf"], ["--weight-decay", "nan"],
+                                  ["--lambda1", "-inf"]], ids=["lr_huge", "lr_nan", "temperature_inf", "wd_nan", "lambda_minf"])
+def test_non_finite_or_absurd_training_numbers_are_usage_errors(args: list[str], work: Path):
+    assert_refused(invoke("-q", "train", work / "in.h5ad", *FAST_TRAIN, "-o", work / "m", *args), code=2)
+    assert not (work / "m").exists()
+
+
+def test_min_gene_overlap_nan_is_a_usage_error(work: Path, model: Path):
+    run = invoke("-q", "embed", work / "in.h5ad", "-m", model, "-o", work / "out.h5ad", "--min-gene-overlap", "nan")
+    assert_refused(run, "not a finite number", code=2)
+
+
+WEIGHT_DAMAGE: dict[str, tuple[Callable[[dict], None], str]] = {
+    "fc_w_wrong_shape": (lambda s: s.__setitem__("fc_w", __import__("torch").zeros(5, 7)), "fc_w should be"),
+    "proj_w_missing": (lambda s: s.pop("proj_w"), "proj_w should be"),
+    "gene_emb_wrong_shape": (lambda s: s.__setitem__("gene_emb", __import__("torch").zeros(3, 3)), "gene_emb should be"),
+    "extra_entry": (lambda s: s.__setitem__("payload", __import__("torch").zeros(1)), "unexpected entry"),
+}
+
+
+@pytest.mark.parametrize("damage", list(WEIGHT_DAMAGE))
+def test_export_of_weights_that_disagree_with_the_manifest_is_one_line(damage: str, model: Path):
+    import io
+
+    import torch
+
+    edit, needle = WEIGHT_DAMAGE[damage]
+    state = torch.load(model / "weights.pt", weights_only=True)
+    edit(state)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    _rehash(model, "weights.pt", buf.getvalue())
+    same = unchanged(model)
+    assert_refused(invoke("-q", "export", model), needle)
+    same()
+
+
+def test_export_of_a_symlinked_model_folder_is_refused_once(model: Path, tmp_path: Path):
+    (tmp_path / "link").symlink_to(model)
+    assert_refused(invoke("-q", "export", tmp_path / "link"), "MODEL_DIR", "symbolic link")
+
+
+def test_spatial_coordinates_in_an_unusual_form(work: Path, model: Path):
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from scrcl_cli.io.h5ad import ChunkedH5ad
+
+    adata = ad.read_h5ad(work / "in.h5ad")
+    xy = np.random.default_rng(0).uniform(0, 100, (adata.n_obs, 2))
+    adata.obsm["spatial"] = sp.csr_matrix(xy)  # sparse: still usable coordinates
+    adata.write_h5ad(work / "sparse.h5ad")
+    np.testing.assert_allclose(ChunkedH5ad(work / "sparse.h5ad").spatial, xy)
+    run = invoke("-q", "embed", work / "sparse.h5ad", "-m", model, "-o", work / "a.h5ad")  # an expression model ignores them
+    assert run.code == 0, run.stderr
+    adata.obsm["spatial"] = pd.DataFrame(xy, index=adata.obs_names, columns=["x", "y"])
+    adata.write_h5ad(work / "frame.h5ad")
+    import h5py
+
+    with h5py.File(work / "frame.h5ad", "r+") as f:  # rows no longer the cells of obs
+        frame = f["obsm/spatial"]
+        index = frame.attrs["_index"]
+        names = frame[index][()]
+        del frame[index]
+        frame[index] = names[::-1]
+    reader = ChunkedH5ad(work / "frame.h5ad")
+    assert reader.spatial is None and "rows are not the cells" in (reader.spatial_problem or "")

@@ -67,6 +67,9 @@ def _check_h5ad_file(path: Path) -> None:
     _check_hdf5_tree(path)
 
 
+_MAX_HDF5_OBJECTS = 1_000_000
+
+
 def _open_hdf5(path: Path) -> Any:
     import h5py
 
@@ -106,11 +109,27 @@ def _check_hdf5_tree(path: Path) -> None:
                 f"{path} is a 10x Genomics .h5 matrix, not an .h5ad file",
                 "Convert it: scanpy.read_10x_h5(path).write_h5ad('out.h5ad')",
             )
+        for element, what in (("var", "gene names"), ("obs", "cell names")):
+            if element not in f:
+                raise ScrclError(
+                    f"{path} has no /{element} ({what}); every .h5ad file that anndata writes has one",
+                    "Write the file with anndata (adata.write_h5ad), with the gene names in adata.var_names",
+                )
         stack: list[tuple[str, Any]] = [("", f)]
+        # A group hard-linked from two places can form a cycle (/uns/a -> /uns); anndata never writes
+        # one, and walking it would never end, so each group is visited once and a revisit refused.
+        seen_groups: set[int] = {h5py.h5o.get_info(f.id).addr}
+        n_objects = 0
         while stack:
             prefix, group = stack.pop()
             for key in group.keys():
                 where = f"{prefix}{key}"
+                n_objects += 1
+                if n_objects > _MAX_HDF5_OBJECTS:
+                    raise ScrclError(
+                        f"{path} holds more than {_MAX_HDF5_OBJECTS:,} HDF5 objects, far more than an .h5ad file has",
+                        "Write a clean copy with anndata (adata.write_h5ad), dropping large .uns entries, and pass that",
+                    )
                 link = group.get(key, getlink=True)
                 if isinstance(link, h5py.ExternalLink):
                     raise refuse(where, "an external link")
@@ -121,6 +140,14 @@ def _check_hdf5_tree(path: Path) -> None:
                     )
                 obj = group.get(key)
                 if isinstance(obj, h5py.Group):
+                    addr = h5py.h5o.get_info(obj.id).addr
+                    if addr in seen_groups:
+                        raise ScrclError(
+                            f"{path} links the group /{where} from two places (an HDF5 hard link), "
+                            "which .h5ad files do not use and which can form a loop",
+                            "Write a clean copy with anndata (adata.write_h5ad) and pass that",
+                        )
+                    seen_groups.add(addr)
                     stack.append((where + "/", obj))
                 elif isinstance(obj, h5py.Dataset):
                     if obj.is_virtual:
@@ -242,6 +269,40 @@ def check_sparse_structure(
         raise ScrclError(f"{name} has a malformed X: indptr is not a non-decreasing run from 0 to {nnz}", fix)
     if indices is not None:
         check_indices(indices, n_minor, name)
+        if indices.shape[0] == nnz:
+            check_no_duplicate_entries(indptr, indices, name)
+
+
+def check_no_duplicate_entries(indptr: np.ndarray, indices: np.ndarray, name: str) -> None:
+    """Refuse a compressed sparse matrix that stores one (row, column) twice.
+
+    indptr: (n_major + 1,) from 0 to len(indices); indices: (nnz,). scipy would silently add the
+    two values, which no writer of .h5ad files intends.
+    """
+    indptr, indices = np.asarray(indptr, dtype=np.int64), np.asarray(indices)
+    if indices.shape[0] < 2:
+        return
+    step = np.diff(indices.astype(np.int64))
+    # the step from one major index's last entry to the next one's first may go down or repeat
+    first = indptr[1:-1]
+    first = first[(first > 0) & (first < indices.shape[0])]
+    within = np.ones(step.shape[0], dtype=bool)
+    within[first - 1] = False
+    if bool(np.all(step[within] > 0)):
+        return  # sorted within each row, hence no repeats
+    major = np.repeat(np.arange(indptr.shape[0] - 1), np.diff(indptr))
+    order = np.lexsort((indices, major))
+    si, sm = indices[order], major[order]
+    if bool(np.any((si[1:] == si[:-1]) & (sm[1:] == sm[:-1]))):
+        raise ScrclError(
+            f"{name} has a malformed X: one entry is stored twice in a row",
+            "Merge the duplicates (adata.X.sum_duplicates()) and write the file again",
+        )
+
+
+def _scipy_values(data: np.ndarray) -> np.ndarray:
+    """Stored values in a dtype scipy.sparse accepts (float16 is widened to float32)."""
+    return data.astype(np.float32) if data.dtype == np.float16 else data
 
 
 def check_indices(indices: np.ndarray, n_minor: int, name: str) -> None:
@@ -433,7 +494,9 @@ class ChunkedH5ad:
                     self.var_names = _frame_index(f, "var", read_elem)
                     self.obs_names = _frame_index(f, "obs", read_elem)
                     spatial = f["obsm"].get("spatial") if "obsm" in f else None
-                    self.spatial = None if spatial is None else np.asarray(read_elem(spatial), dtype=np.float64)
+                    self.spatial, self.spatial_problem = _coords_table(
+                        None if spatial is None else read_elem(spatial), self.obs_names, self.name
+                    )
                     x = f.get("X")
                     layout, dtype, nnz, hdf5_rows, shape = _x_storage(x, sparse_dataset)
                     if shape is not None and shape != (len(self.obs_names), len(self.var_names)):
@@ -454,7 +517,7 @@ class ChunkedH5ad:
             log.info("%s was written by anndata < 0.7: reading it whole", self.name)
             adata = read_h5ad_checked(self.path, expression=expression, from_model=from_model)
             self.var_names, self.obs_names = pd.Index(adata.var_names), pd.Index(adata.obs_names)
-            self.spatial = np.asarray(adata.obsm["spatial"], dtype=np.float64) if "spatial" in adata.obsm else None
+            self.spatial, self.spatial_problem = _coords_table(adata.obsm.get("spatial"), self.obs_names, self.name)
             self._memory = adata.X
             layout, dtype, nnz, hdf5_rows = "memory", np.dtype(np.float32), adata.X.nnz, None
         self.n_obs, self.n_vars = len(self.obs_names), len(self.var_names)
@@ -522,7 +585,7 @@ class ChunkedH5ad:
                             "The file's X is damaged: re-write it with anndata",
                         )
                     check_sparse_structure(indptr, indices, self.n_vars, self.n_obs, data.shape[0], self.name)
-                    whole = sp.csc_matrix((data, indices, indptr), shape=(self.n_obs, self.n_vars)).tocsr()
+                    whole = sp.csc_matrix((_scipy_values(data), indices, indptr), shape=(self.n_obs, self.n_vars)).tocsr()
                     for start in range(0, n, step):
                         yield whole[start : start + step]
                     return
@@ -533,11 +596,37 @@ class ChunkedH5ad:
                     indices = g["indices"][lo:hi]
                     check_indices(indices, self.n_vars, self.name)
                     local = (indptr[start : stop + 1] - lo).astype(np.int64)
-                    yield sp.csr_matrix((g["data"][lo:hi], indices, local), shape=(stop - start, self.n_vars))
+                    check_no_duplicate_entries(local, indices, self.name)
+                    data = _scipy_values(g["data"][lo:hi])
+                    yield sp.csr_matrix((data, indices, local), shape=(stop - start, self.n_vars))
         except (ScrclError, GeneratorExit):
             raise
         except Exception as exc:  # a damaged block deep in the file
             raise _unreadable(self.path, exc) from exc
+
+
+def _coords_table(value: Any, obs_names: Any, name: str) -> tuple[np.ndarray | None, str | None]:
+    """obsm['spatial'] as a float64 array, or (None, why) when it is stored in a form that cannot be one.
+
+    Only spatial models use the coordinates, so an unusable entry is an error for them alone
+    (`check_coords` checks the values then); other models ignore it.
+    """
+    import pandas as pd
+
+    if value is None:
+        return None, None
+    if isinstance(value, pd.DataFrame):
+        if not value.index.equals(pd.Index(obs_names)):
+            return None, f"{name} has obsm['spatial'] as a table whose rows are not the cells of obs, in order"
+        value = value.to_numpy()
+    elif sp.issparse(value):
+        if value.ndim != 2 or value.shape[1] > 16:
+            return None, f"{name} has obsm['spatial'] as a sparse matrix of shape {value.shape}"
+        value = value.toarray()
+    try:
+        return np.asarray(value, dtype=np.float64), None
+    except (TypeError, ValueError):
+        return None, f"{name} has non-numeric obsm['spatial']"
 
 
 def _frame_index(f: Any, key: str, read_elem: Any) -> Any:

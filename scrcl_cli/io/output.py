@@ -64,8 +64,13 @@ class Output:
 
 def _real(path: Path) -> Path:
     """The absolute path with every symlink in its folders resolved, the last component kept as is."""
-    path = Path(os.path.abspath(path))
-    return Path(os.path.realpath(path.parent)) / path.name
+    # Not os.path.abspath: it drops "link/.." as text, where the kernel first follows the link.
+    text = os.fspath(path)
+    full = text if os.path.isabs(text) else os.path.join(os.getcwd(), text)
+    head, name = os.path.split(full.rstrip("/") or "/")
+    if name in ("", ".", ".."):
+        return Path(os.path.realpath(full))
+    return Path(os.path.realpath(head)) / name
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -374,7 +379,7 @@ def atomic_path(
     the replaceability checks run again here, just before the rename.
     """
     dest = Path(dest)
-    out = Output(dest, str(dest), "model" if directory else "file", owned)
+    out = Output(dest, "the model folder" if directory else "the output file", "model" if directory else "file", owned)
     created: list[Path] = []
     parent = dest.parent if str(dest.parent) else Path(".")
     probe = parent
