@@ -1,0 +1,330 @@
+#!/usr/bin/env python
+"""How a trained embedding is cut into K clusters: candidate cuts on a tuning and a confirmation group.
+
+Trains scRCL in-process once per dataset and seed (``scrcl_cli.training``, labels never passed),
+caches the clustering embedding, then cuts every embedding with each candidate and scores the
+cuts against the labels (read here only). With K given (the true number of types) and label-free
+(the count `train` chooses), beside the standard pipeline's PCA + k-means and Leiden bisected to K,
+computed on the same cells in the same run. Writes the tables of docs/defaults.md, "How the
+embedding is cut with K given".
+
+Groups, fixed by a rule that does not look at any result: the five non-spatial shared datasets with
+the most cells tune, the other four confirm. A cut is adopted only if it wins on tuning and does not
+lose on confirmation.
+
+Stress test (``--stress``): on the datasets with at least 10 types, the largest type is subsampled
+to half its cells and the two smallest types holding at least 20 cells to 0.5 % of the cells that
+remain (at least 3 cells), with a fixed seed; the files are made in memory, never written.
+
+Usage (from the repository root)::
+
+    python -m benchmarks cut --jobs 2                         # CPU, reduced width, 3 seeds (~25 min)
+    python -m benchmarks cut --jobs 2 --stress                # adds the stress test
+    python -m benchmarks cut --hidden-dim 1500 --device cuda  # full width on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import baselines
+from benchmarks.accuracy import DEFAULT_DATA, LABEL_KEY, detect_expression, manifest_datasets
+
+REPO = Path(__file__).resolve().parent.parent
+RARE = 0.03  # a type is rare below 3 % of the cells
+N_TUNING = 5
+
+
+def groups(data_dir: Path) -> tuple[list[str], list[str]]:
+    """(tuning, confirmation): the N_TUNING datasets with the most cells, and the others."""
+    import h5py
+
+    sizes = {}
+    for name in manifest_datasets(data_dir):
+        with h5py.File(data_dir / f"{name}.h5ad", "r") as f:
+            index = f["obs"].attrs.get("_index", "_index")
+            sizes[name] = int(f["obs"][index].shape[0])
+    order = sorted(sizes, key=lambda n: (-sizes[n], n))
+    return order[:N_TUNING], order[N_TUNING:]
+
+
+def stressed(labels: np.ndarray, seed: int = 0) -> np.ndarray | None:
+    """Boolean mask of the cells kept by the stress rule, or None when there are fewer than 10 types."""
+    types, counts = np.unique(labels, return_counts=True)
+    if types.size < 10:
+        return None
+    rng = np.random.default_rng(seed)
+    keep = np.ones(labels.size, dtype=bool)
+    order = np.argsort(-counts, kind="stable")
+    big = np.flatnonzero(labels == types[order[0]])
+    keep[rng.choice(big, size=big.size - big.size // 2, replace=False)] = False
+    remaining = int(keep.sum())
+    smalls = [t for t in types[order[::-1]] if (labels == t).sum() >= 20][:2]
+    for t in smalls:
+        idx = np.flatnonzero(labels == t)
+        m = max(3, int(round(0.005 * remaining)))
+        keep[rng.choice(idx, size=max(0, idx.size - m), replace=False)] = False
+    return keep
+
+
+def train_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Train on one dataset (variant, seed) and cache embedding, label-free K and the PCA baseline inputs."""
+    import anndata as ad
+    import scipy.sparse as sp
+    import torch
+
+    from scrcl_cli import clustering
+    from scrcl_cli.preprocessing import prepare
+    from scrcl_cli.training import TrainConfig, build_inputs, fit
+
+    torch.set_num_threads(job["threads"])
+    cache = Path(job["cache"])
+    if cache.exists():
+        return {"cache": str(cache), "cached": True}
+    a = ad.read_h5ad(Path(job["data_dir"]) / f"{job['dataset']}.h5ad")
+    labels = a.obs[LABEL_KEY].astype(str).to_numpy()
+    if job["variant"] == "stress":
+        keep = stressed(labels)
+        assert keep is not None
+        a, labels = a[keep].copy(), labels[keep]
+    if a.n_obs > job["max_cells"]:
+        sub = np.sort(np.random.default_rng(0).choice(a.n_obs, job["max_cells"], replace=False))
+        a, labels = a[sub].copy(), labels[sub]
+    expression = detect_expression(a.X)[0]
+    config = TrainConfig(hidden_dim=job["hidden_dim"], epochs=job["epochs"], seed=job["seed"], expression=expression)
+    x = sp.csr_matrix(a.X, dtype=np.float32)
+    prep = prepare(x, [str(v) for v in a.var_names], n_top_genes=config.n_top_genes, input_mode=config.input_mode,
+                   expression=expression)
+    tic = time.perf_counter()
+    inputs = build_inputs(prep.model_input, prep.lognorm, config)
+    result = fit(inputs, config, device=torch.device(job["device"]))
+    k_free, _ = clustering.choose_n_clusters(prep.lognorm, seed=job["seed"], n_neighbors=config.n_neighbors, adj=inputs.adj)
+    seconds = time.perf_counter() - tic
+    kept = a[prep.cell_mask]
+    pca, _ = baselines.standard_pca(kept, expression=expression, seed=job["seed"])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, embedding=result.embedding.astype(np.float32), labels=np.asarray(labels[prep.cell_mask], dtype=str), k_free=k_free,
+             pca=np.asarray(pca, dtype=np.float32), seconds=seconds)
+    os.replace(tmp, cache)
+    return {"cache": str(cache), "cached": False, "seconds": seconds}
+
+
+# ----------------------------------------------------------------------------- candidate cuts
+
+
+def _micro(e: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The microclusters `ward_kmeans` starts from: (labels (N,), centroids (M, d), sizes (M,))."""
+    from scrcl_cli import clustering
+
+    m = min(e.shape[0], max(k, min(10 * k, 2000)))
+    micro = clustering.kmeans(np.asarray(e, np.float64), m, seed=seed, metric="euclidean", n_init=3)
+    return micro.labels, micro.centroids, np.bincount(micro.labels, minlength=m).astype(np.float64)
+
+
+def cut_ward_kmeans(e: np.ndarray, k: int, seed: int) -> np.ndarray:
+    from scrcl_cli import clustering
+
+    return clustering.ward_kmeans(e, k, seed=seed).labels
+
+
+def cut_ward(e: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Ward's merge of the microclusters, without the Lloyd iterations that follow in ward_kmeans."""
+    from scrcl_cli import clustering
+
+    labels, cents, sizes = _micro(e, k, seed)
+    return clustering.ward_merge(cents, sizes, k)[labels]
+
+
+def cut_average(e: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Average-linkage merge of the microclusters (scipy), no Lloyd."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    labels, cents, _ = _micro(e, k, seed)
+    if cents.shape[0] <= k:
+        return labels
+    tree = linkage(cents, method="average")
+    return (fcluster(tree, t=k, criterion="maxclust") - 1)[labels]
+
+
+def _leiden_k(e: np.ndarray, k: int, seed: int, *, merge: bool) -> np.ndarray:
+    from scrcl_cli import clustering
+
+    conn = baselines.knn_connectivities(np.asarray(e, np.float64))
+    found = baselines.leiden_bisect(conn, n_clusters=k, seed=seed)
+    labels = found.labels
+    n = int(labels.max()) + 1
+    if merge and n > k:
+        cents = np.vstack([e[labels == c].mean(0) for c in range(n)])
+        labels = clustering.ward_merge(cents, np.bincount(labels).astype(np.float64), k)[labels]
+    return labels
+
+
+def cut_leiden(e: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Leiden on the embedding's 15-NN graph, resolution bisected to k (closest count when none gives k)."""
+    return _leiden_k(e, k, seed, merge=False)
+
+
+def cut_leiden_merge(e: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """As cut_leiden, then Ward's merge of the communities' means when more than k were found."""
+    return _leiden_k(e, k, seed, merge=True)
+
+
+CUTS: dict[str, Callable[[np.ndarray, int, int], np.ndarray]] = {
+    "ward-kmeans (now)": cut_ward_kmeans,
+    "ward merge, no Lloyd": cut_ward,
+    "average merge, no Lloyd": cut_average,
+    "leiden to K": cut_leiden,
+    "leiden to K + ward merge": cut_leiden_merge,
+}
+
+
+def score(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
+    from scrcl_cli.metrics import ari, rare_type_recall
+
+    rare = rare_type_recall(y, pred, max_fraction=RARE)
+    return {"ari": float(ari(y, pred)), "rare": (float(np.mean(list(rare.values()))) if rare else None),
+            "n_clusters": int(np.unique(pred).size)}
+
+
+def evaluate_cache(path: str, seed: int) -> dict[str, Any]:
+    """Every cut, K given and label-free, plus the two baselines with K given, on one cached run."""
+    d = np.load(path)
+    e, y, k_free, pca = d["embedding"], d["labels"].astype(str), int(d["k_free"]), d["pca"]
+    k = int(np.unique(y).size)
+    out: dict[str, Any] = {"k": k, "k_free": k_free, "seconds": float(d["seconds"])}
+    for name, cut in CUTS.items():
+        out[f"{name}|given"] = score(y, cut(e, k, seed))
+        out[f"{name}|free"] = score(y, cut(e, k_free, seed))
+    out["PCA + k-means|given"] = score(y, baselines.kmeans(pca, n_clusters=k, seed=seed))
+    conn = baselines.knn_connectivities(np.asarray(pca, np.float64))
+    out["PCA + Leiden to K|given"] = score(y, baselines.leiden_bisect(conn, n_clusters=k, seed=seed).labels)
+    out["PCA + Leiden res. 1|free"] = score(y, baselines.leiden(conn, resolution=1.0, seed=seed))
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _f(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def report(results: dict[str, dict[str, list[dict[str, Any]]]], tuning: list[str], confirmation: list[str],
+           args: argparse.Namespace, command: str, minutes: float) -> str:
+    """Markdown: mean ARI and rare-type recall per group and protocol, then per dataset."""
+    methods_given = [f"{c}|given" for c in CUTS] + ["PCA + k-means|given", "PCA + Leiden to K|given"]
+    methods_free = [f"{c}|free" for c in CUTS] + ["PCA + Leiden res. 1|free"]
+    lines = [
+        f"Generated by `benchmarks/cut.py` on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC in {minutes:.0f} min:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Setting: H {args.hidden_dim}, {args.epochs} epochs, every other option the default; at most "
+        f"{args.max_cells:,} cells per dataset (a fixed random subsample); seeds {', '.join(map(str, args.seeds))}. "
+        "Cell: mean over seeds of the dataset means; rare = mean recall (Hungarian matching) of the types "
+        f"holding < {RARE:.0%} of the cells, over the datasets that have one.",
+        "",
+        f"Tuning group: {', '.join(tuning)}. Confirmation group: {', '.join(confirmation)}.",
+        "",
+    ]
+    for variant in results:
+        for proto, methods in (("K given", methods_given), ("label-free", methods_free)):
+            lines += [f"**{variant}, {proto}**", "", "| cut | tuning ARI | tuning rare | confirmation ARI | confirmation rare |",
+                      "|---|---|---|---|---|"]
+            for m in methods:
+                row = [m.split("|")[0]]
+                for group in (tuning, confirmation):
+                    per_ds = [results[variant][ds] for ds in group if ds in results[variant]]
+                    ari = _mean([_mean([r[m]["ari"] for r in runs]) for runs in per_ds])
+                    rare = _mean([_mean([r[m]["rare"] for r in runs]) for runs in per_ds])
+                    row += [_f(ari), _f(rare)]
+                lines.append("| " + " | ".join(row) + " |")
+            lines.append("")
+        lines += [f"**{variant}, K given, ARI per dataset**", "",
+                  "| dataset | K | " + " | ".join(m.split("|")[0] for m in methods_given) + " |",
+                  "|---|---|" + "---|" * len(methods_given)]
+        for ds in [*tuning, *confirmation]:
+            if ds not in results[variant]:
+                continue
+            runs = results[variant][ds]
+            lines.append(f"| {ds} | {runs[0]['k']} | " + " | ".join(_f(_mean([r[m]["ari"] for r in runs])) for m in methods_given) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks cut", description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    p.add_argument("--datasets", nargs="+", default=None, help="default: every non-spatial dataset")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--hidden-dim", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--max-cells", type=int, default=2000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--stress", action="store_true", help="also the stress test on datasets with >= 10 types")
+    p.add_argument("--workdir", default="bench/cut", help="cache of the trained embeddings (reused when present)")
+    p.add_argument("--json", default=None, help="write every score here")
+    p.add_argument("--output", default=None, help="write the markdown tables here (default: stdout)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    data_dir = Path(args.data_dir)
+    if not data_dir.exists():
+        raise SystemExit(f"error: {data_dir} not found. Pass --data-dir with the shared datasets")
+    tic = time.perf_counter()
+    tuning, confirmation = groups(data_dir)
+    names = args.datasets or [*tuning, *confirmation]
+    variants = ["whole"] + (["stress"] if args.stress else [])
+    jobs = []
+    for variant in variants:
+        for ds in names:
+            if variant == "stress":
+                import anndata as ad
+
+                if stressed(ad.read_h5ad(data_dir / f"{ds}.h5ad", backed="r").obs[LABEL_KEY].astype(str).to_numpy()) is None:
+                    continue
+            for seed in args.seeds:
+                cache = Path(args.workdir) / f"H{args.hidden_dim}_E{args.epochs}_C{args.max_cells}" / f"{ds}.{variant}.{seed}.npz"
+                jobs.append({"dataset": ds, "variant": variant, "seed": seed, "cache": str(cache), "data_dir": str(data_dir),
+                             "hidden_dim": args.hidden_dim, "epochs": args.epochs, "max_cells": args.max_cells,
+                             "device": args.device, "threads": max(1, (os.cpu_count() or 1) // args.jobs)})
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(train_one, jobs))
+        scored = list(pool.map(evaluate_cache, [j["cache"] for j in jobs], [j["seed"] for j in jobs]))
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for job, res in zip(jobs, scored):
+        results.setdefault(job["variant"], {}).setdefault(job["dataset"], []).append(res)
+    command = "python -m benchmarks cut " + " ".join(argv if argv is not None else [])
+    md = report(results, [d for d in tuning if d in names], [d for d in confirmation if d in names], args, command.strip(),
+                (time.perf_counter() - tic) / 60)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.output:
+        Path(args.output).write_text(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
