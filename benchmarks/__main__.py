@@ -8,6 +8,7 @@ import sys
 SUITES = {
     "accuracy": ("accuracy", "accuracy on the shared datasets against standard pipelines (docs/accuracy.md)"),
     "cut": ("cut", "candidate ways to cut an embedding into K clusters, tuning vs confirmation group (docs/defaults.md)"),
+    "mapping": ("mapping", "train on some donors, cluster the others with the model, against PCA projection and ingest"),
     "spatial": ("spatial", "spatial mode against expression and spatial baselines (docs/spatial.md)"),
     "scaling": ("train_memory", "training memory and time against N, linear vs dense losses (docs/benchmarks.md §1)"),
     "inference": ("inference", "embed throughput and peak RSS against N (docs/benchmarks.md §2)"),

@@ -22,7 +22,7 @@ def test_no_sys_path_edits_in_benchmarks():
 
 
 @pytest.mark.parametrize("suite", ["accuracy", "spatial", "scaling", "inference", "end-to-end", "minibatch",
-                                   "clustering", "knn", "make-large", "run", "cut"])
+                                   "clustering", "knn", "make-large", "run", "cut", "mapping"])
 def test_every_suite_answers_help(suite: str):
     res = subprocess.run([sys.executable, "-m", "benchmarks", suite, "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=240, check=False, env=ENV)
@@ -38,7 +38,18 @@ def test_clustering_suite_runs_and_prints_its_table():
     assert row and row[0].rstrip().endswith("|"), res.stdout
 
 
-def test_cut_stress_rule_and_groups_read_no_result():
+@pytest.fixture
+def bench_pkg(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the checkout's `benchmarks` package importable here (CI's PYTHONSAFEPATH hides it).
+
+    scrcl_cli is imported first, so that the package under test stays the installed one.
+    """
+    import scrcl_cli  # noqa: F401
+
+    monkeypatch.syspath_prepend(str(ROOT))
+
+
+def test_cut_stress_rule_and_groups_read_no_result(bench_pkg: None):
     from conftest import shared
 
     from benchmarks import cut
@@ -55,3 +66,17 @@ def test_cut_stress_rule_and_groups_read_no_result():
     assert cut.stressed(np.array(["a", "b"] * 50)) is None  # fewer than 10 types
     tuning, confirmation = cut.groups(shared("MANIFEST.md").parent)
     assert len(tuning) == cut.N_TUNING and not set(tuning) & set(confirmation)
+
+
+def test_mapping_splits_hold_out_each_donor_once(bench_pkg: None):
+    import anndata as ad
+    import pandas as pd
+
+    from benchmarks import mapping
+
+    adata = ad.AnnData(obs=pd.DataFrame({"donor": ["a", "b", "a", "c", "b", "c"]}, index=[f"c{i}" for i in range(6)]))
+    got = mapping.splits(adata, "donor")
+    assert [name for name, _ in got] == ["donor a", "donor b", "donor c"]
+    assert np.array_equal(np.sum([m for _, m in got], axis=0), np.ones(6))  # every cell a query exactly once
+    (name, half), = mapping.splits(adata, None)
+    assert name == "random half" and half.sum() == 3

@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Cross-sample mapping: train on some donors, cluster the others with the model, no retraining.
+
+For each split, scrcl-cli is trained on the reference cells (``scrcl_cli.fit`` with K given, the
+same code as ``scrcl-cli train``) and the query cells get the nearest training centroid
+(``Model.cluster``, as ``scrcl-cli cluster``). Labels are read here only, to score.
+
+Splits: ``baron_human_subset2142`` leave-one-donor-out (its ``donor`` column), and a documented
+random half split (seed 0) of ``pbmc_10x_4k_top2000``, which has no donor or batch column.
+
+Baselines in the same run, on the same cells:
+
+- PCA projection: log-normalised reference HVGs -> scaled -> PCA fitted on the reference ->
+  k-means (K) on the reference -> the query projected with the reference's scaling and PCA and
+  assigned to the nearest reference centroid;
+- scanpy's ``ingest`` of the reference's k-means labels;
+- PCA + k-means (K) on the query alone (de novo, no reference).
+
+Reported per split: query ARI, the reference's own ARI, agreement (ARI) between scrcl-cli's
+mapping and its de novo clustering of the query (``cluster --denovo``), and how much a query cell's
+label depends on the rest of its batch (the query's own kNN graph enters the embedding): the query
+is mapped whole and as two random halves, and the fraction of cells with the same label is given.
+
+Usage (from the repository root)::
+
+    python -m benchmarks mapping                      # CPU, reduced width (H 256), seeds 0-2
+    python -m benchmarks mapping --hidden-dim 1500 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.accuracy import DEFAULT_DATA, LABEL_KEY
+
+SPLITS = {"baron_human_subset2142": "donor", "pbmc_10x_4k_top2000": None}
+
+
+def splits(adata: Any, column: str | None) -> list[tuple[str, np.ndarray]]:
+    """(name, query mask) per split: one per value of `column`, else one random half (seed 0)."""
+    if column is None:
+        mask = np.zeros(adata.n_obs, dtype=bool)
+        mask[np.random.default_rng(0).permutation(adata.n_obs)[: adata.n_obs // 2]] = True
+        return [("random half", mask)]
+    values = adata.obs[column].astype(str).to_numpy()
+    return [(f"{column} {v}", values == v) for v in sorted(set(values))]
+
+
+def _lognorm_hvg(ref: Any, query: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Scaled log-normalised expression of the reference's 2,000 HVGs: (reference, query), dense."""
+    import scanpy as sc
+
+    r, q = ref.copy(), query.copy()
+    for a in (r, q):
+        sc.pp.normalize_total(a, target_sum=1e4)
+        sc.pp.log1p(a)
+    sc.pp.highly_variable_genes(r, n_top_genes=min(2000, r.n_vars))
+    genes = r.var_names[r.var["highly_variable"]]
+    xr = np.asarray(r[:, genes].X.toarray() if hasattr(r.X, "toarray") else r[:, genes].X, dtype=np.float64)
+    xq = np.asarray(q[:, genes].X.toarray() if hasattr(q.X, "toarray") else q[:, genes].X, dtype=np.float64)
+    mean, sd = xr.mean(0), xr.std(0)
+    sd[sd == 0] = 1.0
+    return np.clip((xr - mean) / sd, -10, 10), np.clip((xq - mean) / sd, -10, 10)
+
+
+def pca_projection(ref: Any, query: Any, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(reference labels, query labels) of the PCA-projection baseline."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    xr, xq = _lognorm_hvg(ref, query)
+    pca = PCA(n_components=min(50, xr.shape[0] - 1), random_state=seed).fit(xr)
+    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(pca.transform(xr))
+    return km.labels_.astype(np.int64), km.predict(pca.transform(xq)).astype(np.int64)
+
+
+def ingest(ref: Any, query: Any, ref_labels: np.ndarray) -> np.ndarray:
+    """scanpy's ingest of `ref_labels` onto the query (scanpy's own preprocessing of both)."""
+    import scanpy as sc
+
+    r, q = ref.copy(), query.copy()
+    for a in (r, q):
+        sc.pp.normalize_total(a, target_sum=1e4)
+        sc.pp.log1p(a)
+    sc.pp.highly_variable_genes(r, n_top_genes=min(2000, r.n_vars))
+    genes = r.var_names[r.var["highly_variable"]]
+    r, q = r[:, genes].copy(), q[:, genes].copy()
+    sc.pp.pca(r, n_comps=min(50, r.n_obs - 1))
+    sc.pp.neighbors(r, n_neighbors=15)
+    r.obs["km"] = [str(v) for v in ref_labels]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.tl.ingest(q, r, obs="km")
+    return q.obs["km"].astype(int).to_numpy()
+
+
+def _ingest_score(y_q: np.ndarray, ref: Any, query: Any, ref_labels: np.ndarray) -> float:
+    """ARI of `ingest`, NaN (with the reason logged) where this scanpy/pynndescent/numpy set cannot run it."""
+    from scrcl_cli.metrics import ari
+
+    try:
+        return float(ari(y_q, ingest(ref, query, ref_labels)))
+    except TypeError as exc:  # pynndescent's forest builder with numpy 2 (size=(None, ...))
+        print(f"ingest failed: {type(exc).__name__}: {exc}", flush=True)
+        return float("nan")
+
+
+def query_alone(query: Any, k: int, seed: int) -> np.ndarray:
+    from benchmarks import baselines
+
+    pca, _ = baselines.standard_pca(query, expression="counts", seed=seed)
+    return baselines.kmeans(pca, n_clusters=k, seed=seed)
+
+
+def run_split(adata: Any, name: str, mask: np.ndarray, k: int, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    import scrcl_cli
+    from scrcl_cli.metrics import ari
+
+    labels = adata.obs[LABEL_KEY].astype(str).to_numpy()
+    ref, query = adata[~mask].copy(), adata[mask].copy()
+    for a in (ref, query):
+        a.obs = a.obs[[]]  # nothing but the cell names reaches the methods
+    y_ref, y_q = labels[~mask], labels[mask]
+    tic = time.perf_counter()
+    model = scrcl_cli.fit(ref, n_clusters=k, hidden_dim=args.hidden_dim, epochs=args.epochs, seed=seed, device=args.device)
+    train_s = time.perf_counter() - tic
+    mapped = query.copy()
+    model.cluster(mapped)
+    denovo = query.copy()
+    model.cluster(denovo, denovo=True, n_clusters=k)
+    halves = np.zeros(query.n_obs, dtype=np.int64)
+    half = np.zeros(query.n_obs, dtype=bool)
+    half[np.random.default_rng(seed).permutation(query.n_obs)[: query.n_obs // 2]] = True
+    for part in (half, ~half):
+        piece = query[part].copy()
+        model.cluster(piece)
+        halves[part] = piece.obs["scrcl_cluster"].astype(int).to_numpy()
+    m = mapped.obs["scrcl_cluster"].astype(int).to_numpy()
+    pr_ref, pr_q = pca_projection(ref, query, k, seed)
+    out = {
+        "split": name, "seed": seed, "n_ref": int(ref.n_obs), "n_query": int(query.n_obs), "train_s": round(train_s, 1),
+        "scrcl_query": ari(y_q, m), "scrcl_ref": ari(y_ref, ref.obs["scrcl_cluster"].astype(str).to_numpy()),
+        "scrcl_map_vs_denovo": ari(m, denovo.obs["scrcl_cluster"].astype(int).to_numpy()),
+        "scrcl_denovo_query": ari(y_q, denovo.obs["scrcl_cluster"].astype(int).to_numpy()),
+        "halves_agreement": float(np.mean(halves == m)),
+        "pca_projection_query": ari(y_q, pr_q), "pca_projection_ref": ari(y_ref, pr_ref),
+        "ingest_query": _ingest_score(y_q, ref, query, pr_ref),
+        "query_alone": ari(y_q, query_alone(query, k, seed)),
+    }
+    return out
+
+
+def _m(rows: list[dict[str, Any]], key: str) -> str:
+    return f"{np.mean([r[key] for r in rows]):.3f}"
+
+
+def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, command: str, minutes: float) -> str:
+    lines = [
+        f"Generated by `benchmarks/mapping.py` on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC in {minutes:.0f} min:",
+        "", "```", command, "```", "",
+        f"Setting: H {args.hidden_dim}, {args.epochs} epochs, K given (the reference's number of types), every other "
+        f"option the default; device {args.device}; seeds {', '.join(map(str, args.seeds))}. Cells: mean ARI over seeds.",
+        "",
+        "| dataset | split | query cells | scrcl-cli query | PCA projection | ingest | PCA + k-means, query alone | "
+        "scrcl-cli reference | PCA reference | mapping vs de novo | whole vs halves |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for ds, rows in results.items():
+        for split in dict.fromkeys(r["split"] for r in rows):
+            rs = [r for r in rows if r["split"] == split]
+            lines.append(f"| {ds} | {split} | {rs[0]['n_query']} | {_m(rs, 'scrcl_query')} | {_m(rs, 'pca_projection_query')} | "
+                         f"{_m(rs, 'ingest_query')} | {_m(rs, 'query_alone')} | {_m(rs, 'scrcl_ref')} | "
+                         f"{_m(rs, 'pca_projection_ref')} | {_m(rs, 'scrcl_map_vs_denovo')} | {_m(rs, 'halves_agreement')} |")
+        lines.append(f"| {ds} | **mean** | | **{_m(rows, 'scrcl_query')}** | **{_m(rows, 'pca_projection_query')}** | "
+                     f"{_m(rows, 'ingest_query')} | {_m(rows, 'query_alone')} | {_m(rows, 'scrcl_ref')} | "
+                     f"{_m(rows, 'pca_projection_ref')} | {_m(rows, 'scrcl_map_vs_denovo')} | {_m(rows, 'halves_agreement')} |")
+    lines += ["", "*whole vs halves*: fraction of query cells with the same label when the query is mapped whole and "
+              "as two random halves."]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks mapping", description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    p.add_argument("--datasets", nargs="+", default=list(SPLITS), choices=list(SPLITS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--hidden-dim", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None)
+    p.add_argument("--output", default=None, help="write the markdown table here (default: stdout only)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import anndata as ad
+
+    args = parse_args(argv)
+    data_dir = Path(args.data_dir)
+    if not data_dir.exists():
+        raise SystemExit(f"error: {data_dir} not found. Pass --data-dir with the shared datasets")
+    tic = time.perf_counter()
+    results: dict[str, list[dict[str, Any]]] = {}
+    for ds in args.datasets:
+        adata = ad.read_h5ad(data_dir / f"{ds}.h5ad")
+        for name, mask in splits(adata, SPLITS[ds]):
+            k = int(np.unique(adata.obs[LABEL_KEY].astype(str).to_numpy()[~mask]).size)
+            for seed in args.seeds:
+                row = run_split(adata, name, mask, k, seed, args)
+                print(json.dumps({"dataset": ds, **row}), flush=True)
+                results.setdefault(ds, []).append(row)
+    command = ("python -m benchmarks mapping " + " ".join(argv if argv is not None else [])).strip()
+    md = report(results, args, command, (time.perf_counter() - tic) / 60)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.output:
+        Path(args.output).write_text(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
