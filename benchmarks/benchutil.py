@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -129,6 +130,20 @@ def run_guarded(cmd: list[str], *, timeout: float, rss_limit: int, poll_s: float
         err.seek(0)
         return Guarded(proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"),
                        wall, usage.ru_maxrss * 1024, killed)
+
+
+def add_report_args(p: Any) -> None:
+    """The options every report-writing suite shares: --json (every score) and --output (the markdown)."""
+    p.add_argument("--json", default=None, help="write every score here")
+    p.add_argument("--output", default=None, help="write the markdown report here (default: print only)")
+
+
+def existing_data_dir(path: str | os.PathLike[str]) -> Path:
+    """The shared datasets' folder, or exit with a one-line error naming the fix."""
+    data_dir = Path(path)
+    if not data_dir.exists():
+        raise SystemExit(f"error: {data_dir} not found. Pass --data-dir with the shared datasets")
+    return data_dir
 
 
 def emit_markdown(md: str, path: os.PathLike[str] | None) -> None:

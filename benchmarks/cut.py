@@ -39,6 +39,7 @@ import numpy as np
 
 from benchmarks import baselines
 from benchmarks.accuracy import DEFAULT_DATA, LABEL_KEY, detect_expression, manifest_datasets
+from benchmarks.benchutil import add_report_args, emit_markdown, existing_data_dir
 
 REPO = Path(__file__).resolve().parent.parent
 RARE = 0.03  # a type is rare below 3 % of the cells
@@ -282,16 +283,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--stress", action="store_true", help="also the stress test on datasets with >= 10 types")
     p.add_argument("--workdir", default="bench/cut", help="cache of the trained embeddings (reused when present)")
-    p.add_argument("--json", default=None, help="write every score here")
-    p.add_argument("--output", default=None, help="write the markdown tables here (default: stdout)")
+    add_report_args(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    data_dir = Path(args.data_dir)
-    if not data_dir.exists():
-        raise SystemExit(f"error: {data_dir} not found. Pass --data-dir with the shared datasets")
+    data_dir = existing_data_dir(args.data_dir)
     tic = time.perf_counter()
     tuning, confirmation = groups(data_dir)
     names = args.datasets or [*tuning, *confirmation]
@@ -320,9 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                 (time.perf_counter() - tic) / 60)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
-    if args.output:
-        Path(args.output).write_text(md + "\n")
-    print(md)
+    emit_markdown(md + "\n", args.output)
     return 0
 
 

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.accuracy import DEFAULT_DATA, LABEL_KEY
+from benchmarks.benchutil import add_report_args, emit_markdown, existing_data_dir
 
 SPLITS = {"baron_human_subset2142": "donor", "pbmc_10x_4k_top2000": None}
 
@@ -54,8 +55,8 @@ def splits(adata: Any, column: str | None) -> list[tuple[str, np.ndarray]]:
     return [(f"{column} {v}", values == v) for v in sorted(set(values))]
 
 
-def _lognorm_hvg(ref: Any, query: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Scaled log-normalised expression of the reference's 2,000 HVGs: (reference, query), dense."""
+def _reference_hvgs(ref: Any, query: Any) -> tuple[Any, Any]:
+    """Log-normalised copies of both, restricted to the reference's 2,000 highly variable genes."""
     import scanpy as sc
 
     r, q = ref.copy(), query.copy()
@@ -64,8 +65,14 @@ def _lognorm_hvg(ref: Any, query: Any) -> tuple[np.ndarray, np.ndarray]:
         sc.pp.log1p(a)
     sc.pp.highly_variable_genes(r, n_top_genes=min(2000, r.n_vars))
     genes = r.var_names[r.var["highly_variable"]]
-    xr = np.asarray(r[:, genes].X.toarray() if hasattr(r.X, "toarray") else r[:, genes].X, dtype=np.float64)
-    xq = np.asarray(q[:, genes].X.toarray() if hasattr(q.X, "toarray") else q[:, genes].X, dtype=np.float64)
+    return r[:, genes].copy(), q[:, genes].copy()
+
+
+def _lognorm_hvg(ref: Any, query: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Scaled log-normalised expression of the reference's 2,000 HVGs: (reference, query), dense."""
+    r, q = _reference_hvgs(ref, query)
+    xr = np.asarray(r.X.toarray() if hasattr(r.X, "toarray") else r.X, dtype=np.float64)
+    xq = np.asarray(q.X.toarray() if hasattr(q.X, "toarray") else q.X, dtype=np.float64)
     mean, sd = xr.mean(0), xr.std(0)
     sd[sd == 0] = 1.0
     return np.clip((xr - mean) / sd, -10, 10), np.clip((xq - mean) / sd, -10, 10)
@@ -86,13 +93,7 @@ def ingest(ref: Any, query: Any, ref_labels: np.ndarray) -> np.ndarray:
     """scanpy's ingest of `ref_labels` onto the query (scanpy's own preprocessing of both)."""
     import scanpy as sc
 
-    r, q = ref.copy(), query.copy()
-    for a in (r, q):
-        sc.pp.normalize_total(a, target_sum=1e4)
-        sc.pp.log1p(a)
-    sc.pp.highly_variable_genes(r, n_top_genes=min(2000, r.n_vars))
-    genes = r.var_names[r.var["highly_variable"]]
-    r, q = r[:, genes].copy(), q[:, genes].copy()
+    r, q = _reference_hvgs(ref, query)
     sc.pp.pca(r, n_comps=min(50, r.n_obs - 1))
     sc.pp.neighbors(r, n_neighbors=15)
     r.obs["km"] = [str(v) for v in ref_labels]
@@ -195,8 +196,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden-dim", type=int, default=256)
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", default=None)
-    p.add_argument("--output", default=None, help="write the markdown table here (default: stdout only)")
+    add_report_args(p)
     return p.parse_args(argv)
 
 
@@ -204,9 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     import anndata as ad
 
     args = parse_args(argv)
-    data_dir = Path(args.data_dir)
-    if not data_dir.exists():
-        raise SystemExit(f"error: {data_dir} not found. Pass --data-dir with the shared datasets")
+    data_dir = existing_data_dir(args.data_dir)
     tic = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {}
     for ds in args.datasets:
@@ -221,9 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     md = report(results, args, command, (time.perf_counter() - tic) / 60)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
-    if args.output:
-        Path(args.output).write_text(md + "\n")
-    print(md)
+    emit_markdown(md + "\n", args.output)
     return 0
 
 
