@@ -68,15 +68,16 @@ def score(data: Path, out: Path, model: Path) -> dict[str, Any]:
     """ARI/NMI of train's label-free clusters against the source labels, and the K it chose."""
     import anndata as ad
 
+    from scrcl_cli.bundle import read_manifest
     from scrcl_cli.metrics import evaluate
 
     truth = ad.read_h5ad(data, backed="r").obs["cell_type"].astype(str).to_numpy()
     pred = ad.read_h5ad(out, backed="r").obs["scrcl_cluster"].astype(str).to_numpy()
     m = evaluate(truth, pred)
-    manifest = json.loads((model / "scrcl_model.json").read_text())
-    return {"ari": round(m["ari"], 4), "nmi": round(m["nmi"], 4), "k": int(manifest["clusters"]["n_clusters"]),
-            "true_k": len(set(truth)), "epochs": manifest["config"]["epochs"],
-            "hidden_dim": manifest["config"]["hidden_dim"], "device": manifest["training"]["device"]}
+    manifest = read_manifest(model)
+    return {"ari": round(m["ari"], 4), "nmi": round(m["nmi"], 4), "k": manifest.clusters.n_clusters,
+            "true_k": len(set(truth)), "epochs": manifest.config["epochs"],
+            "hidden_dim": manifest.model.hidden_dim, "device": manifest.training["device"]}
 
 
 def slope(rows: list[dict[str, Any]], key: str) -> float | None:

@@ -97,14 +97,14 @@ def do_child(args: argparse.Namespace, n: int, view: str, backend: str) -> dict[
     base_rss = rss_now()
     t: dict[str, float] = {}
     bundle = bundle.read_bundle(Path(args.model))
-    pre, params = bundle.manifest["preprocessing"], bundle.manifest["graph"]
+    pre, params = bundle.manifest.preprocessing, bundle.manifest.graph
     t0 = time.perf_counter()
-    adata = h5ad.read_h5ad_checked(query_path(args, n), expression=pre["expression"])
+    adata = h5ad.read_h5ad_checked(query_path(args, n), expression=pre.expression)
     t["read_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     query = inference.prepare_query(adata, bundle, min_gene_overlap=0.5, name="query")
     t["prepare_s"] = time.perf_counter() - t1
-    need_graph = view == "fused" or int(params["t0"]) > 0
+    need_graph = view == "fused" or params.t0 > 0
     a_hat = None
     if need_graph:
         t1 = time.perf_counter()

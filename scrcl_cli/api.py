@@ -25,7 +25,7 @@ import numpy as np
 from . import config as C
 from ._device import as_device
 from ._version import __version__
-from .bundle import ONNX_FILES, ModelBundle, finalize_manifest, owned_entries, read_bundle, write_model_dir
+from .bundle import ONNX_FILES, ModelBundle, owned_entries, read_bundle, write_model_dir
 from .errors import ScrclError
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ class Model:
     @property
     def n_clusters(self) -> int:
         """Clusters of the training cells (the centroids `cluster` assigns to)."""
-        return int(self.bundle.manifest["clusters"]["n_clusters"])
+        return self.bundle.manifest.clusters.n_clusters
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the model folder `path` atomically (the same folder `scrcl-cli train -o` writes).
@@ -111,8 +111,7 @@ class Model:
                 f"this model was loaded from {self.bundle.path} and is already saved", "Copy the folder to save it elsewhere"
             )
         check_outputs([Output(path, "path", "model", owned_entries)], inputs=(), overwrite=overwrite)
-        manifest = {k: v for k, v in self.bundle.manifest.items() if k not in ("files", "format_version", "scrcl_version")}
-        write_model_dir(path, self.bundle.blobs, manifest, overwrite=overwrite)
+        write_model_dir(path, self.bundle.blobs, self.bundle.manifest, overwrite=overwrite)
         return path
 
     def embed(
@@ -269,7 +268,7 @@ def fit(
         spatial={"refine_neighbours": refine_neighbours} if spatial else None,
     )
     annotate_training_cells(adata, trained, key_added=key_added)
-    manifest = finalize_manifest(trained.files, trained.manifest, Path("unsaved model"))
+    manifest = trained.manifest.with_files(trained.files, Path("unsaved model"))
     return Model(ModelBundle(path=Path("unsaved model"), manifest=manifest, blobs=dict(trained.files)))
 
 
@@ -278,14 +277,14 @@ def annotate_training_cells(adata: AnnData, trained: Any, *, key_added: str = C.
     import pandas as pd
 
     adata.obsm[key_added] = trained.embedding
-    k = int(trained.manifest["clusters"]["n_clusters"])
+    k = trained.manifest.clusters.n_clusters
     pairs = [(C.CLUSTER_KEY, trained.labels)] + [(f"{C.CLUSTER_KEY}_{n}", v) for n, v in trained.extra_labels.items()]
     for key, values in pairs:
         labels = [str(v) if v >= 0 else np.nan for v in values]
         adata.obs[key] = pd.Categorical(labels, categories=[str(i) for i in range(k)])
     adata.uns["scrcl"] = {
         "scrcl_version": __version__,
-        "genes_sha256": trained.manifest["genes_sha256"],
+        "genes_sha256": trained.manifest.genes_sha256,
         "device": trained.device,
-        "config": trained.manifest["config"],
+        "config": dict(trained.manifest.config),
     }

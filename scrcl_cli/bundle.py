@@ -22,11 +22,15 @@ import os
 import re
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import numpy as np
 
 from ._version import __version__
+from .config import Expression, InputMode
 from .errors import ScrclError
 from .io.output import MANIFEST_NAME, atomic_path
 
@@ -209,6 +213,11 @@ class _Schema:
             ):
                 raise self.fail(f"{where}{key}", f"must hold {rows} rows of {cols} finite numbers")
 
+    def optional(self, obj: Any, key: str, check: Any, *args: Any) -> None:
+        """Run `check` on `key` only where `obj` has it (and it is not null)."""
+        if isinstance(obj, Mapping) and obj.get(key) is not None:
+            check(obj, key, *args)
+
     def names(self, value: Any, key: str) -> list[str]:
         if not isinstance(value, list) or not 1 <= len(value) <= MAX_GENES:
             raise self.fail(key, f"must be a list of 1 to {MAX_GENES} names")
@@ -252,6 +261,8 @@ def validate_manifest(manifest: Any, path: Path) -> None:
     s.choice(pre, "input_mode", ("lognorm", "counts", "scaled"), "preprocessing.")
     s.choice(pre, "expression", ("counts", "continuous", "log"), "preprocessing.")
     s.num(pre, "target_sum", 1e-6, 1e12, "preprocessing.")
+    s.optional(pre, "n_top_genes", s.int_, 1, MAX_GENES, "preprocessing.")
+    s.optional(pre, "hvg_flavor", s.choice, ("seurat", "seurat_v3", "cell_ranger"), "preprocessing.")
     if mode == "spatial":
         std = s.get(pre, "gene_std", "preprocessing.")
         if (
@@ -269,8 +280,9 @@ def validate_manifest(manifest: Any, path: Path) -> None:
     s.int_(graph, "t0", 0, MAX_SMOOTHING, "graph.")
     s.int_(graph, "t1", 0, MAX_SMOOTHING, "graph.")
     s.int_(graph, "pca_threshold", 0, MAX_GENES, "graph.")
-    if "refine_neighbours" in graph:
-        s.int_(graph, "refine_neighbours", 1, MAX_NEIGHBORS * 10, "graph.")
+    s.optional(graph, "refine_neighbours", s.int_, 1, MAX_NEIGHBORS * 10, "graph.")
+    s.optional(graph, "gene_neighbors", s.int_, 0, MAX_NEIGHBORS, "graph.")
+    s.optional(graph, "metric", s.choice, ("cosine", "euclidean"), "graph.")
     model = s.dict_(manifest, "model")
     s.int_(model, "hidden_dim", 1, MAX_DIM, "model.")
     s.int_(model, "out_dim", 1, MAX_DIM, "model.")
@@ -279,20 +291,226 @@ def validate_manifest(manifest: Any, path: Path) -> None:
     clusters = s.dict_(manifest, "clusters")
     k = s.int_(clusters, "n_clusters", 1, MAX_CLUSTERS, "clusters.")
     s.choice(clusters, "metric", ("euclidean", "cosine"), "clusters.")
+    s.optional(clusters, "method", s.choice, ("given", "leiden-count"), "clusters.")
+    s.optional(clusters, "algorithm", s.choice, ("ward-kmeans", "spherical-kmeans"), "clusters.")
     for view, dim in dims.items():
         s.matrix(clusters, f"centroids_{view}", k, dim, "clusters.")
     for key in ("config", "training"):
         s.dict_(manifest, key)
 
 
+# ----------------------------------------------------------------------------- typed manifest
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a query's values become the encoder's input (fixed at training)."""
+
+    mode: str  # "sc" or "spatial"
+    input_mode: InputMode | Literal["scaled"]  # "scaled": spatial models
+    expression: Expression  # what X holds
+    target_sum: float = 1e4
+    n_top_genes: int | None = None
+    hvg_flavor: str | None = None
+    gene_std: tuple[float, ...] | None = None  # spatial: per-gene scale, (G,)
+    max_value: float | None = None  # spatial: clip after scaling
+
+    @property
+    def is_spatial(self) -> bool:
+        return self.mode == "spatial"
+
+
+@dataclass(frozen=True)
+class GraphParams:
+    """The cell graph a query is smoothed over, built from the query itself."""
+
+    kind: str  # "expression" (cosine kNN) or "spatial" (kNN of obsm['spatial'])
+    n_neighbors: int  # k, counting the cell
+    t0: int  # smoothing steps of the MLP view's input
+    t1: int  # smoothing steps of the GCN view's input
+    pca_threshold: int  # search on PCA 50 from this many cells (0: always)
+    metric: str = "cosine"
+    gene_neighbors: int | None = None
+    refine_neighbours: int | None = None  # spatial label refinement
+
+    @property
+    def is_spatial(self) -> bool:
+        return self.kind == "spatial"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Widths of the network and of the two encoders' outputs."""
+
+    hidden_dim: int
+    out_dim: int
+    embedding: str  # "gcn-pca" or "fused"
+    fused_dim: int
+    cell_dim: int
+
+    def width(self, view: str) -> int:
+        """Output width of `view`'s encoder ("fused" or "cell")."""
+        return self.fused_dim if view == "fused" else self.cell_dim
+
+
+@dataclass(frozen=True)
+class Clusters:
+    """The training clusters: query cells get the nearest of these centroids."""
+
+    n_clusters: int
+    metric: str  # "euclidean" (gcn-pca) or "cosine" (fused)
+    centroids_fused: list[list[float]]  # (K, fused_dim)
+    centroids_cell: list[list[float]]  # (K, cell_dim)
+    method: str = "given"  # "given" or "leiden-count"
+    algorithm: str | None = None
+    k_selection: Any = None
+
+    def centroids(self, view: str) -> np.ndarray:
+        """Centroids of `view`, float64 (K, D)."""
+        return np.asarray(self.centroids_fused if view == "fused" else self.centroids_cell, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The model folder's ``scrcl_model.json``, typed; :meth:`from_json` is the only reader.
+
+    ``config`` (every training hyperparameter) and ``training`` (cells, device, time, losses) are
+    records of how the model was made; nothing reads them back to run a model.
+    """
+
+    genes: tuple[str, ...]
+    preprocessing: Preprocessing
+    graph: GraphParams
+    model: ModelShape
+    clusters: Clusters
+    config: dict[str, Any]
+    training: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    format_version: int = FORMAT_VERSION
+    scrcl_version: str = __version__
+
+    @cached_property
+    def genes_sha256(self) -> str:
+        return genes_hash(list(self.genes))
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object written as ``scrcl_model.json`` (absent optional fields left out)."""
+
+        def section(obj: Any) -> dict[str, Any]:
+            return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(obj).items() if v is not None}
+
+        return {
+            "format_version": self.format_version,
+            "scrcl_version": self.scrcl_version,
+            "genes": list(self.genes),
+            "genes_sha256": self.genes_sha256,
+            "preprocessing": section(self.preprocessing),
+            "graph": section(self.graph),
+            "model": section(self.model),
+            "clusters": section(self.clusters),
+            "config": dict(self.config),
+            "training": dict(self.training),
+            "onnx": dict(ONNX_FILES),
+            "files": dict(self.files),
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any, path: Path) -> Manifest:
+        """Validate a parsed ``scrcl_model.json`` (:func:`validate_manifest`) and type it."""
+        validate_manifest(obj, path)
+        pre, graph, model, clusters = obj["preprocessing"], obj["graph"], obj["model"], obj["clusters"]
+        std = pre.get("gene_std")
+        return cls(
+            genes=tuple(obj["genes"]),
+            preprocessing=Preprocessing(
+                mode=pre["mode"],
+                input_mode=pre["input_mode"],
+                expression=pre["expression"],
+                target_sum=float(pre["target_sum"]),
+                n_top_genes=_opt_int(pre.get("n_top_genes")),
+                hvg_flavor=_opt_str(pre.get("hvg_flavor")),
+                gene_std=None if std is None else tuple(float(v) for v in std),
+                max_value=None if pre.get("max_value") is None else float(pre["max_value"]),
+            ),
+            graph=GraphParams(
+                kind=graph["kind"],
+                n_neighbors=graph["n_neighbors"],
+                t0=graph["t0"],
+                t1=graph["t1"],
+                pca_threshold=graph["pca_threshold"],
+                metric=str(graph.get("metric", "cosine")),
+                gene_neighbors=_opt_int(graph.get("gene_neighbors")),
+                refine_neighbours=_opt_int(graph.get("refine_neighbours")),
+            ),
+            model=ModelShape(
+                hidden_dim=model["hidden_dim"],
+                out_dim=model["out_dim"],
+                embedding=model["embedding"],
+                fused_dim=model["fused_dim"],
+                cell_dim=model["cell_dim"],
+            ),
+            clusters=Clusters(
+                n_clusters=clusters["n_clusters"],
+                metric=clusters["metric"],
+                centroids_fused=clusters["centroids_fused"],
+                centroids_cell=clusters["centroids_cell"],
+                method=str(clusters.get("method", "given")),
+                algorithm=_opt_str(clusters.get("algorithm")),
+                k_selection=clusters.get("k_selection"),
+            ),
+            config=dict(obj["config"]),
+            training=dict(obj["training"]),
+            files=dict(obj["files"]),
+            format_version=obj["format_version"],
+            scrcl_version=str(obj.get("scrcl_version", "")),
+        )
+
+    def with_files(self, files: Mapping[str, bytes], where: Path) -> Manifest:
+        """This manifest listing `files` (name -> sha256), stamped with this format and version, validated.
+
+        The JSON round trip proves it can be written: non-finite numbers (a diverged training) fail
+        here, before anything is written.
+        """
+        stamped = replace(
+            self,
+            files={name: sha256_bytes(blob) for name, blob in files.items()},
+            format_version=FORMAT_VERSION,
+            scrcl_version=__version__,
+        )
+        try:
+            text = json.dumps(stamped.to_json(), allow_nan=False)
+        except ValueError as exc:
+            raise ScrclError(
+                "training produced non-finite numbers (NaN or infinity) in the model",
+                "Lower --lr, or use a larger --hidden-dim / --out-dim",
+            ) from exc
+        return Manifest.from_json(json.loads(text), where)
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
 def manifest_file_names(folder: Path) -> list[str] | None:
     """The files a valid manifest in `folder` lists, or None when `folder` holds no valid manifest."""
+    manifest = _read_manifest_or_none(Path(folder))
+    return None if manifest is None else list(manifest.files)
+
+
+def _read_manifest_or_none(folder: Path) -> Manifest | None:
     try:
-        manifest = _parse_json(read_file(Path(folder), MANIFEST_NAME, limit=MAX_MANIFEST_BYTES), Path(folder))
-        validate_manifest(manifest, Path(folder))
+        return read_manifest(folder)
     except ScrclError:
         return None
-    return list(manifest["files"])
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """The validated, typed manifest of `folder` (its files are not checked: see :func:`read_bundle`)."""
+    return Manifest.from_json(_parse_json(read_file(folder, MANIFEST_NAME, limit=MAX_MANIFEST_BYTES), folder), folder)
 
 
 def owned_entries(folder: Path) -> list[str] | None:
@@ -301,11 +519,10 @@ def owned_entries(folder: Path) -> list[str] | None:
     A folder is ours when it holds a valid model manifest and, besides it, only the regular files
     that manifest lists; a stray JSON file with a ``files`` key does not make a folder deletable.
     """
-    names = manifest_file_names(folder)
-    if names is None:
+    manifest = _read_manifest_or_none(Path(folder))
+    if manifest is None:
         return None
-    allowed = set(names) | {MANIFEST_NAME}
-    manifest = _parse_json(read_file(Path(folder), MANIFEST_NAME, limit=MAX_MANIFEST_BYTES), Path(folder))
+    allowed = set(manifest.files) | {MANIFEST_NAME}
     present = []
     for entry in os.scandir(folder):
         if entry.name not in allowed or not entry.is_file(follow_symlinks=False):
@@ -316,7 +533,7 @@ def owned_entries(folder: Path) -> list[str] | None:
                 blob = read_file(Path(folder), entry.name)
             except ScrclError:
                 return None
-            if sha256_bytes(blob) != manifest["files"][entry.name]:
+            if sha256_bytes(blob) != manifest.files[entry.name]:
                 return None
         present.append(entry.name)
     return present
@@ -325,7 +542,7 @@ def owned_entries(folder: Path) -> list[str] | None:
 # ----------------------------------------------------------------------------- ONNX
 
 
-def check_onnx(blob: bytes, view: str | None, manifest: dict[str, Any], where: str) -> None:
+def check_onnx(blob: bytes, view: str | None, manifest: Manifest, where: str) -> None:
     """Refuse an ONNX encoder that could read outside the folder, loop, or does not fit the manifest.
 
     Checks: parseable; every tensor stored inline (no external data); default-domain operators of
@@ -373,12 +590,12 @@ def check_onnx(blob: bytes, view: str | None, manifest: dict[str, Any], where: s
 
     walk(proto.graph)
     meta = {p.key: p.value for p in proto.metadata_props}
-    if meta.get("genes_sha256") != manifest["genes_sha256"]:
+    if meta.get("genes_sha256") != manifest.genes_sha256:
         raise bad("its gene hash differs from the manifest's")
     if view is None:  # a stage of a staged encoder: its widths are checked on its outputs at run time
         return
-    n_genes = len(manifest["genes"])
-    dim = int(manifest["model"][f"{view}_dim"])
+    n_genes = len(manifest.genes)
+    dim = manifest.model.width(view)
     want = (
         {"x0": (1, 2, n_genes)}
         if view == "cell"
@@ -408,30 +625,30 @@ class ModelBundle:
     """A model folder whose manifest, file hashes and encoders were checked."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     blobs: dict[str, bytes] | None = None  # the files of a model that was trained and not yet saved
 
     @property
     def genes(self) -> list[str]:
-        return list(self.manifest["genes"])
+        return list(self.manifest.genes)
 
     @property
     def is_spatial(self) -> bool:
-        return self.manifest["preprocessing"]["mode"] == "spatial"
+        return self.manifest.preprocessing.is_spatial
 
     def has(self, name: str) -> bool:
-        return name in self.manifest["files"]
+        return name in self.manifest.files
 
     def require(self, name: str) -> None:
         """Fail unless the manifest lists `name` (a model trained with --no-export has no encoders)."""
-        if name not in self.manifest["files"]:
+        if name not in self.manifest.files:
             raise ScrclError(f"model folder {self.path} has no {name}", f"Write it with: scrcl-cli export {self.path}")
 
     def read_bytes(self, name: str) -> bytes:
         """Read a listed file and check its sha256 against the manifest."""
         self.require(name)
         blob = self.blobs[name] if self.blobs is not None else read_file(self.path, name)
-        if sha256_bytes(blob) != self.manifest["files"][name]:
+        if sha256_bytes(blob) != self.manifest.files[name]:
             raise ScrclError(
                 f"{name} in {self.path} does not match the sha256 in its manifest (the file was changed)",
                 "Restore the model folder from its source or retrain",
@@ -460,39 +677,19 @@ def read_bundle(path: Path) -> ModelBundle:
         raise ScrclError(f"{path} is a file, not a model folder", "Pass the folder written by scrcl-cli train (-m model/)")
     if not (path / MANIFEST_NAME).exists() and not (path / MANIFEST_NAME).is_symlink():
         raise ScrclError(f"{path} has no {MANIFEST_NAME}", "Pass the folder written by scrcl-cli train")
-    manifest = _parse_json(read_file(path, MANIFEST_NAME, limit=MAX_MANIFEST_BYTES), path)
-    validate_manifest(manifest, path)
-    bundle = ModelBundle(path=path, manifest=manifest)
-    for name in manifest["files"]:
+    bundle = ModelBundle(path=path, manifest=read_manifest(path))
+    for name in bundle.manifest.files:
         bundle.read_bytes(name)  # every hash before anything is loaded
     return bundle
 
 
-def finalize_manifest(files: dict[str, bytes], manifest: dict[str, Any], where: Path) -> dict[str, Any]:
-    """The manifest as written: with ``files`` (name -> sha256), ``format_version``, ``scrcl_version``, validated."""
-    manifest = dict(manifest)
-    manifest["format_version"] = FORMAT_VERSION
-    manifest["scrcl_version"] = __version__
-    manifest["files"] = {name: sha256_bytes(blob) for name, blob in files.items()}
-    try:
-        text = json.dumps(manifest, allow_nan=False)
-    except ValueError as exc:
-        raise ScrclError(
-            "training produced non-finite numbers (NaN or infinity) in the model",
-            "Lower --lr, or use a larger --hidden-dim / --out-dim",
-        ) from exc
-    final = json.loads(text)
-    validate_manifest(final, where)
-    return final
+def write_model_dir(dest: Path, files: dict[str, bytes], manifest: Manifest, *, overwrite: bool) -> Path:
+    """Write a model folder atomically: every file in `files`, then the manifest listing them.
 
-
-def write_model_dir(dest: Path, files: dict[str, bytes], manifest: dict[str, Any], *, overwrite: bool) -> Path:
-    """Write a model folder atomically: every file in `files`, then the manifest.
-
-    The manifest gains ``files`` (name -> sha256), ``format_version`` and ``scrcl_version``, and
-    is validated before anything is written, so the tool never writes a folder it would refuse.
+    The manifest is stamped and validated (:meth:`Manifest.with_files`) before anything is
+    written, so the tool never writes a folder it would refuse.
     """
-    text = json.dumps(finalize_manifest(files, manifest, Path(dest)), indent=1)
+    text = json.dumps(manifest.with_files(files, Path(dest)).to_json(), indent=1)
     with atomic_path(dest, overwrite=overwrite, directory=True, owned=owned_entries) as tmp:
         for name, blob in files.items():
             (tmp / name).write_bytes(blob)
@@ -511,13 +708,14 @@ def check_mode(bundle: ModelBundle, *, spatial: bool) -> None:
         )
 
 
-def onnx_metadata(manifest: dict[str, Any]) -> dict[str, str]:
+def onnx_metadata(manifest: Manifest) -> dict[str, str]:
     """Key manifest fields repeated in each ONNX file's metadata_props."""
+    doc = manifest.to_json()
     return {
         "scrcl_version": __version__,
-        "genes_sha256": manifest["genes_sha256"],
-        "n_genes": str(len(manifest["genes"])),
-        "preprocessing": json.dumps(manifest["preprocessing"]),
-        "graph": json.dumps(manifest["graph"]),
-        "out_dim": str(manifest["model"]["out_dim"]),
+        "genes_sha256": manifest.genes_sha256,
+        "n_genes": str(len(manifest.genes)),
+        "preprocessing": json.dumps(doc["preprocessing"]),
+        "graph": json.dumps(doc["graph"]),
+        "out_dim": str(manifest.model.out_dim),
     }

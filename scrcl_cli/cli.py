@@ -666,9 +666,9 @@ def train(
         [
             ("cells", f"{int((trained.labels >= 0).sum())} used of {adata.n_obs}"),
             ("genes used", str(trained.n_genes)),
-            ("clusters", f"{trained.manifest['clusters']['n_clusters']} ({trained.manifest['clusters']['method']})"),
+            ("clusters", f"{trained.manifest.clusters.n_clusters} ({trained.manifest.clusters.method})"),
             ("device", trained.device),
-            ("final loss", f"{trained.manifest['training']['final_loss'][0]:.5g}"),
+            ("final loss", f"{trained.manifest.training['final_loss'][0]:.5g}"),
             ("time", f"{time.perf_counter() - t:.1f} s (training {trained.seconds:.1f} s)"),
             ("written", ", ".join(outputs)),
         ],
@@ -761,7 +761,7 @@ def embed(
     check_mode(bundle, spatial=spatial)
     bundle.require(ONNX_FILES[view])  # a model trained with --no-export fails here, before the query's graph
     # X is read in blocks of cells and the output is a copy of the input plus the new elements (io/h5ad.py).
-    query = ChunkedH5ad(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
+    query = ChunkedH5ad(input_h5ad, expression=bundle.manifest.preprocessing.expression, from_model=True)
     with _progress(not ctx.obj["quiet"]) as make:
         rep = inference.embed_file(
             query,
@@ -885,7 +885,7 @@ def cluster(
     bundle = read_bundle(model_dir)
     check_mode(bundle, spatial=spatial)
     bundle.require(ONNX_FILES[view])  # a model trained with --no-export fails here, before the query's graph
-    query = ChunkedH5ad(input_h5ad, expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
+    query = ChunkedH5ad(input_h5ad, expression=bundle.manifest.preprocessing.expression, from_model=True)
     inference.query_coords(query, bundle)  # a spatial model's coordinates, checked before any work or output
     if plot is not None:
         _require_matplotlib()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, Literal
 
 from .errors import ScrclError
 
@@ -33,6 +33,10 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "unsmoothed_weight": (0.0, 10.0, False, False),
     "seed": (0, 2**32 - 1, False, False),
 }
+# What X holds, and what the encoder is fed: used as types across the package.
+Expression = Literal["counts", "continuous", "log"]
+InputMode = Literal["counts", "lognorm"]
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "input_mode": ("counts", "lognorm"),
     "expression": ("counts", "continuous", "log"),
@@ -80,8 +84,8 @@ class TrainConfig:
     n_neighbors: int = 15
     gene_neighbors: int = 5
     n_top_genes: int = 2000
-    input_mode: str = "lognorm"
-    expression: str = "counts"
+    input_mode: InputMode = "lognorm"
+    expression: Expression = "counts"
     embedding: str = "gcn-pca"
     # Weight of the unsmoothed PCA clustered beside the embedding (0: the embedding alone). Measured
     # and not adopted as a default: docs/defaults.md, "Unsmoothed component".

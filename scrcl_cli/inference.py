@@ -26,7 +26,8 @@ import scipy.sparse as sp
 from . import clustering, graphs, stages
 from ._device import Device, check_session_provider, ort_providers
 from ._version import __version__
-from .bundle import ONNX_FILES, ModelBundle
+from .bundle import ONNX_FILES, GraphParams, ModelBundle, Preprocessing
+from .config import InputMode
 from .errors import ScrclError
 from .io.h5ad import Annotations, ChunkedH5ad, check_coords, checked_matrix, gene_selection
 from .preprocessing import lognormalize, transform_query
@@ -123,22 +124,24 @@ class QueryData:
     n_genes_found: int
 
 
-def _prepare_rows(x: sp.csr_matrix, sel: sp.csr_matrix, pre: dict[str, Any]) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+def _prepare_rows(x: sp.csr_matrix, sel: sp.csr_matrix, pre: Preprocessing) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     """(lognorm, model_input) of a block of cells, both CSR (B, G).
 
     x: float32 CSR (B, n_vars), all query genes; sel: `io.h5ad.gene_selection`, (n_vars, G).
     Every step is row-wise (each cell is normalised by its own total over all its genes), so
     blocks of rows give exactly the rows of the whole matrix.
     """
-    lognorm = sp.csr_matrix(lognormalize(x, pre["expression"]) @ sel)
-    if pre.get("mode") == "spatial":
+    lognorm = sp.csr_matrix(lognormalize(x, pre.expression) @ sel)
+    if pre.is_spatial:
         from .spatial import scale_with
 
         # New sections get the training section's per-gene scaling, stored in the model.
-        model_input = scale_with(lognorm, np.asarray(pre["gene_std"]), float(pre["max_value"]))
+        assert pre.gene_std is not None and pre.max_value is not None  # the schema requires both for spatial
+        model_input = scale_with(lognorm, np.asarray(pre.gene_std), pre.max_value)
         return lognorm, sp.csr_matrix(model_input, dtype=np.float32)
-    raw = lognorm if pre["input_mode"] == "lognorm" else sp.csr_matrix(x @ sel)
-    return lognorm, transform_query(lognorm, raw, pre["input_mode"])
+    mode: InputMode = "counts" if pre.input_mode == "counts" else "lognorm"  # "scaled": spatial, above
+    raw = lognorm if mode == "lognorm" else sp.csr_matrix(x @ sel)
+    return lognorm, transform_query(lognorm, raw, mode)
 
 
 def _log_overlap(found: int, bundle: ModelBundle, name: str) -> None:
@@ -152,11 +155,11 @@ def prepare_query(adata: AnnData, bundle: ModelBundle, *, min_gene_overlap: floa
     should not be loaded whole, use `prepare_query_file`, which gives the same matrices.
     """
     x = checked_matrix(
-        adata.X, adata.var_names, name=name, expression=bundle.manifest["preprocessing"]["expression"], from_model=True
+        adata.X, adata.var_names, name=name, expression=bundle.manifest.preprocessing.expression, from_model=True
     )  # a new matrix: the caller's X is never modified
     sel, found = gene_selection([str(v) for v in adata.var_names], bundle.genes, min_overlap=min_gene_overlap, name=name)
     _log_overlap(found, bundle, name)
-    lognorm, model_input = _prepare_rows(x, sel, bundle.manifest["preprocessing"])
+    lognorm, model_input = _prepare_rows(x, sel, bundle.manifest.preprocessing)
     return QueryData(model_input=model_input, lognorm=lognorm, n_genes_found=found)
 
 
@@ -168,7 +171,7 @@ def prepare_query_file(source: ChunkedH5ad, bundle: ModelBundle, *, min_gene_ove
     values of X (after the whole file was checked), then duplicate gene names, then the gene
     overlap.
     """
-    pre = bundle.manifest["preprocessing"]
+    pre = bundle.manifest.preprocessing
     try:
         sel, found = gene_selection(list(source.var_names), bundle.genes, min_overlap=min_gene_overlap, name=source.name)
     except ScrclError:
@@ -200,28 +203,28 @@ def _stack_rows(blocks: list[sp.csr_matrix]) -> sp.csr_matrix:
 
 def query_graph(
     lognorm: sp.csr_matrix,
-    graph_params: dict[str, Any],
+    graph_params: GraphParams,
     progress: Progress | None = None,
     coords: np.ndarray | None = None,
 ) -> sp.csr_matrix:
     """Normalised adjacency Â of the query's own graph, CSR (N, N): cosine kNN on expression, or
     the spatial kNN graph of `coords` for spatial models."""
     n = lognorm.shape[0]
-    k = int(graph_params["n_neighbors"])
+    k = graph_params.n_neighbors
     if n < 2:
         fix = (
             "Use --view cell for single cells"
-            if int(graph_params["t0"]) == 0 and graph_params.get("kind") != "spatial"
+            if graph_params.t0 == 0 and not graph_params.is_spatial
             else "Embed at least 2 cells together: this model smooths each cell over its neighbours in the query"
         )
         raise ScrclError(f"the query has {n} cell, and this model needs the query's own kNN graph", fix)
-    if graph_params.get("kind") == "spatial":
+    if graph_params.is_spatial:
         from .spatial import spatial_graph
 
         if coords is None:
             raise ScrclError("this is a spatial model and the query has no obsm['spatial']", "Pass a section with coordinates")
         return graphs.gcn_norm(spatial_graph(coords, min(k, n - 1)))
-    adj = graphs.cell_graph(lognorm, min(k, n), pca_threshold=int(graph_params["pca_threshold"]), progress=progress)
+    adj = graphs.cell_graph(lognorm, min(k, n), pca_threshold=graph_params.pca_threshold, progress=progress)
     return graphs.gcn_norm(adj)
 
 
@@ -270,7 +273,7 @@ def run_encoder(
     view: str,
     model_input: sp.csr_matrix,
     a_hat: sp.csr_matrix | None,
-    graph_params: dict[str, Any],
+    graph_params: GraphParams,
     *,
     batch_size: int = 4096,
     progress: Progress | None = None,
@@ -285,7 +288,7 @@ def run_encoder(
     gather.
     """
     n = model_input.shape[0]
-    t0, t1 = int(graph_params["t0"]), int(graph_params["t1"])
+    t0, t1 = graph_params.t0, graph_params.t1
     if (t0 > 0 or view == "fused") and a_hat is None:
         raise ValueError("this view needs the query graph")
     out: np.ndarray | None = None
@@ -340,7 +343,7 @@ def run_staged_encoder(
     view: str,
     model_input: sp.csr_matrix,
     a_hat: sp.csr_matrix | None,
-    graph_params: dict[str, Any],
+    graph_params: GraphParams,
     *,
     device: Device = "auto",
     threads: int = 0,
@@ -349,7 +352,7 @@ def run_staged_encoder(
 ) -> tuple[np.ndarray, str]:
     """`run_encoder` through the model's staged encoder (stages.py): (N, D) float32 and the provider."""
     sessions = [open_session(bundle, view, device=device, threads=threads, file=f) for f in stages.stage_files(view)]
-    powers = stages.stage_powers(view, int(graph_params["t0"]), int(graph_params["t1"]))
+    powers = stages.stage_powers(view, graph_params.t0, graph_params.t1)
     log.info("%s view: staged encoder, Â powers %s between stages", view, powers)
     emb = stages.run_stages(
         [stages.ort_runner(s) for s, _ in sessions], powers, model_input, a_hat, batch_size=batch_size, progress=progress
@@ -397,7 +400,7 @@ def _embed_query(
     the query was read so that a bad device or encoder fails first; opened here when None.
     """
     t = time.perf_counter()
-    params = bundle.manifest["graph"]
+    params = bundle.manifest.graph
     n = query.model_input.shape[0]
     n_empty = int(np.count_nonzero(np.diff(query.model_input.indptr) == 0))
     if n_empty == n:
@@ -413,15 +416,15 @@ def _embed_query(
             n,
             name,
         )
-    need_graph = view == "fused" or int(params["t0"]) > 0
-    if params.get("kind") == "spatial" and coords is not None:
+    need_graph = view == "fused" or params.t0 > 0
+    if params.is_spatial and coords is not None:
         coords = check_coords(coords, n, name)
-    if params.get("kind") != "spatial" and coords is not None:
+    if not params.is_spatial and coords is not None:
         log.info("this file has obsm['spatial']; models trained with --spatial use it")
     session, provider = session if session is not None else open_session(bundle, view, device=device, threads=threads)
     a_hat = query_graph(query.lognorm, params, coords=coords) if need_graph else None
-    width = int(bundle.manifest["model"][f"{view}_dim"])
-    if stages.has_stages(bundle.manifest["files"], view):
+    width = bundle.manifest.model.width(view)
+    if stages.has_stages(bundle.manifest.files, view):
         emb, provider = run_staged_encoder(
             bundle,
             view,
@@ -443,20 +446,20 @@ def _embed_query(
             params,
             batch_size=batch_size,
             progress=progress,
-            hidden_dim=int(bundle.manifest["model"]["hidden_dim"]),
+            hidden_dim=bundle.manifest.model.hidden_dim,
             width=width,
         )
     uns = {
         "scrcl_version": __version__,
-        "model_sha256": bundle.manifest["files"][ONNX_FILES[view]],
-        "genes_sha256": bundle.manifest["genes_sha256"],
+        "model_sha256": bundle.manifest.files[ONNX_FILES[view]],
+        "genes_sha256": bundle.manifest.genes_sha256,
         "provider": provider,
         "view": view,
         "key_added": key_added,
         "n_genes_found": query.n_genes_found,
         "n_genes_model": len(bundle.genes),
         "n_cells_empty": n_empty,
-        "graph": {k: params[k] for k in ("n_neighbors", "t0", "t1")},
+        "graph": {"n_neighbors": params.n_neighbors, "t0": params.t0, "t1": params.t1},
     }
     return EmbedReport(
         provider=provider,
@@ -567,7 +570,7 @@ def query_coords(source: ChunkedH5ad, bundle: ModelBundle) -> np.ndarray | None:
 def _open(source: ChunkedH5ad | Path, bundle: ModelBundle) -> ChunkedH5ad:
     if isinstance(source, ChunkedH5ad):
         return source
-    return ChunkedH5ad(Path(source), expression=bundle.manifest["preprocessing"]["expression"], from_model=True)
+    return ChunkedH5ad(Path(source), expression=bundle.manifest.preprocessing.expression, from_model=True)
 
 
 @dataclass
@@ -598,14 +601,12 @@ def _cluster_query(
     ann = rep.annotations
     emb = ann.obsm[key_added]
     # Models written before the gcn-pca embedding have no metric recorded: they cluster by cosine.
-    metric = str(bundle.manifest["clusters"]["metric"])
+    metric = bundle.manifest.clusters.metric
     if denovo:
         k = n_clusters
         method = "given"
         if k is None:
-            k, _ = clustering.choose_n_clusters(
-                rep.query.lognorm, seed=seed, n_neighbors=int(bundle.manifest["graph"]["n_neighbors"])
-            )
+            k, _ = clustering.choose_n_clusters(rep.query.lognorm, seed=seed, n_neighbors=bundle.manifest.graph.n_neighbors)
             method = "leiden-count"
         res = clustering.cluster_embedding(
             emb,
@@ -613,18 +614,18 @@ def _cluster_query(
             seed=seed,
             metric=metric,
             unsmoothed=rep.query.model_input,
-            unsmoothed_weight=float(bundle.manifest["config"].get("unsmoothed_weight", 0.0)),
+            unsmoothed_weight=float(bundle.manifest.config.get("unsmoothed_weight", 0.0)),
         )
         labels = res.labels
         conf = clustering.assignment_confidence(emb, res.centroids, labels, metric)
     else:
-        cents = np.asarray(bundle.manifest["clusters"][f"centroids_{rep.view}"], dtype=np.float64)
+        cents = bundle.manifest.clusters.centroids(rep.view)
         labels, conf = clustering.nearest_centroid(emb, cents, metric)
         method = "nearest training centroid"
     cats = [str(i) for i in range(int(labels.max()) + 1)]
     ann.obs[cluster_key] = pd.Categorical([str(v) for v in labels], categories=cats)
     ann.obs["scrcl_confidence"] = conf
-    refine = bundle.manifest["graph"].get("refine_neighbours")
+    refine = bundle.manifest.graph.refine_neighbours
     if refine is not None:
         from .spatial import refine_labels
 
@@ -680,7 +681,7 @@ def cluster(
     name = embed_kwargs.pop("name", "the query")
     query = prepare_query(adata, bundle, min_gene_overlap=embed_kwargs.pop("min_gene_overlap", 0.5), name=name)
     coords = _coords(adata.obsm)
-    if coords is not None and bundle.manifest["graph"].get("kind") == "spatial":
+    if coords is not None and bundle.manifest.graph.is_spatial:
         coords = check_coords(coords, adata.n_obs, name)
     rep = _embed_query(query, coords, bundle, name=name, **embed_kwargs)
     out = _cluster_query(

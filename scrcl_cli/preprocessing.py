@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
 
+from .config import Expression, InputMode
 from .errors import ScrclError
 
 log = logging.getLogger(__name__)
 
-InputMode = Literal["counts", "lognorm"]
-Expression = Literal["counts", "continuous", "log"]
 TARGET_SUM = 1e4
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,7 +39,7 @@ def stage_powers(view: str, t0: int, t1: int) -> list[int]:
     return [{"t0": t0, "t1+1": t1 + 1, "1": 1}[k] for k in STAGE_SMOOTHING[view]]
 
 
-def has_stages(files: dict[str, Any], view: str) -> bool:
+def has_stages(files: Mapping[str, Any], view: str) -> bool:
     """True when a model's file table (manifest ``files``) holds every stage of `view`."""
     return all(name in files for name in stage_files(view))
 

@@ -11,7 +11,7 @@ import csv
 import io
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ import scipy.sparse as sp
 
 from . import clustering, graphs
 from ._device import Device, describe_torch_device, resolve_torch_device
-from .bundle import ONNX_FILES, genes_hash, onnx_metadata
+from .bundle import ONNX_FILES, Clusters, GraphParams, Manifest, ModelShape, Preprocessing, onnx_metadata
 from .errors import ScrclError
 from .preprocessing import prepare
 
@@ -37,13 +37,13 @@ log = logging.getLogger(__name__)
 class TrainedModel:
     """Everything a training run produced.
 
-    files: name -> bytes of the model directory; manifest: its JSON manifest (without hashes);
+    files: name -> bytes of the model directory; manifest: its manifest (without the file hashes);
     embedding: clustering embedding for every input cell, float32 (n_obs, D), NaN for dropped cells;
     labels: cluster per input cell, int64 (n_obs,), -1 for dropped cells.
     """
 
     files: dict[str, bytes]
-    manifest: dict[str, Any]
+    manifest: Manifest
     embedding: np.ndarray
     labels: np.ndarray
     device: str
@@ -89,8 +89,8 @@ def train_model(
             x,
             names,
             n_top_genes=config.n_top_genes,
-            input_mode=config.input_mode,  # type: ignore[arg-type]
-            expression=config.expression,  # type: ignore[arg-type]
+            input_mode=config.input_mode,
+            expression=config.expression,
         )
     n = prep.model_input.shape[0]
     clustering.check_n_clusters(n_clusters, n)
@@ -152,55 +152,62 @@ def train_model(
     labels = np.full(adata.n_obs, -1, dtype=np.int64)
     labels[prep.cell_mask] = km.labels
 
-    preprocessing: dict[str, Any] = {
-        "mode": "sc",
-        "input_mode": config.input_mode,
-        "expression": config.expression,
-        "target_sum": 1e4,
-        "n_top_genes": config.n_top_genes,
-        "hvg_flavor": "seurat",
-    }
-    graph: dict[str, Any] = {
-        "kind": "expression",
-        "n_neighbors": config.n_neighbors,
-        "metric": "cosine",
-        "pca_threshold": graphs.PCA_THRESHOLD,
-        "t0": config.t0,
-        "t1": config.t1,
-        "gene_neighbors": config.gene_neighbors,
-    }
+    graph = GraphParams(
+        kind="expression",
+        n_neighbors=config.n_neighbors,
+        metric="cosine",
+        pca_threshold=graphs.PCA_THRESHOLD,
+        t0=config.t0,
+        t1=config.t1,
+        gene_neighbors=config.gene_neighbors,
+    )
     if spatial is not None:
         from .spatial import refine_labels
 
-        preprocessing.update(
+        preprocessing = Preprocessing(
             mode="spatial",
             input_mode="scaled",
             expression="counts",
+            n_top_genes=config.n_top_genes,
             hvg_flavor="seurat_v3",
-            gene_std=[float(v) for v in prep.gene_std],
+            gene_std=tuple(float(v) for v in prep.gene_std),
             max_value=float(prep.max_value),
         )
-        graph.update(kind="spatial", metric="euclidean", refine_neighbours=int(spatial["refine_neighbours"]))
+        graph = replace(graph, kind="spatial", metric="euclidean", refine_neighbours=int(spatial["refine_neighbours"]))
         refined = np.full(adata.n_obs, -1, dtype=np.int64)
         refined[prep.cell_mask] = refine_labels(km.labels, coords[prep.cell_mask], int(spatial["refine_neighbours"]))
         extra_labels = {"refined": refined}
     else:
+        preprocessing = Preprocessing(
+            mode="sc",
+            input_mode=config.input_mode,
+            expression=config.expression,
+            n_top_genes=config.n_top_genes,
+            hvg_flavor="seurat",
+        )
         extra_labels = {}
-    manifest: dict[str, Any] = {
-        "genes": prep.genes,
-        "genes_sha256": genes_hash(prep.genes),
-        "preprocessing": preprocessing,
-        "graph": graph,
-        "model": {
-            "hidden_dim": config.hidden_dim,
-            "out_dim": config.out_dim,
-            "embedding": config.embedding,
-            "fused_dim": int(result.embedding.shape[1]),
-            "cell_dim": int(result.cell_embedding.shape[1]),
-        },
-        "config": config.as_dict(),
-        "seed": config.seed,
-        "training": {
+    manifest = Manifest(
+        genes=tuple(prep.genes),
+        preprocessing=preprocessing,
+        graph=graph,
+        model=ModelShape(
+            hidden_dim=config.hidden_dim,
+            out_dim=config.out_dim,
+            embedding=config.embedding,
+            fused_dim=int(result.embedding.shape[1]),
+            cell_dim=int(result.cell_embedding.shape[1]),
+        ),
+        clusters=Clusters(
+            n_clusters=int(km.centroids.shape[0]),
+            method=k_method,
+            metric=metric,
+            algorithm=clustering.CLUSTER_ALGORITHM[metric],
+            k_selection=scores,
+            centroids_fused=km.centroids.tolist(),
+            centroids_cell=cent_cell.tolist(),
+        ),
+        config=config.as_dict(),
+        training={
             "n_cells": n,
             "n_cells_dropped": int((~prep.cell_mask).sum()),
             "device": describe_torch_device(dev),
@@ -210,17 +217,7 @@ def train_model(
             "batch_size": result.extra.get("batch_size"),
             "peak_gpu_bytes": peak_gpu,
         },
-        "clusters": {
-            "n_clusters": int(km.centroids.shape[0]),
-            "method": k_method,
-            "metric": metric,
-            "algorithm": clustering.CLUSTER_ALGORITHM[metric],
-            "k_selection": scores,
-            "centroids_fused": km.centroids.tolist(),
-            "centroids_cell": cent_cell.tolist(),
-        },
-        "onnx": dict(ONNX_FILES),
-    }
+    )
     files = model_files(result, manifest, labels_kept=km.labels, obs_names=list(adata.obs_names[prep.cell_mask]), export=export)
     return TrainedModel(
         files=files,
@@ -246,7 +243,7 @@ def spatial_coords(adata: AnnData) -> np.ndarray:
     return check_coords(adata.obsm["spatial"], adata.n_obs, "the input")
 
 
-def export_files(state: dict[str, Any], gene_emb: np.ndarray, manifest: dict[str, Any]) -> dict[str, bytes]:
+def export_files(state: dict[str, Any], gene_emb: np.ndarray, manifest: Manifest) -> dict[str, bytes]:
     """ONNX bytes of both views, keyed by their file names."""
     from .export import export_onnx
 
@@ -269,7 +266,7 @@ def export_stage_files(state: dict[str, Any], gene_emb: np.ndarray, meta: dict[s
 
 
 def model_files(
-    result: Any, manifest: dict[str, Any], *, labels_kept: np.ndarray, obs_names: list[str], export: bool
+    result: Any, manifest: Manifest, *, labels_kept: np.ndarray, obs_names: list[str], export: bool
 ) -> dict[str, bytes]:
     """Bytes of every file of the model directory except the manifest."""
     import torch
@@ -278,7 +275,7 @@ def model_files(
     buf = io.BytesIO()
     torch.save({**result.state, "gene_emb": torch.from_numpy(result.gene_emb)}, buf)
     files["weights.pt"] = buf.getvalue()
-    files["genes.txt"] = ("\n".join(manifest["genes"]) + "\n").encode()
+    files["genes.txt"] = ("\n".join(manifest.genes) + "\n").encode()
     header = "epoch,total,eda,nca,cvc\n"
     files["loss_log.csv"] = (
         header + "".join(f"{i + 1},{r[0]:.8g},{r[1]:.8g},{r[2]:.8g},{r[3]:.8g}\n" for i, r in enumerate(result.losses))
@@ -321,15 +318,14 @@ def re_export(path: Path) -> list[str]:
         raise ScrclError(f"weights.pt in {path} is not a scrcl-cli state dict", "Retrain the model")
     check_weights(state, bundle.manifest, path)
     gene_emb = state.pop("gene_emb").numpy()
-    files = {name: bundle.read_bytes(name) for name in bundle.manifest["files"]}
+    files = {name: bundle.read_bytes(name) for name in bundle.manifest.files}
     new = export_files(state, gene_emb, bundle.manifest)
     files.update(new)
-    manifest = {k: v for k, v in bundle.manifest.items() if k not in ("files", "format_version", "scrcl_version")}
-    write_model_dir(path, files, manifest, overwrite=True)
+    write_model_dir(path, files, bundle.manifest, overwrite=True)
     return sorted(new)
 
 
-def check_weights(state: dict[str, Any], manifest: dict[str, Any], path: Path) -> None:
+def check_weights(state: dict[str, Any], manifest: Manifest, path: Path) -> None:
     """Every tensor the exporter reads must be present, finite and shaped as the manifest says.
 
     state: the state dict of weights.pt (gene_emb included). Shapes, with G genes, H hidden, O out:
@@ -337,17 +333,17 @@ def check_weights(state: dict[str, Any], manifest: dict[str, Any], path: Path) -
     """
     import torch
 
-    model = manifest["model"]
-    g, h, o = len(manifest["genes"]), int(model["hidden_dim"]), int(model["out_dim"])
+    model = manifest.model
+    g, h, o = len(manifest.genes), model.hidden_dim, model.out_dim
     want: dict[str, tuple[int | None, ...]] = {
         "mlp_w": (h, g), "mlp_b": (h,), "gcn1_w": (h, g), "gcn1_b": (h,), "gcn2_w": (h, h), "gcn2_b": (h,),
         "fc_w": (h, h), "fc_b": (h,), "proj_w": (g, h), "proj_b": (g,), "gene_w": (o, None), "gene_b": (o,),
         "gene_emb": (g, o),
     }  # fmt: skip
-    if model["embedding"] == "gcn-pca":
+    if model.embedding == "gcn-pca":
         for view in ("cell", "fused"):
             want[f"embed_{view}_mean"] = (h,)
-            want[f"embed_{view}_components"] = (h, int(model[f"{view}_dim"]))
+            want[f"embed_{view}_components"] = (h, model.width(view))
     unexpected = sorted(set(state) - set(want))
     if unexpected:
         raise ScrclError(

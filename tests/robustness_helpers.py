@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -82,8 +83,18 @@ def poisson_counts(n_cells: int, n_genes: int, seed: int = 0, lam: float = 1.0) 
     return rng.poisson(rates).astype(np.float32)
 
 
-def minimal_manifest(genes: list[str], **extra: object) -> dict:
-    """The smallest manifest `bundle.validate_manifest` accepts (1 cluster, widths 2), for format tests."""
+def minimal_manifest(genes: list[str], **extra: object) -> Any:
+    """The smallest manifest `bundle.Manifest.from_json` accepts (1 cluster, widths 2), typed."""
+    from pathlib import Path
+
+    from scrcl_cli import bundle
+
+    doc = {**minimal_manifest_json(genes, **extra), "format_version": bundle.FORMAT_VERSION, "files": {}}
+    return bundle.Manifest.from_json(doc, Path("minimal"))
+
+
+def minimal_manifest_json(genes: list[str], **extra: object) -> dict:
+    """`minimal_manifest` as JSON, without the file table and format version that writing adds."""
     from scrcl_cli import bundle
 
     return {

@@ -39,12 +39,12 @@ def test_train_on_pbmc4k_writes_complete_model_directory(tmp_path):
     res = CliRunner().invoke(cli, ["-q", "train", str(src), "-o", str(out), *FAST, "--seed", "1"])
     assert res.exit_code == 0, res.output
     model = bundle.read_bundle(out)  # checks every hash
-    names = set(model.manifest["files"])
+    names = set(model.manifest.files)
     assert {"weights.pt", "encoder_fused.onnx", "encoder_cell.onnx", "genes.txt", "loss_log.csv",
             "train_embedding.npy", "train_clusters.csv"} <= names
     m = model.manifest
-    assert len(m["genes"]) == 2000 and m["seed"] == 1 and m["training"]["device"] == "cpu"
-    assert len(m["clusters"]["centroids_fused"]) == m["clusters"]["n_clusters"]
+    assert len(m.genes) == 2000 and m.config["seed"] == 1 and m.training["device"] == "cpu"
+    assert m.clusters.centroids("fused").shape[0] == m.clusters.n_clusters
     assert (out / "loss_log.csv").read_text().count("\n") == 3 + 1
     import torch
 
@@ -60,7 +60,7 @@ def test_export_rewrites_onnx_with_new_hashes(trained_model, tmp_path):
     shutil.copytree(trained_model, copy)
     res = CliRunner().invoke(cli, ["-q", "export", str(copy)])
     assert res.exit_code == 0, res.output
-    assert bundle.read_bundle(copy).manifest["genes"] == bundle.read_bundle(trained_model).manifest["genes"]
+    assert bundle.read_bundle(copy).manifest.genes == bundle.read_bundle(trained_model).manifest.genes
 
 
 def test_info_reports_torch_and_onnxruntime():
@@ -75,7 +75,7 @@ def test_demo_trains_clusters_and_scores_the_bundled_example(tmp_path):
     assert res.exit_code == 0, res.output
     assert re.search(r"demo: ARI against the published PBMC annotation = -?\d\.\d{3}", res.output)
     assert (tmp_path / "d" / "pbmc68k_clustered.h5ad").exists()
-    assert bundle.read_bundle(tmp_path / "d" / "model").manifest["training"]["n_cells"] == 700
+    assert bundle.read_bundle(tmp_path / "d" / "model").manifest.training["n_cells"] == 700
 
 
 def test_train_option_defaults_are_the_training_defaults():
@@ -140,9 +140,9 @@ def test_cluster_reproduces_training_clusters_for_both_embeddings(tmp_path, embe
     m = bundle.read_bundle(model).manifest
     # gcn-pca: min(50 components, hidden width 32); fused: 2 * out_dim 8
     width, metric = (32, "euclidean") if embedding == "gcn-pca" else (16, "cosine")
-    assert m["model"]["embedding"] == embedding and m["clusters"]["metric"] == metric
-    assert m["clusters"]["algorithm"] == ("ward-kmeans" if embedding == "gcn-pca" else "spherical-kmeans")
-    assert m["model"]["fused_dim"] == width and np.asarray(m["clusters"]["centroids_fused"]).shape == (5, width)
+    assert m.model.embedding == embedding and m.clusters.metric == metric
+    assert m.clusters.algorithm == ("ward-kmeans" if embedding == "gcn-pca" else "spherical-kmeans")
+    assert m.model.fused_dim == width and m.clusters.centroids("fused").shape == (5, width)
     trained = ad.read_h5ad(train_out)
     assert trained.obsm["X_scrcl"].shape[1] == width
     res = CliRunner().invoke(cli, ["-q", "cluster", str(EXAMPLE), "-m", str(model), "-o", str(tmp_path / "c.h5ad")])
@@ -158,7 +158,7 @@ def test_cluster_reproduces_training_clusters_for_both_embeddings(tmp_path, embe
                                    "--denovo", "--n-clusters", "5", "--seed", "0"])
     assert res.exit_code == 0, res.output
     denovo = ad.read_h5ad(tmp_path / "d.h5ad")
-    assert denovo.uns["scrcl"]["cluster"]["algorithm"] == m["clusters"]["algorithm"]
+    assert denovo.uns["scrcl"]["cluster"]["algorithm"] == m.clusters.algorithm
     assert ari(trained.obs["scrcl_cluster"].astype(str), denovo.obs["scrcl_cluster"].astype(str)) > 0.95
 
 

@@ -145,7 +145,7 @@ def test_train_drops_all_zero_cells_and_genes_with_a_count_in_the_log(bad: Path,
                                    "--n-neighbors", "5", "--no-export"])
     assert res.exit_code == 0, res.output
     assert "dropped 5 all-zero cells and 3 all-zero genes" in " ".join(res.stderr.split())
-    assert bundle.read_bundle(tmp_path / "model").manifest["training"]["n_cells_dropped"] == 5
+    assert bundle.read_bundle(tmp_path / "model").manifest.training["n_cells_dropped"] == 5
 
 
 # ----------------------------------------------------------------------------- model directories

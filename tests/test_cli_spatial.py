@@ -35,10 +35,10 @@ def test_spatial_train_then_cluster_writes_refined_domains(section, tmp_path):
                               "--out-h5ad", str(tmp_path / "train.h5ad")])
     assert res.exit_code == 0, res.output
     m = bundle.read_bundle(model).manifest
-    assert m["preprocessing"]["mode"] == "spatial" and len(m["preprocessing"]["gene_std"]) == len(m["genes"]) == 33
-    assert m["graph"]["kind"] == "spatial" and m["graph"]["refine_neighbours"] == 10
+    assert m.preprocessing.mode == "spatial" and len(m.preprocessing.gene_std or ()) == len(m.genes) == 33
+    assert m.graph.kind == "spatial" and m.graph.refine_neighbours == 10
     # Options given on the command line win; the others take the spatial defaults, not SC's.
-    cfg = m["config"]
+    cfg = m.config
     assert (cfg["epochs"], cfg["hidden_dim"], cfg["out_dim"]) == (3, 32, 6)
     assert (cfg["temperature"], cfg["lambda1"], cfg["gene_neighbors"], cfg["t0"], cfg["t1"], cfg["n_top_genes"]) == (
         1.0, 10.0, 1, 5, 5, 3000)

@@ -197,7 +197,7 @@ def test_train_succeeds_with_finite_outputs_or_one_line_error(case: RandomH5ad, 
         emb = adata.obsm["X_scrcl"]
         assert used.any() and np.isfinite(emb[used]).all(), case.desc
         assert np.isnan(emb[~used]).all()  # dropped (all-zero) cells are marked, not invented
-        assert trained.manifest["training"]["n_cells"] == int(used.sum())
+        assert trained.manifest.training["n_cells"] == int(used.sum())
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +258,7 @@ def test_train_export_then_cluster_round_trip_on_random_data():
             clustered = _read(out)
             assert np.isfinite(clustered.obsm["X_scrcl"]).all()
             assert clustered.obs["scrcl_cluster"].notna().all()
-            k = bundle.read_bundle(model).manifest["clusters"]["n_clusters"]
+            k = bundle.read_bundle(model).manifest.clusters.n_clusters
             assert set(clustered.obs["scrcl_cluster"].astype(int)) <= set(range(k))
             outcomes.append("round trip")
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import anndata
 import numpy as np
 import pytest
 from conftest import EXAMPLE, shared
+from robustness_helpers import minimal_manifest
 
 from scrcl_cli import bundle, inference
 from scrcl_cli.io import h5ad
@@ -115,9 +117,9 @@ def test_fused_batches_bounded_by_gather_budget_give_same_embedding(trained_mode
     model = bundle.read_bundle(trained_model)
     q = _query()
     query = inference.prepare_query(q, model, min_gene_overlap=0.5, name="q")
-    a_hat = inference.query_graph(query.lognorm, model.manifest["graph"])
+    a_hat = inference.query_graph(query.lognorm, model.manifest.graph)
     session, _ = inference.open_session(model, "fused")
-    params = model.manifest["graph"]
+    params = model.manifest.graph
     whole = inference.run_encoder(session, "fused", query.model_input, a_hat, params, batch_size=100000, hidden_dim=64)
     calls = []
     small = inference.run_encoder(session, "fused", query.model_input, a_hat, params, batch_size=100000, hidden_dim=64,
@@ -144,16 +146,16 @@ def _reference_prepare(x, var_names, bundle):
     from scrcl_cli.preprocessing import lognormalize, transform_query
     from scrcl_cli.spatial import scale_with
 
-    pre = bundle.manifest["preprocessing"]
+    pre = bundle.manifest.preprocessing
     x = sp.csr_matrix(x, dtype=np.float32)
-    lognorm, found = _align_genes(lognormalize(x, pre["expression"]), var_names, bundle.genes, min_overlap=0.5, name="q")
-    if pre.get("mode") == "spatial":
-        model_input = sp.csr_matrix(scale_with(lognorm, np.asarray(pre["gene_std"]), float(pre["max_value"])),
+    lognorm, found = _align_genes(lognormalize(x, pre.expression), var_names, bundle.genes, min_overlap=0.5, name="q")
+    if pre.is_spatial:
+        model_input = sp.csr_matrix(scale_with(lognorm, np.asarray(pre.gene_std), float(pre.max_value)),
                                     dtype=np.float32)
         return lognorm, model_input, found
-    raw = lognorm if pre["input_mode"] == "lognorm" else _align_genes(x, var_names, bundle.genes, min_overlap=0.0,
+    raw = lognorm if pre.input_mode == "lognorm" else _align_genes(x, var_names, bundle.genes, min_overlap=0.0,
                                                                           name="q")[0]
-    return lognorm, transform_query(lognorm, raw, pre["input_mode"]), found
+    return lognorm, transform_query(lognorm, raw, pre.input_mode), found
 
 
 def _assert_bitwise(a, b):
@@ -163,9 +165,9 @@ def _assert_bitwise(a, b):
 
 
 PREPROCESSING = {
-    "lognorm": {"expression": "counts", "input_mode": "lognorm"},
-    "counts": {"expression": "counts", "input_mode": "counts"},
-    "spatial": {"expression": "counts", "input_mode": "lognorm", "mode": "spatial", "max_value": 10.0},
+    "lognorm": {"mode": "sc", "expression": "counts", "input_mode": "lognorm"},
+    "counts": {"mode": "sc", "expression": "counts", "input_mode": "counts"},
+    "spatial": {"mode": "spatial", "expression": "counts", "input_mode": "scaled", "max_value": 10.0},
 }
 
 
@@ -181,8 +183,9 @@ def test_prepare_query_file_is_bitwise_the_whole_prepare_on_real_data(mode):
     rng = np.random.default_rng(0)
     genes = list(rng.permutation(np.asarray(whole.var_names))[:1200]) + [f"absent{i}" for i in range(100)]
     genes = [str(g) for g in rng.permutation(genes)]
-    pre = dict(PREPROCESSING[mode], gene_std=list(rng.uniform(0.2, 2.0, len(genes))))
-    model = bundle.ModelBundle(path=path.parent, manifest={"genes": genes, "preprocessing": pre})
+    std = tuple(float(v) for v in rng.uniform(0.2, 2.0, len(genes)))
+    manifest = replace(minimal_manifest(genes), preprocessing=bundle.Preprocessing(**PREPROCESSING[mode], gene_std=std))
+    model = bundle.ModelBundle(path=path.parent, manifest=manifest)
     ref_lognorm, ref_input, ref_found = _reference_prepare(whole.X, [str(v) for v in whole.var_names], model)
 
     reader = h5ad.ChunkedH5ad(path, chunk_rows=333)

@@ -26,6 +26,7 @@ from robustness_helpers import (
     FAST_TRAIN,
     assert_one_line_error,
     minimal_manifest,
+    minimal_manifest_json,
     run_cli,
     sha256_file,
     sha256_tree,
@@ -147,7 +148,7 @@ from scrcl_cli import bundle
 blob = bytes(range(256)) * (128 * 1024)  # 32 MiB
 files = {name: blob for name in ("weights.pt", "encoder_fused.onnx", "encoder_cell.onnx", "train_embedding.npy",
                                  "loss_log.csv", "train_clusters.csv")}
-manifest = json.loads(sys.argv[2])
+manifest = bundle.Manifest.from_json(json.loads(sys.argv[2]), Path("m"))
 bundle.write_model_dir(Path(sys.argv[1]), files, manifest, overwrite=True)
 """
 
@@ -161,7 +162,7 @@ def test_model_directory_sigkill_during_write_leaves_nothing_or_the_previous_mod
         bundle.write_model_dir(dest, {"weights.pt": b"old"}, minimal_manifest(["a"]), overwrite=False)
     old = sha256_tree(dest) if previous else None
     proc = subprocess.Popen([sys.executable, "-c", _WRITE_MODEL, str(dest),
-                             json.dumps(minimal_manifest(["a", "b"], run="killed"))], stderr=subprocess.PIPE, text=True)
+                             json.dumps({**minimal_manifest_json(["a", "b"]), "format_version": bundle.FORMAT_VERSION, "files": {}})], stderr=subprocess.PIPE, text=True)
     _reap.append(proc)
     end = time.monotonic() + 120
     while not any(t.is_dir() and any(t.iterdir()) for t in _temporaries(dest)):
@@ -172,7 +173,7 @@ def test_model_directory_sigkill_during_write_leaves_nothing_or_the_previous_mod
     proc.wait(timeout=60)
     if previous:
         assert sha256_tree(dest) == old
-        assert bundle.read_bundle(dest).manifest["files"] == {"weights.pt": bundle.sha256_bytes(b"old")}
+        assert bundle.read_bundle(dest).manifest.files == {"weights.pt": bundle.sha256_bytes(b"old")}
     else:
         assert not dest.exists()
     # A complete write afterwards removes the stale temporary directory.

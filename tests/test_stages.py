@@ -28,9 +28,9 @@ def _query(rows=None):
 @pytest.mark.parametrize("rows", [None, slice(100, 450)])
 def test_staged_encoder_equals_one_graph_encoder(trained_model, view, rows):
     bundle = model_bundle.read_bundle(trained_model)
-    assert stages.has_stages(bundle.manifest["files"], view)
+    assert stages.has_stages(bundle.manifest.files, view)
     query = inference.prepare_query(_query(rows), bundle, min_gene_overlap=0.5, name="q")
-    params = bundle.manifest["graph"]
+    params = bundle.manifest.graph
     a_hat = inference.query_graph(query.lognorm, params)
     session, _ = inference.open_session(bundle, view)
     one = inference.run_encoder(session, view, query.model_input, a_hat, params, hidden_dim=64)

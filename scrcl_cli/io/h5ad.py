@@ -20,11 +20,12 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
 
+from ..config import Expression
 from ..errors import ScrclError
 from .output import atomic_path, check_stop, copy_file
 
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Expression = Literal["counts", "continuous", "log"]
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
