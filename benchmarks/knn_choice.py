@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     import scipy.sparse as sp
 
     from scrcl_cli import graphs
+    from scrcl_cli._utils import unit_rows
     from scrcl_cli.preprocessing import lognormalize
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         feats = graphs.pca_scores(x, 50)
         pca_s = time.perf_counter() - t
-        unit = graphs._unit_rows(feats)
+        unit = unit_rows(feats, np.float32)
         kk = args.k - 1
         rows = np.random.default_rng(1).choice(n, size=min(args.sample, n), replace=False)
         exact = exact_sample(unit, rows, kk)

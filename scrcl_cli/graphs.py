@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from ._utils import unit_rows
+
 log = logging.getLogger(__name__)
 
 # Search on the PCA at every N. Cosine kNN on the raw 2000-HVG profiles gave a much noisier graph
@@ -98,11 +100,6 @@ def pca_scores(x: sp.csr_matrix | np.ndarray, n_comps: int = 50, *, gram: np.nda
     return scores.astype(np.float32)
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
 def knn_cosine(
     feats: np.ndarray,
     n_neighbors: int,
@@ -122,7 +119,7 @@ def knn_cosine(
     """
     n = feats.shape[0]
     k = min(n_neighbors, n)
-    unit = _unit_rows(np.asarray(feats, dtype=np.float32))
+    unit = unit_rows(feats, np.float32)
     if device is None and n > (EXACT_KNN_MAX if exact_max is None else exact_max):
         log.info("approximate kNN search (%d cells, more than %d)", n, EXACT_KNN_MAX if exact_max is None else exact_max)
         return knn_cosine_approx(unit, k, seed=seed, progress=progress)

@@ -8,6 +8,7 @@ import scipy.sparse as sp
 from sklearn.neighbors import kneighbors_graph
 
 from scrcl_cli import graphs
+from scrcl_cli._utils import unit_rows
 
 
 def _feats(n=120, d=20, seed=0):
@@ -127,14 +128,14 @@ def test_approximate_knn_recalls_the_exact_neighbours_on_real_cells(name):
     """Small lists force the partition + NN-descent path that large N takes by default."""
     feats = _real_pca(name)
     exact = graphs.knn_cosine(feats, 15)
-    approx = graphs.knn_cosine_approx(graphs._unit_rows(feats), 15, list_size=300)
+    approx = graphs.knn_cosine_approx(unit_rows(feats, np.float32), 15, list_size=300)
     assert approx.shape == exact.shape and not np.any(approx == np.arange(len(feats))[:, None])
     assert all(len(set(r)) == r.size for r in approx)  # no neighbour listed twice
     recall = np.mean([len(set(a) & set(b)) for a, b in zip(approx, exact)]) / exact.shape[1]
     # Measured with lists of 300 cells: 0.980 (pbmc_10x_4k) and 0.936 (cite_cbmc).
     assert recall > 0.9
     # Nearest first, as in the exact search.
-    u = graphs._unit_rows(feats)
+    u = unit_rows(feats, np.float32)
     sims = np.einsum("nd,nkd->nk", u, u[approx])
     assert np.all(np.diff(sims, axis=1) <= 1e-6)
 
@@ -144,7 +145,7 @@ def test_approximate_knn_is_deterministic_given_the_seed(monkeypatch):
     x = _feats(600)
     first = graphs.knn_cosine(x, 10, seed=1)
     assert np.array_equal(first, graphs.knn_cosine(x, 10, seed=1))
-    assert np.array_equal(first, graphs.knn_cosine_approx(graphs._unit_rows(x), 10, seed=1))  # the path taken
+    assert np.array_equal(first, graphs.knn_cosine_approx(unit_rows(x, np.float32), 10, seed=1))  # the path taken
 
 
 @pytest.mark.parametrize("where", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -1,0 +1,13 @@
+"""Small array helpers shared by several modules (kept here so that no module imports another for them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def unit_rows(x: np.ndarray, dtype: Any = np.float64) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero); x: (N, d) -> `dtype` (N, d)."""
+    x = np.asarray(x, dtype=dtype)
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(dtype, copy=False)
