@@ -30,10 +30,12 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,21 +99,35 @@ def ingest(ref: Any, query: Any, ref_labels: np.ndarray) -> np.ndarray:
     sc.pp.pca(r, n_comps=min(50, r.n_obs - 1))
     sc.pp.neighbors(r, n_neighbors=15)
     r.obs["km"] = [str(v) for v in ref_labels]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _pynndescent_search_trees():
         warnings.simplefilter("ignore")
-        sc.tl.ingest(q, r, obs="km")
+        sc.tl.ingest(q, r, obs="km", embedding_method="pca")
     return q.obs["km"].astype(int).to_numpy()
 
 
-def _ingest_score(y_q: np.ndarray, ref: Any, query: Any, ref_labels: np.ndarray) -> float:
-    """ARI of `ingest`, NaN (with the reason logged) where this scanpy/pynndescent/numpy set cannot run it."""
-    from scrcl_cli.metrics import ari
+@contextlib.contextmanager
+def _pynndescent_search_trees() -> Iterator[None]:
+    """Let scanpy's ingest run with pynndescent >= 0.6.
 
+    scanpy's ingest rebuilds the search forest from `NNDescent.n_search_trees`, which pynndescent
+    0.6 made default to None (it was 1); `make_forest(None, ...)` then fails inside numpy. The
+    subclass restores the old default for the duration of the call only.
+    """
+    import pynndescent
+
+    original = pynndescent.NNDescent
+
+    class _NNDescent(original):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if self.n_search_trees is None:
+                self.n_search_trees = 1
+
+    pynndescent.NNDescent = _NNDescent
     try:
-        return float(ari(y_q, ingest(ref, query, ref_labels)))
-    except TypeError as exc:  # pynndescent's forest builder with numpy 2 (size=(None, ...))
-        print(f"ingest failed: {type(exc).__name__}: {exc}", flush=True)
-        return float("nan")
+        yield
+    finally:
+        pynndescent.NNDescent = original
 
 
 def query_alone(query: Any, k: int, seed: int) -> np.ndarray:
@@ -153,7 +169,7 @@ def run_split(adata: Any, name: str, mask: np.ndarray, k: int, seed: int, args: 
         "scrcl_denovo_query": ari(y_q, denovo.obs["scrcl_cluster"].astype(int).to_numpy()),
         "halves_agreement": float(np.mean(halves == m)),
         "pca_projection_query": ari(y_q, pr_q), "pca_projection_ref": ari(y_ref, pr_ref),
-        "ingest_query": _ingest_score(y_q, ref, query, pr_ref),
+        "ingest_query": float(ari(y_q, ingest(ref, query, pr_ref))),
         "query_alone": ari(y_q, query_alone(query, k, seed)),
     }
     return out
