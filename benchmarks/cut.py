@@ -78,20 +78,14 @@ def stressed(labels: np.ndarray, seed: int = 0) -> np.ndarray | None:
     return keep
 
 
-def train_one(job: dict[str, Any]) -> dict[str, Any]:
-    """Train on one dataset (variant, seed) and cache embedding, label-free K and the PCA baseline inputs."""
+def _prepared(job: dict[str, Any]) -> tuple[Any, np.ndarray, str, Any, Any]:
+    """(AnnData, labels, expression, `preprocessing.prepare` result, TrainConfig) of one job's cells."""
     import anndata as ad
     import scipy.sparse as sp
-    import torch
 
-    from scrcl_cli import clustering
     from scrcl_cli.preprocessing import prepare
-    from scrcl_cli.training import TrainConfig, build_inputs, fit
+    from scrcl_cli.training import TrainConfig
 
-    torch.set_num_threads(job["threads"])
-    cache = Path(job["cache"])
-    if cache.exists():
-        return {"cache": str(cache), "cached": True}
     a = ad.read_h5ad(Path(job["data_dir"]) / f"{job['dataset']}.h5ad")
     labels = a.obs[LABEL_KEY].astype(str).to_numpy()
     if job["variant"] == "stress":
@@ -102,10 +96,26 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
         sub = np.sort(np.random.default_rng(0).choice(a.n_obs, job["max_cells"], replace=False))
         a, labels = a[sub].copy(), labels[sub]
     expression = detect_expression(a.X)[0]
-    config = TrainConfig(hidden_dim=job["hidden_dim"], epochs=job["epochs"], seed=job["seed"], expression=expression)
+    config = TrainConfig(hidden_dim=job["hidden_dim"], epochs=job["epochs"], seed=job["seed"], expression=expression,
+                         **job["overrides"])
     x = sp.csr_matrix(a.X, dtype=np.float32)
     prep = prepare(x, [str(v) for v in a.var_names], n_top_genes=config.n_top_genes, input_mode=config.input_mode,
                    expression=expression)
+    return a, labels, expression, prep, config
+
+
+def train_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Train on one dataset (variant, seed) and cache embedding, label-free K and the PCA baseline inputs."""
+    import torch
+
+    from scrcl_cli import clustering
+    from scrcl_cli.training import build_inputs, fit
+
+    torch.set_num_threads(job["threads"])
+    cache = Path(job["cache"])
+    if cache.exists():
+        return {"cache": str(cache), "cached": True}
+    a, labels, expression, prep, config = _prepared(job)
     tic = time.perf_counter()
     inputs = build_inputs(prep.model_input, prep.lognorm, config)
     result = fit(inputs, config, device=torch.device(job["device"]))
@@ -182,12 +192,47 @@ def cut_leiden_merge(e: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 CUTS: dict[str, Callable[[np.ndarray, int, int], np.ndarray]] = {
-    "ward-kmeans (now)": cut_ward_kmeans,
+    "ward-kmeans (default, label-free)": cut_ward_kmeans,
     "ward merge, no Lloyd": cut_ward,
     "average merge, no Lloyd": cut_average,
     "leiden to K": cut_leiden,
     "leiden to K + ward merge": cut_leiden_merge,
 }
+# Weights of the PCA block in `cut_joint` (the embedding's block has weight 1).
+JOINT_WEIGHTS = (0.5, 1.0)
+
+
+def cut_joint(e: np.ndarray, k: int, seed: int, pca: np.ndarray, weight: float) -> np.ndarray:
+    """ward-kmeans on the embedding beside the run's PCA baseline components (`clustering.joint_embedding`)."""
+    from scrcl_cli import clustering
+
+    return clustering.ward_kmeans(clustering.joint_embedding(e, pca, weight), k, seed=seed).labels
+
+
+def cut_package_joint(e: np.ndarray, k: int, seed: int, unsmoothed: Any, weight: float) -> np.ndarray:
+    """What `train` runs with an unsmoothed weight: `clustering.cluster_embedding` beside the
+    principal components of the scaled, unsmoothed model input."""
+    from scrcl_cli import clustering
+
+    return clustering.cluster_embedding(e, k, seed=seed, metric="euclidean", unsmoothed=unsmoothed,
+                                        unsmoothed_weight=weight).labels
+
+
+def cut_joint_unscaled(e: np.ndarray, k: int, seed: int, unsmoothed: Any, weight: float) -> np.ndarray:
+    """As `cut_package_joint` without scaling the genes first."""
+    from scrcl_cli import clustering
+
+    z = clustering.joint_embedding(e, clustering.unsmoothed_components(unsmoothed, scale=False), weight)
+    return clustering.ward_kmeans(z, k, seed=seed).labels
+
+
+PACKAGE_JOINT = {"unscaled unsmoothed input, weight 0.5": (cut_joint_unscaled, 0.5),
+                 "scaled unsmoothed input, weight 0.5 (default, K given)": (cut_package_joint, 0.5)}
+
+
+def cut_names() -> list[str]:
+    """Every candidate cut, in report order."""
+    return [*CUTS, *(f"joint with PCA, weight {w:g}" for w in JOINT_WEIGHTS), *PACKAGE_JOINT]
 
 
 def score(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
@@ -198,15 +243,24 @@ def score(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
             "n_clusters": int(np.unique(pred).size)}
 
 
-def evaluate_cache(path: str, seed: int) -> dict[str, Any]:
+def evaluate_cache(job: dict[str, Any]) -> dict[str, Any]:
     """Every cut, K given and label-free, plus the two baselines with K given, on one cached run."""
-    d = np.load(path)
+    seed = job["seed"]
+    d = np.load(job["cache"])
     e, y, k_free, pca = d["embedding"], d["labels"].astype(str), int(d["k_free"]), d["pca"]
     k = int(np.unique(y).size)
     out: dict[str, Any] = {"k": k, "k_free": k_free, "seconds": float(d["seconds"])}
     for name, cut in CUTS.items():
         out[f"{name}|given"] = score(y, cut(e, k, seed))
         out[f"{name}|free"] = score(y, cut(e, k_free, seed))
+    for w, name in zip(JOINT_WEIGHTS, cut_names()[len(CUTS):]):
+        out[f"{name}|given"] = score(y, cut_joint(e, k, seed, pca, w))
+        out[f"{name}|free"] = score(y, cut_joint(e, k_free, seed, pca, w))
+    unsmoothed = _prepared(job)[3].model_input  # deterministic: the input the cached run trained on
+    assert unsmoothed.shape[0] == e.shape[0]
+    for name, (cut, w) in PACKAGE_JOINT.items():
+        out[f"{name}|given"] = score(y, cut(e, k, seed, unsmoothed, w))
+        out[f"{name}|free"] = score(y, cut(e, k_free, seed, unsmoothed, w))
     out["PCA + k-means|given"] = score(y, baselines.kmeans(pca, n_clusters=k, seed=seed))
     conn = baselines.knn_connectivities(np.asarray(pca, np.float64))
     out["PCA + Leiden to K|given"] = score(y, baselines.leiden_bisect(conn, n_clusters=k, seed=seed).labels)
@@ -229,8 +283,8 @@ def _f(v: float | None) -> str:
 def report(results: dict[str, dict[str, list[dict[str, Any]]]], tuning: list[str], confirmation: list[str],
            args: argparse.Namespace, command: str, minutes: float) -> str:
     """Markdown: mean ARI and rare-type recall per group and protocol, then per dataset."""
-    methods_given = [f"{c}|given" for c in CUTS] + ["PCA + k-means|given", "PCA + Leiden to K|given"]
-    methods_free = [f"{c}|free" for c in CUTS] + ["PCA + Leiden res. 1|free"]
+    methods_given = [f"{c}|given" for c in cut_names()] + ["PCA + k-means|given", "PCA + Leiden to K|given"]
+    methods_free = [f"{c}|free" for c in cut_names()] + ["PCA + Leiden res. 1|free"]
     lines = [
         f"Generated by `benchmarks/cut.py` on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC in {minutes:.0f} min:",
         "",
@@ -238,7 +292,9 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], tuning: list[str
         command,
         "```",
         "",
-        f"Setting: H {args.hidden_dim}, {args.epochs} epochs, every other option the default; at most "
+        f"Setting: H {args.hidden_dim}, {args.epochs} epochs, "
+        + "".join(f"{k} {v}, " for k, v in sorted(args.overrides.items()))
+        + f"every other option the default; at most "
         f"{args.max_cells:,} cells per dataset (a fixed random subsample); seeds {', '.join(map(str, args.seeds))}. "
         "Cell: mean over seeds of the dataset means; rare = mean recall (Hungarian matching) of the types "
         f"holding < {RARE:.0%} of the cells, over the datasets that have one.",
@@ -283,8 +339,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--stress", action="store_true", help="also the stress test on datasets with >= 10 types")
     p.add_argument("--workdir", default="bench/cut", help="cache of the trained embeddings (reused when present)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a TrainConfig field to change from its default for every training (repeatable), e.g. t0=2")
     add_report_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.overrides = parse_overrides(args.overrides)
+    except ValueError as exc:
+        p.error(str(exc))
+    return args
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["t0=2", "lr=1e-3"]`` -> ``{"t0": 2, "lr": 0.001}``, typed like the TrainConfig field."""
+    from dataclasses import fields
+
+    from scrcl_cli.config import TrainConfig
+
+    kinds = {f.name: type(getattr(TrainConfig(), f.name)) for f in fields(TrainConfig)}
+    fixed = {"hidden_dim", "epochs", "seed", "expression"}  # set by their own options or per dataset
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in kinds or name in fixed:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of "
+                             f"{', '.join(sorted(set(kinds) - fixed))}")
+        out[name] = kinds[name](value)
+    return out
+
+
+def _setting_name(args: argparse.Namespace) -> str:
+    """The cache folder of one setting: width, epochs, cells, then any overrides in name order."""
+    extra = "".join(f"_{k}{v}" for k, v in sorted(args.overrides.items()))
+    return f"H{args.hidden_dim}_E{args.epochs}_C{args.max_cells}{extra}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,13 +390,13 @@ def main(argv: list[str] | None = None) -> int:
                 if stressed(ad.read_h5ad(data_dir / f"{ds}.h5ad", backed="r").obs[LABEL_KEY].astype(str).to_numpy()) is None:
                     continue
             for seed in args.seeds:
-                cache = Path(args.workdir) / f"H{args.hidden_dim}_E{args.epochs}_C{args.max_cells}" / f"{ds}.{variant}.{seed}.npz"
+                cache = Path(args.workdir) / _setting_name(args) / f"{ds}.{variant}.{seed}.npz"
                 jobs.append({"dataset": ds, "variant": variant, "seed": seed, "cache": str(cache), "data_dir": str(data_dir),
                              "hidden_dim": args.hidden_dim, "epochs": args.epochs, "max_cells": args.max_cells,
-                             "device": args.device, "threads": max(1, (os.cpu_count() or 1) // args.jobs)})
+                             "device": args.device, "overrides": args.overrides, "threads": max(1, (os.cpu_count() or 1) // args.jobs)})
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(train_one, jobs))
-        scored = list(pool.map(evaluate_cache, [j["cache"] for j in jobs], [j["seed"] for j in jobs]))
+        scored = list(pool.map(evaluate_cache, jobs))
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for job, res in zip(jobs, scored):
         results.setdefault(job["variant"], {}).setdefault(job["dataset"], []).append(res)

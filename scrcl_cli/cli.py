@@ -540,7 +540,9 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
     "--unsmoothed-weight",
     type=_range("unsmoothed_weight"),
     default=C.TRAIN_DEFAULTS.unsmoothed_weight,
-    help="Cluster the gcn-pca embedding beside the unsmoothed PCA of the input, with this weight (0: embedding alone).",
+    show_default=f"{C.UNSMOOTHED_WEIGHT_K_GIVEN:g} with --n-clusters, 0 without",
+    help="Cluster the gcn-pca embedding beside the scaled, unsmoothed PCA of the input with this weight "
+    "(0: the embedding alone); `cluster --denovo` applies the same rule (docs/defaults.md).",
 )
 @_opt(
     "--n-clusters",

@@ -226,18 +226,28 @@ def ward_kmeans(
 CLUSTER_ALGORITHM = {"euclidean": "ward-kmeans", "cosine": "spherical-kmeans"}
 
 
-def unsmoothed_components(x: np.ndarray | sp.spmatrix, n_components: int = 50) -> np.ndarray:
+def unsmoothed_components(x: np.ndarray | sp.spmatrix, n_components: int = 50, *, scale: bool = True) -> np.ndarray:
     """Principal components of the unsmoothed model input (log-normalised HVGs).
 
-    x: (N, G) sparse or dense -> float64 (N, min(n_components, N - 1, G)). The PCA runs on the
-    G x G covariance (scikit-learn's ``covariance_eigh``, sparse input centred implicitly), so
-    memory stays linear in N and the result does not depend on a random seed.
+    x: (N, G) sparse or dense -> float64 (N, min(n_components, N - 1, G)). With `scale`, every
+    gene is first divided by its standard deviation (unit variance, as scanpy's ``pp.scale`` but
+    without its clip, so a sparse x stays sparse; constant genes are left as they are). The PCA
+    runs on the G x G covariance (scikit-learn's ``covariance_eigh``, sparse input centred
+    implicitly), so memory stays linear in N and the result does not depend on a random seed.
+    Why scaled: unscaled, a few highly expressed genes dominate the components and the rare types
+    they were meant to keep apart are lost again (docs/defaults.md).
     """
     from sklearn.decomposition import PCA
 
     n, g = x.shape
     d = max(1, min(n_components, n - 1, g))
     xs = sp.csr_matrix(x, dtype=np.float64) if sp.issparse(x) else np.asarray(x, dtype=np.float64)
+    if scale:
+        mean = np.asarray(xs.mean(axis=0)).ravel()
+        sq = np.asarray((sp.csr_matrix(xs).multiply(xs) if sp.issparse(xs) else np.square(xs)).mean(axis=0)).ravel()
+        sd = np.sqrt(np.maximum(sq - mean**2, 0.0))
+        inv = 1.0 / np.where(sd > 0, sd, 1.0)
+        xs = sp.csr_matrix(xs @ sp.diags(inv)) if sp.issparse(xs) else xs * inv
     return np.asarray(PCA(n_components=d, svd_solver="covariance_eigh").fit_transform(xs), dtype=np.float64)
 
 

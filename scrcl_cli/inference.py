@@ -27,7 +27,7 @@ from . import clustering, graphs, stages
 from ._device import Device, check_session_provider, ort_providers
 from ._version import __version__
 from .bundle import ONNX_FILES, GraphParams, ModelBundle, Preprocessing
-from .config import InputMode
+from .config import InputMode, unsmoothed_weight
 from .errors import ScrclError
 from .io.h5ad import Annotations, ChunkedH5ad, check_coords, checked_matrix, gene_selection
 from .preprocessing import lognormalize, transform_query
@@ -614,7 +614,7 @@ def _cluster_query(
             seed=seed,
             metric=metric,
             unsmoothed=rep.query.model_input,
-            unsmoothed_weight=float(bundle.manifest.config.get("unsmoothed_weight", 0.0)),
+            unsmoothed_weight=unsmoothed_weight(bundle.manifest.config.get("unsmoothed_weight"), k_given=n_clusters is not None),
         )
         labels = res.labels
         conf = clustering.assignment_confidence(emb, res.centroids, labels, metric)

@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from . import clustering, graphs
 from ._device import Device, describe_torch_device, resolve_torch_device
 from .bundle import ONNX_FILES, Clusters, GraphParams, Manifest, ModelShape, Preprocessing, onnx_metadata
+from .config import unsmoothed_weight
 from .errors import ScrclError
 from .preprocessing import prepare
 
@@ -134,7 +135,7 @@ def train_model(
         seed=config.seed,
         metric=metric,
         unsmoothed=prep.model_input,
-        unsmoothed_weight=config.unsmoothed_weight,
+        unsmoothed_weight=unsmoothed_weight(config.unsmoothed_weight, k_given=n_clusters is not None),
     )
     log.info(
         "clustered the training cells into %d clusters (%s; %s on the %s embedding)",

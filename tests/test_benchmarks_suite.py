@@ -80,3 +80,32 @@ def test_mapping_splits_hold_out_each_donor_once(bench_pkg: None):
     assert np.array_equal(np.sum([m for _, m in got], axis=0), np.ones(6))  # every cell a query exactly once
     (name, half), = mapping.splits(adata, None)
     assert name == "random half" and half.sum() == 3
+
+
+def test_cut_overrides_are_typed_and_name_their_cache(bench_pkg: None):
+    from benchmarks import cut
+
+    args = cut.parse_args(["--set", "t0=2", "--set", "lr=1e-3", "--set", "embedding=fused"])
+    assert args.overrides == {"t0": 2, "lr": 0.001, "embedding": "fused"}
+    assert cut._setting_name(args) == "H256_E100_C2000_embeddingfused_lr0.001_t02"
+    assert cut._setting_name(cut.parse_args([])) == "H256_E100_C2000"  # the defaults keep their cache
+    for bad in (["--set", "t0"], ["--set", "bogus=1"], ["--set", "seed=3"]):
+        with pytest.raises(SystemExit):
+            cut.parse_args(bad)
+
+
+def test_cut_joint_candidate_keeps_a_type_the_embedding_merges(bench_pkg: None):
+    """Two types the embedding cannot tell apart, and the PCA can: only the joint cut finds them."""
+    from benchmarks import cut
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 100)
+    emb = np.vstack([rng.normal(0, 0.1, (200, 4)), rng.normal(5, 0.1, (100, 4))])  # types 0 and 1 share a blob
+    pca = rng.normal(0, 0.1, (300, 4))
+    pca[100:200] += 5
+    pca[200:] -= 5
+    from scrcl_cli.metrics import ari
+
+    assert ari(y, cut.cut_ward_kmeans(emb, 3, 0)) < 0.8
+    assert ari(y, cut.cut_joint(emb, 3, 0, pca, 1.0)) == pytest.approx(1.0)
+    assert cut.cut_names()[-len(cut.JOINT_WEIGHTS):] == [f"joint with PCA, weight {w:g}" for w in cut.JOINT_WEIGHTS]

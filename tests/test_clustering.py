@@ -235,3 +235,28 @@ def test_cluster_embedding_with_unsmoothed_component_isolates_rare_cells():
     # Weight 0 is the embedding alone, whatever is passed.
     zero = clustering.cluster_embedding(emb, 3, seed=0, metric="euclidean", unsmoothed=raw, unsmoothed_weight=0.0)
     assert np.array_equal(zero.labels, alone)
+
+
+def test_unsmoothed_components_scale_genes_to_unit_variance_first():
+    """Scaled: the PCA of the z-scored genes (reference: numpy's SVD of the standardised matrix)."""
+    rng = np.random.default_rng(1)
+    raw = np.maximum(rng.normal(0, 1, (80, 12)) * rng.uniform(0.1, 20, 12), 0)
+    raw[:, 3] = 2.0  # a constant gene stays as it is (and contributes nothing)
+    got = clustering.unsmoothed_components(sp.csr_matrix(raw), n_components=4)
+    sd = raw.std(0)
+    z = (raw - raw.mean(0)) / np.where(sd > 0, sd, 1.0)
+    u, s, _ = np.linalg.svd(z, full_matrices=False)
+    want = u[:, :4] * s[:4]
+    assert np.allclose(np.abs(got), np.abs(want), atol=1e-8)
+    unscaled = clustering.unsmoothed_components(raw, n_components=4, scale=False)
+    assert not np.allclose(np.abs(unscaled), np.abs(want), atol=1e-3)  # scaling changed the components
+
+
+def test_unsmoothed_weight_default_is_on_with_k_given_only():
+    from scrcl_cli import config
+
+    assert config.TrainConfig().unsmoothed_weight is None
+    assert config.unsmoothed_weight(None, k_given=True) == config.UNSMOOTHED_WEIGHT_K_GIVEN == 0.5
+    assert config.unsmoothed_weight(None, k_given=False) == 0.0
+    assert config.unsmoothed_weight(0.0, k_given=True) == 0.0  # an explicit weight always wins
+    assert config.unsmoothed_weight(2.0, k_given=False) == 2.0
