@@ -22,7 +22,7 @@ import os
 import re
 import stat
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -418,46 +418,16 @@ class Manifest:
     def from_json(cls, obj: Any, path: Path) -> Manifest:
         """Validate a parsed ``scrcl_model.json`` (:func:`validate_manifest`) and type it."""
         validate_manifest(obj, path)
-        pre, graph, model, clusters = obj["preprocessing"], obj["graph"], obj["model"], obj["clusters"]
-        std = pre.get("gene_std")
+        pre = dict(obj["preprocessing"])
+        if pre.get("gene_std") is not None:
+            pre["gene_std"] = tuple(float(v) for v in pre["gene_std"])
+        pre["target_sum"] = float(pre["target_sum"])
         return cls(
             genes=tuple(obj["genes"]),
-            preprocessing=Preprocessing(
-                mode=pre["mode"],
-                input_mode=pre["input_mode"],
-                expression=pre["expression"],
-                target_sum=float(pre["target_sum"]),
-                n_top_genes=_opt_int(pre.get("n_top_genes")),
-                hvg_flavor=_opt_str(pre.get("hvg_flavor")),
-                gene_std=None if std is None else tuple(float(v) for v in std),
-                max_value=None if pre.get("max_value") is None else float(pre["max_value"]),
-            ),
-            graph=GraphParams(
-                kind=graph["kind"],
-                n_neighbors=graph["n_neighbors"],
-                t0=graph["t0"],
-                t1=graph["t1"],
-                pca_threshold=graph["pca_threshold"],
-                metric=str(graph.get("metric", "cosine")),
-                gene_neighbors=_opt_int(graph.get("gene_neighbors")),
-                refine_neighbours=_opt_int(graph.get("refine_neighbours")),
-            ),
-            model=ModelShape(
-                hidden_dim=model["hidden_dim"],
-                out_dim=model["out_dim"],
-                embedding=model["embedding"],
-                fused_dim=model["fused_dim"],
-                cell_dim=model["cell_dim"],
-            ),
-            clusters=Clusters(
-                n_clusters=clusters["n_clusters"],
-                metric=clusters["metric"],
-                centroids_fused=clusters["centroids_fused"],
-                centroids_cell=clusters["centroids_cell"],
-                method=str(clusters.get("method", "given")),
-                algorithm=_opt_str(clusters.get("algorithm")),
-                k_selection=clusters.get("k_selection"),
-            ),
+            preprocessing=_section(Preprocessing, pre),
+            graph=_section(GraphParams, obj["graph"]),
+            model=_section(ModelShape, obj["model"]),
+            clusters=_section(Clusters, obj["clusters"]),
             config=dict(obj["config"]),
             training=dict(obj["training"]),
             files=dict(obj["files"]),
@@ -487,12 +457,10 @@ class Manifest:
         return Manifest.from_json(json.loads(text), where)
 
 
-def _opt_int(value: Any) -> int | None:
-    return None if value is None else int(value)
-
-
-def _opt_str(value: Any) -> str | None:
-    return None if value is None else str(value)
+def _section(cls: Any, obj: Mapping[str, Any]) -> Any:
+    """The dataclass `cls` from the keys of a validated manifest section that name its fields
+    (a key the schema does not know is ignored; an absent optional field keeps its default)."""
+    return cls(**{f.name: obj[f.name] for f in fields(cls) if obj.get(f.name) is not None})
 
 
 def manifest_file_names(folder: Path) -> list[str] | None:
