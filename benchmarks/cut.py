@@ -324,7 +324,28 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], tuning: list[str
             runs = results[variant][ds]
             lines.append(f"| {ds} | {runs[0]['k']} | " + " | ".join(_f(_mean([r[m]["ari"] for r in runs])) for m in methods_given) + " |")
         lines.append("")
+    lines += leave_one_out(results, methods_given)
     return "\n".join(lines)
+
+
+def leave_one_out(results: dict[str, dict[str, list[dict[str, Any]]]], methods: list[str]) -> list[str]:
+    """Markdown: for each dataset held out, the scrcl-cli cut with the best mean K-given ARI over the
+    other datasets (both groups), and how that cut and the embedding alone score on the one held out."""
+    lines: list[str] = []
+    cuts = [m for m in methods if m.split("|")[0] in cut_names()]
+    alone = f"{next(iter(CUTS))}"
+    for variant, per_ds in results.items():
+        mean = {m: {ds: _mean([r[m]["ari"] for r in runs]) or 0.0 for ds, runs in per_ds.items()} for m in cuts}
+        lines += [f"**{variant}, K given, leave one dataset out**", "",
+                  "| held out | best cut on the others | its mean there | held-out ARI | embedding alone, held out |",
+                  "|---|---|---|---|---|"]
+        for ds in per_ds:
+            others = {m: _mean([v for d, v in mean[m].items() if d != ds]) or 0.0 for m in cuts}
+            best = max(others, key=lambda m: others[m])
+            lines.append(f"| {ds} | {best.split('|')[0]} | {_f(others[best])} | {_f(mean[best][ds])} | "
+                         f"{_f(mean[f'{alone}|given'][ds])} |")
+        lines.append("")
+    return lines
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -339,6 +360,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--stress", action="store_true", help="also the stress test on datasets with >= 10 types")
     p.add_argument("--workdir", default="bench/cut", help="cache of the trained embeddings (reused when present)")
+    p.add_argument("--from-json", default=None, metavar="JSON",
+                   help="write the report from the scores a previous run saved with --json (nothing is trained or cut)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="a TrainConfig field to change from its default for every training (repeatable), e.g. t0=2")
     add_report_args(p)
@@ -394,16 +417,19 @@ def main(argv: list[str] | None = None) -> int:
                 jobs.append({"dataset": ds, "variant": variant, "seed": seed, "cache": str(cache), "data_dir": str(data_dir),
                              "hidden_dim": args.hidden_dim, "epochs": args.epochs, "max_cells": args.max_cells,
                              "device": args.device, "overrides": args.overrides, "threads": max(1, (os.cpu_count() or 1) // args.jobs)})
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(train_one, jobs))
-        scored = list(pool.map(evaluate_cache, jobs))
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for job, res in zip(jobs, scored):
-        results.setdefault(job["variant"], {}).setdefault(job["dataset"], []).append(res)
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+    else:
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(train_one, jobs))
+            scored = list(pool.map(evaluate_cache, jobs))
+        for job, res in zip(jobs, scored):
+            results.setdefault(job["variant"], {}).setdefault(job["dataset"], []).append(res)
     command = "python -m benchmarks cut " + " ".join(argv if argv is not None else [])
     md = report(results, [d for d in tuning if d in names], [d for d in confirmation if d in names], args, command.strip(),
                 (time.perf_counter() - tic) / 60)
-    if args.json:
+    if args.json and not args.from_json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     emit_markdown(md + "\n", args.output)
     return 0

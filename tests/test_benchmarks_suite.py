@@ -111,3 +111,19 @@ def test_cut_joint_candidate_keeps_a_type_the_embedding_merges(bench_pkg: None):
     names = cut.cut_names()
     assert [n for n in names if n.startswith("joint")] == [f"joint with PCA, weight {w:g}" for w in cut.JOINT_WEIGHTS]
     assert set(cut.CUTS) | set(cut.PACKAGE_JOINT) <= set(names)
+
+
+def test_cut_leave_one_out_picks_on_the_other_datasets_only(bench_pkg: None):
+    from benchmarks import cut
+
+    alone, joint = f"{next(iter(cut.CUTS))}|given", f"{cut.cut_names()[-1]}|given"
+
+    def runs(a: float, b: float) -> list[dict]:
+        return [{alone: {"ari": a}, joint: {"ari": b}}]
+
+    # "big" favours the joint cut strongly; the other two favour the embedding alone a little.
+    results = {"whole": {"big": runs(0.2, 0.9), "x": runs(0.6, 0.55), "y": runs(0.7, 0.65)}}
+    rows = [line for line in cut.leave_one_out(results, [alone, joint]) if line.startswith("| ") and "held out" not in line]
+    picks = {row.split(" | ")[0][2:]: row.split(" | ")[1] for row in rows}
+    assert picks["big"] == alone.split("|")[0]  # without "big", the other two decide
+    assert picks["x"] == picks["y"] == joint.split("|")[0]
