@@ -23,6 +23,7 @@
 #   SAVE=0          skip writing the archive
 #   CONTEXT         build context (default: the repository root)
 #   PULL_TIMEOUT    seconds to wait for a registry pull of BASE before bootstrapping (default 60)
+#   MAX_ROOTFS_MB   refuse a bootstrapped root file system above this size (default 1024; see rootfs_guards.sh)
 #
 # Flags that work on a daemon-less build host with a hybrid cgroup setup: `--isolation chroot`
 # (crun refuses "cgroups in hybrid mode") and `--network host`. `--format docker` because the OCI
@@ -43,6 +44,10 @@ BUILD_DIR="${BUILD_DIR:-$here/.build}"
 if [[ -z "${HOST_CA_BUNDLE+x}" ]]; then
     HOST_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
 fi
+
+# shellcheck source=containers/rootfs_guards.sh
+source "$here/rootfs_guards.sh"
+MAX_ROOTFS_MB="${MAX_ROOTFS_MB:-1024}"
 
 log() { printf '[build.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -74,7 +79,8 @@ bootstrap_base() {
     rm -rf "${rootfs:?}"
     mkdir -p "$BUILD_DIR"
     debootstrap --variant=minbase --components=main bookworm "$rootfs" "$mirror" >"$BUILD_DIR/debootstrap.log" 2>&1 \
-        || { tail -20 "$BUILD_DIR/debootstrap.log" >&2; die "debootstrap failed (log: $BUILD_DIR/debootstrap.log)"; }
+        || { unmount_under "$rootfs" || true; tail -20 "$BUILD_DIR/debootstrap.log" >&2; die "debootstrap failed (log: $BUILD_DIR/debootstrap.log)"; }
+    unmount_under "$rootfs" || die "cannot unmount what debootstrap mounted under $rootfs"
 
     # Make it look like debian:bookworm-slim: the same apt sources, and no docs/man/locales.
     rm -f "$rootfs/etc/apt/sources.list"
@@ -112,9 +118,10 @@ EOF
         "${rootfs:?}"/var/cache/apt/archives/*.deb "${rootfs:?}"/var/cache/apt/*.bin "${rootfs:?}"/var/lib/apt/lists/* \
         "${rootfs:?}"/var/log/*.log "${rootfs:?}"/var/log/apt/* "${rootfs:?}"/dev/* 2>/dev/null || true
 
+    check_rootfs_size "$rootfs" "$MAX_ROOTFS_MB" || die "the bootstrapped root file system is too large"
     ctr="$(buildah from scratch)"
     mnt="$(buildah mount "$ctr")"
-    cp -a "$rootfs"/. "$mnt"/
+    copy_rootfs "$rootfs" "$mnt"
     buildah umount "$ctr" >/dev/null
     buildah config \
         --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \

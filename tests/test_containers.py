@@ -8,6 +8,7 @@ images is containers/build.sh + containers/smoke.sh, not this file.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTAINERS = ROOT / "containers"
 DOCKERFILES = {"cpu": CONTAINERS / "Dockerfile", "cuda": CONTAINERS / "Dockerfile.cuda"}
 LOCKS = {"cpu": CONTAINERS / "requirements-cpu.txt", "cuda": CONTAINERS / "requirements-cuda.txt"}
-SCRIPTS = ["build.sh", "smoke.sh", "gpu_check.sh", "lock.sh"]
+SCRIPTS = ["build.sh", "smoke.sh", "gpu_check.sh", "lock.sh", "rootfs_guards.sh"]
 OCI_LABELS = ["title", "description", "version", "revision", "created", "source", "licenses", "authors",
               "documentation", "base.name"]
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([A-Za-z0-9][A-Za-z0-9.+!_-]*)$")
@@ -319,3 +320,40 @@ def test_gpu_check_verifies_real_gpu_use() -> None:
 def test_build_outputs_are_ignored() -> None:
     ignore = (CONTAINERS / ".gitignore").read_text().split()
     assert {"/out/", "/.build/", "*.tar", "*.sif"} <= set(ignore)
+
+
+def _guards(script: str, tmp_path: Path, mountinfo: str = "") -> subprocess.CompletedProcess[str]:
+    """Run `script` in bash after sourcing containers/rootfs_guards.sh, with a fake mountinfo."""
+    info = tmp_path / "mountinfo"
+    info.write_text(mountinfo)
+    return subprocess.run(["bash", "-c", f"source {CONTAINERS / 'rootfs_guards.sh'}; {script}"], capture_output=True,
+                          text=True, env={**os.environ, "MOUNTINFO": str(info)}, timeout=60)
+
+
+def test_rootfs_guard_lists_mounts_under_the_rootfs_deepest_first(tmp_path: Path):
+    root = tmp_path / "rootfs"
+    info = "".join(f"{i} 1 0:{i} / {mp} rw - fs fs rw\n" for i, mp in enumerate(
+        ["/", f"{root}/proc", f"{root}/dev/pts", f"{root}/my\\040dir", f"{root}x/proc", "/proc"]))
+    res = _guards(f"mounts_under {root}", tmp_path, info)
+    assert res.returncode == 0, res.stderr
+    got = res.stdout.splitlines()
+    assert got[0] == f"{root}/dev/pts" and set(got) == {f"{root}/proc", f"{root}/dev/pts", f"{root}/my dir"}
+    # a mount that cannot be unmounted stops the build with one line naming it
+    res = _guards(f"unmount_under {root}", tmp_path, f"1 1 0:1 / {root}/proc rw - proc proc rw\n")
+    assert res.returncode == 1 and f"still mounted under {root}" in res.stderr and f"{root}/proc" in res.stderr
+
+
+def test_rootfs_guard_refuses_a_rootfs_above_the_limit_and_copies_one_file_system(tmp_path: Path):
+    root = tmp_path / "rootfs"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "big").write_bytes(os.urandom(3 << 20))
+    assert _guards(f"check_rootfs_size {root} 10", tmp_path).returncode == 0
+    res = _guards(f"check_rootfs_size {root} 1", tmp_path)
+    assert res.returncode == 1 and "MAX_ROOTFS_MB" in res.stderr
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    assert _guards(f"copy_rootfs {root} {dest}", tmp_path).returncode == 0
+    assert (dest / "etc" / "big").stat().st_size == 3 << 20
+    text = (CONTAINERS / "build.sh").read_text()
+    assert 'unmount_under "$rootfs"' in text and "check_rootfs_size" in text and "copy_rootfs" in text
+    assert 'cp -a "$rootfs"' not in text  # no copy that could cross into a mounted /proc
