@@ -297,6 +297,8 @@ def validate_manifest(manifest: Any, path: Path) -> None:
         s.matrix(clusters, f"centroids_{view}", k, dim, "clusters.")
     for key in ("config", "training"):
         s.dict_(manifest, key)
+    # the one config entry read back: `cluster --denovo` clusters beside the unsmoothed PCA with it
+    s.optional(manifest["config"], "unsmoothed_weight", s.num, 0.0, 10.0, "config.")
 
 
 # ----------------------------------------------------------------------------- typed manifest
@@ -375,7 +377,8 @@ class Manifest:
     """The model folder's ``scrcl_model.json``, typed; :meth:`from_json` is the only reader.
 
     ``config`` (every training hyperparameter) and ``training`` (cells, device, time, losses) are
-    records of how the model was made; nothing reads them back to run a model.
+    records of how the model was made; only ``config.unsmoothed_weight`` is read back
+    (:attr:`unsmoothed_weight`).
     """
 
     genes: tuple[str, ...]
@@ -392,6 +395,12 @@ class Manifest:
     @cached_property
     def genes_sha256(self) -> str:
         return genes_hash(list(self.genes))
+
+    @property
+    def unsmoothed_weight(self) -> float | None:
+        """The training's ``--unsmoothed-weight`` (None: the default rule, `config.unsmoothed_weight`)."""
+        value = self.config.get("unsmoothed_weight")
+        return None if value is None else float(value)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written as ``scrcl_model.json`` (absent optional fields left out)."""

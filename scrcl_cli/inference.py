@@ -614,7 +614,7 @@ def _cluster_query(
             seed=seed,
             metric=metric,
             unsmoothed=rep.query.model_input,
-            unsmoothed_weight=unsmoothed_weight(bundle.manifest.config.get("unsmoothed_weight"), k_given=n_clusters is not None),
+            unsmoothed_weight=unsmoothed_weight(bundle.manifest.unsmoothed_weight, k_given=n_clusters is not None),
         )
         labels = res.labels
         conf = clustering.assignment_confidence(emb, res.centroids, labels, metric)

@@ -54,6 +54,8 @@ def test_with_files_refuses_non_finite_centroids():
         ("clusters", "method", "oracle", "clusters.method must be one of"),
         ("clusters", "algorithm", 3, "clusters.algorithm must be one of"),
         ("model", "cell_dim", 0, "model.cell_dim must be an integer"),
+        ("config", "unsmoothed_weight", "abc", "config.unsmoothed_weight must be a number"),
+        ("config", "unsmoothed_weight", 1e9, "config.unsmoothed_weight must be a number"),
     ],
 )
 def test_from_json_refuses_bad_fields_in_one_line(section, key, value, needle):
