@@ -472,12 +472,6 @@ def _section(cls: Any, obj: Mapping[str, Any]) -> Any:
     return cls(**{f.name: obj[f.name] for f in fields(cls) if obj.get(f.name) is not None})
 
 
-def manifest_file_names(folder: Path) -> list[str] | None:
-    """The files a valid manifest in `folder` lists, or None when `folder` holds no valid manifest."""
-    manifest = _read_manifest_or_none(Path(folder))
-    return None if manifest is None else list(manifest.files)
-
-
 def _read_manifest_or_none(folder: Path) -> Manifest | None:
     try:
         return read_manifest(folder)

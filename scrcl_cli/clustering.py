@@ -238,16 +238,13 @@ def unsmoothed_components(x: np.ndarray | sp.spmatrix, n_components: int = 50, *
     they were meant to keep apart are lost again (docs/defaults.md).
     """
     from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
 
     n, g = x.shape
     d = max(1, min(n_components, n - 1, g))
     xs = sp.csr_matrix(x, dtype=np.float64) if sp.issparse(x) else np.asarray(x, dtype=np.float64)
-    if scale:
-        mean = np.asarray(xs.mean(axis=0)).ravel()
-        sq = np.asarray((sp.csr_matrix(xs).multiply(xs) if sp.issparse(xs) else np.square(xs)).mean(axis=0)).ravel()
-        sd = np.sqrt(np.maximum(sq - mean**2, 0.0))
-        inv = 1.0 / np.where(sd > 0, sd, 1.0)
-        xs = sp.csr_matrix(xs @ sp.diags(inv)) if sp.issparse(xs) else xs * inv
+    if scale:  # without centring, so sparse stays sparse; zero-variance genes keep scale 1
+        xs = StandardScaler(with_mean=False).fit_transform(xs)
     return np.asarray(PCA(n_components=d, svd_solver="covariance_eigh").fit_transform(xs), dtype=np.float64)
 
 

@@ -137,8 +137,8 @@ TRAIN_DEFAULTS = TrainConfig()
 
 # With K given, the embedding is clustered beside the scaled unsmoothed PCA at this weight: the graph
 # smoothing averages rare types into large neighbours, and with K fixed k-means then splits a large
-# type instead. Label-free it loses, so it stays off there. Measured: docs/defaults.md, "K given:
-# the embedding beside the unsmoothed PCA".
+# type instead. Label-free it loses, so it stays off there. Measured: docs/defaults.md, "How the
+# embedding is cut with K given".
 UNSMOOTHED_WEIGHT_K_GIVEN = 0.5
 
 
