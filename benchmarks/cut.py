@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import time
@@ -78,30 +79,45 @@ def stressed(labels: np.ndarray, seed: int = 0) -> np.ndarray | None:
     return keep
 
 
-def _prepared(job: dict[str, Any]) -> tuple[Any, np.ndarray, str, Any, Any]:
-    """(AnnData, labels, expression, `preprocessing.prepare` result, TrainConfig) of one job's cells."""
+def _config(job: dict[str, Any], expression: str) -> Any:
+    from scrcl_cli.training import TrainConfig
+
+    return TrainConfig(hidden_dim=job["hidden_dim"], epochs=job["epochs"], seed=job["seed"], expression=expression,
+                       **job["overrides"])
+
+
+def _prepared(job: dict[str, Any]) -> tuple[Any, np.ndarray, str, Any]:
+    """(AnnData, labels, expression, `preprocessing.prepare` result) of one job's cells; the seed
+    plays no part, so the seeds of one dataset share one read (`_cells`)."""
+    return _cells(job["data_dir"], job["dataset"], job["variant"], job["max_cells"],
+                  tuple(sorted(job["overrides"].items())))
+
+
+@functools.lru_cache(maxsize=2)
+def _cells(data_dir: str, dataset: str, variant: str, max_cells: int,
+           overrides: tuple[tuple[str, Any], ...]) -> tuple[Any, np.ndarray, str, Any]:
     import anndata as ad
     import scipy.sparse as sp
 
+    from scrcl_cli.config import TRAIN_DEFAULTS
     from scrcl_cli.preprocessing import prepare
-    from scrcl_cli.training import TrainConfig
 
-    a = ad.read_h5ad(Path(job["data_dir"]) / f"{job['dataset']}.h5ad")
+    a = ad.read_h5ad(Path(data_dir) / f"{dataset}.h5ad")
     labels = a.obs[LABEL_KEY].astype(str).to_numpy()
-    if job["variant"] == "stress":
+    if variant == "stress":
         keep = stressed(labels)
         assert keep is not None
         a, labels = a[keep].copy(), labels[keep]
-    if a.n_obs > job["max_cells"]:
-        sub = np.sort(np.random.default_rng(0).choice(a.n_obs, job["max_cells"], replace=False))
+    if a.n_obs > max_cells:
+        sub = np.sort(np.random.default_rng(0).choice(a.n_obs, max_cells, replace=False))
         a, labels = a[sub].copy(), labels[sub]
     expression = detect_expression(a.X)[0]
-    config = TrainConfig(hidden_dim=job["hidden_dim"], epochs=job["epochs"], seed=job["seed"], expression=expression,
-                         **job["overrides"])
+    given = dict(overrides)
     x = sp.csr_matrix(a.X, dtype=np.float32)
-    prep = prepare(x, [str(v) for v in a.var_names], n_top_genes=config.n_top_genes, input_mode=config.input_mode,
-                   expression=expression)
-    return a, labels, expression, prep, config
+    prep = prepare(x, [str(v) for v in a.var_names], expression=expression,
+                   n_top_genes=given.get("n_top_genes", TRAIN_DEFAULTS.n_top_genes),
+                   input_mode=given.get("input_mode", TRAIN_DEFAULTS.input_mode))
+    return a, labels, expression, prep
 
 
 def train_one(job: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +131,8 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
     cache = Path(job["cache"])
     if cache.exists():
         return {"cache": str(cache), "cached": True}
-    a, labels, expression, prep, config = _prepared(job)
+    a, labels, expression, prep = _prepared(job)
+    config = _config(job, expression)
     tic = time.perf_counter()
     inputs = build_inputs(prep.model_input, prep.lognorm, config)
     result = fit(inputs, config, device=torch.device(job["device"]))
@@ -200,6 +217,7 @@ CUTS: dict[str, Callable[[np.ndarray, int, int], np.ndarray]] = {
 }
 # Weights of the PCA block in `cut_joint` (the embedding's block has weight 1).
 JOINT_WEIGHTS = (0.5, 1.0)
+JOINT_CUTS = {f"joint with PCA, weight {w:g}": w for w in JOINT_WEIGHTS}
 
 
 def cut_joint(e: np.ndarray, k: int, seed: int, pca: np.ndarray, weight: float) -> np.ndarray:
@@ -232,7 +250,7 @@ PACKAGE_JOINT = {"unscaled unsmoothed input, weight 0.5": (cut_joint_unscaled, 0
 
 def cut_names() -> list[str]:
     """Every candidate cut, in report order."""
-    return [*CUTS, *(f"joint with PCA, weight {w:g}" for w in JOINT_WEIGHTS), *PACKAGE_JOINT]
+    return [*CUTS, *JOINT_CUTS, *PACKAGE_JOINT]
 
 
 def score(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
@@ -253,7 +271,7 @@ def evaluate_cache(job: dict[str, Any]) -> dict[str, Any]:
     for name, cut in CUTS.items():
         out[f"{name}|given"] = score(y, cut(e, k, seed))
         out[f"{name}|free"] = score(y, cut(e, k_free, seed))
-    for w, name in zip(JOINT_WEIGHTS, cut_names()[len(CUTS):]):
+    for name, w in JOINT_CUTS.items():
         out[f"{name}|given"] = score(y, cut_joint(e, k, seed, pca, w))
         out[f"{name}|free"] = score(y, cut_joint(e, k_free, seed, pca, w))
     unsmoothed = _prepared(job)[3].model_input  # deterministic: the input the cached run trained on
