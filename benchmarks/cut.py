@@ -41,42 +41,14 @@ import numpy as np
 from benchmarks import baselines
 from benchmarks.accuracy import DEFAULT_DATA, LABEL_KEY, detect_expression, manifest_datasets
 from benchmarks.benchutil import add_report_args, emit_markdown, existing_data_dir
+from benchmarks.protocol import RARE, dataset_sizes, split_groups, stressed
 
 REPO = Path(__file__).resolve().parent.parent
-RARE = 0.03  # a type is rare below 3 % of the cells
-N_TUNING = 5
 
 
 def groups(data_dir: Path) -> tuple[list[str], list[str]]:
-    """(tuning, confirmation): the N_TUNING datasets with the most cells, and the others."""
-    import h5py
-
-    sizes = {}
-    for name in manifest_datasets(data_dir):
-        with h5py.File(data_dir / f"{name}.h5ad", "r") as f:
-            index = f["obs"].attrs.get("_index", "_index")
-            sizes[name] = int(f["obs"][index].shape[0])
-    order = sorted(sizes, key=lambda n: (-sizes[n], n))
-    return order[:N_TUNING], order[N_TUNING:]
-
-
-def stressed(labels: np.ndarray, seed: int = 0) -> np.ndarray | None:
-    """Boolean mask of the cells kept by the stress rule, or None when there are fewer than 10 types."""
-    types, counts = np.unique(labels, return_counts=True)
-    if types.size < 10:
-        return None
-    rng = np.random.default_rng(seed)
-    keep = np.ones(labels.size, dtype=bool)
-    order = np.argsort(-counts, kind="stable")
-    big = np.flatnonzero(labels == types[order[0]])
-    keep[rng.choice(big, size=big.size - big.size // 2, replace=False)] = False
-    remaining = int(keep.sum())
-    smalls = [t for t in types[order[::-1]] if (labels == t).sum() >= 20][:2]
-    for t in smalls:
-        idx = np.flatnonzero(labels == t)
-        m = max(3, int(round(0.005 * remaining)))
-        keep[rng.choice(idx, size=max(0, idx.size - m), replace=False)] = False
-    return keep
+    """(tuning, confirmation) of the shared datasets in `data_dir` (`protocol.split_groups`)."""
+    return split_groups(dataset_sizes(data_dir, manifest_datasets(data_dir)))
 
 
 def _config(job: dict[str, Any], expression: str) -> Any:

@@ -49,13 +49,13 @@ def bench_pkg(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(ROOT))
 
 
-def test_cut_stress_rule_and_groups_read_no_result(bench_pkg: None):
+def test_stress_rule_and_groups_read_no_result(bench_pkg: None):
     from conftest import shared
 
-    from benchmarks import cut
+    from benchmarks import cut, protocol
 
     labels = np.array(["big"] * 400 + [f"t{i}" for i in range(9) for _ in range(60)] + ["tiny"] * 10)
-    keep = cut.stressed(labels)
+    keep = protocol.stressed(labels)
     assert keep is not None
     kept = labels[keep]
     assert (kept == "big").sum() == 200  # the largest type halved
@@ -63,9 +63,11 @@ def test_cut_stress_rule_and_groups_read_no_result(bench_pkg: None):
     counts = sorted(int((kept == f"t{i}").sum()) for i in range(9))
     assert counts == [4, 4] + [60] * 7
     assert (kept == "tiny").sum() == 10  # below 20 cells: left alone
-    assert cut.stressed(np.array(["a", "b"] * 50)) is None  # fewer than 10 types
+    assert protocol.stressed(np.array(["a", "b"] * 50)) is None  # fewer than 10 types
     tuning, confirmation = cut.groups(shared("MANIFEST.md").parent)
-    assert len(tuning) == cut.N_TUNING and not set(tuning) & set(confirmation)
+    assert len(tuning) == protocol.N_TUNING and not set(tuning) & set(confirmation)
+    # the largest datasets tune, by cells alone (ties by name)
+    assert protocol.split_groups({"a": 5, "b": 9, "c": 9, "d": 1, "e": 7, "f": 3}) == (["b", "c", "e", "a", "f"], ["d"])
 
 
 def test_mapping_splits_hold_out_each_donor_once(bench_pkg: None):
