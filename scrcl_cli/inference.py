@@ -394,7 +394,8 @@ def _embed_query(
     session: tuple[Any, str] | None = None,
     name: str = "the query",
 ) -> EmbedReport:
-    """Graph, session and encoder for prepared query cells; coords: obsm['spatial'] (N, 2) or None.
+    """Graph, session and encoder for prepared query cells; coords: checked obsm['spatial'] (N, 2)
+    of a spatial model's query (`_read_query`), else None.
 
     `session`: (ONNX Runtime session, provider) from `open_session`, opened by the caller before
     the query was read so that a bad device or encoder fails first; opened here when None.
@@ -417,10 +418,6 @@ def _embed_query(
             name,
         )
     need_graph = view == "fused" or params.t0 > 0
-    if params.is_spatial and coords is not None:
-        coords = check_coords(coords, n, name)
-    if not params.is_spatial and coords is not None:
-        log.info("this file has obsm['spatial']; models trained with --spatial use it")
     session, provider = session if session is not None else open_session(bundle, view, device=device, threads=threads)
     a_hat = query_graph(query.lognorm, params, coords=coords) if need_graph else None
     width = bundle.manifest.model.width(view)
@@ -473,8 +470,70 @@ def _embed_query(
     )
 
 
-def _coords(obsm: Any) -> np.ndarray | None:
-    return np.asarray(obsm["spatial"], dtype=np.float64) if "spatial" in obsm else None
+def _read_query(
+    source: AnnData | ChunkedH5ad | Path, bundle: ModelBundle, *, min_gene_overlap: float, name: str
+) -> tuple[QueryData, np.ndarray | None, str]:
+    """Prepared cells, checked coordinates (spatial models only, else None) and display name of
+    a query held in memory (AnnData) or in a file (`ChunkedH5ad` or a path, read in row blocks)."""
+    if isinstance(source, (ChunkedH5ad, Path, str)):
+        reader = _open(source, bundle)
+        query = prepare_query_file(reader, bundle, min_gene_overlap=min_gene_overlap)
+        return query, query_coords(reader, bundle), reader.name
+    query = prepare_query(source, bundle, min_gene_overlap=min_gene_overlap, name=name)
+    if not bundle.is_spatial:
+        if "spatial" in source.obsm:
+            log.info("%s has obsm['spatial']; models trained with --spatial use it", name)
+        return query, None, name
+    if "spatial" not in source.obsm:
+        raise ScrclError(
+            f"this is a spatial model and {name} has no obsm['spatial']",
+            "Pass a section with an (n_cells, 2) array of x, y in obsm['spatial']",
+        )
+    return query, check_coords(np.asarray(source.obsm["spatial"], dtype=np.float64), source.n_obs, name), name
+
+
+def _n_obs(source: AnnData | ChunkedH5ad | Path, bundle: ModelBundle) -> tuple[AnnData | ChunkedH5ad, int]:
+    """The source opened (a path becomes a `ChunkedH5ad`) and its number of cells, before any reading."""
+    if isinstance(source, (ChunkedH5ad, Path, str)):
+        reader = _open(source, bundle)
+        return reader, reader.n_obs
+    return source, source.n_obs
+
+
+def _embed(
+    source: AnnData | ChunkedH5ad | Path,
+    bundle: ModelBundle,
+    *,
+    view: str,
+    device: Device,
+    threads: int,
+    batch_size: int,
+    min_gene_overlap: float,
+    key_added: str,
+    progress: Progress | None,
+    name: str,
+) -> tuple[EmbedReport, np.ndarray | None]:
+    """What `embed` and `embed_file` share: the session first (a bad device or encoder fails
+    before the query is read), then the query, then the encoder. Returns the report and the
+    query's coordinates (spatial models)."""
+    t = time.perf_counter()
+    session = open_session(bundle, view, device=device, threads=threads)
+    query, coords, name = _read_query(source, bundle, min_gene_overlap=min_gene_overlap, name=name)
+    rep = _embed_query(
+        query,
+        coords,
+        bundle,
+        view=view,
+        session=session,
+        device=device,
+        threads=threads,
+        batch_size=batch_size,
+        key_added=key_added,
+        progress=progress,
+        name=name,
+    )
+    rep.seconds = time.perf_counter() - t
+    return rep, coords
 
 
 def embed(
@@ -495,24 +554,19 @@ def embed(
     Sets ``adata.obsm[key_added]`` (float32, (n_obs, D): the view's embedding, see export.py) and
     ``adata.uns['scrcl']`` (versions, model hash, provider, parameters).
     """
-    t = time.perf_counter()
-    session = open_session(bundle, view, device=device, threads=threads)
-    query = prepare_query(adata, bundle, min_gene_overlap=min_gene_overlap, name=name)
-    rep = _embed_query(
-        query,
-        _coords(adata.obsm),
+    rep, _ = _embed(
+        adata,
         bundle,
         view=view,
-        session=session,
         device=device,
         threads=threads,
         batch_size=batch_size,
+        min_gene_overlap=min_gene_overlap,
         key_added=key_added,
         progress=progress,
         name=name,
     )
     rep.annotations.apply(adata)
-    rep.seconds = time.perf_counter() - t
     return rep
 
 
@@ -534,24 +588,18 @@ def embed_file(
     ``report.annotations``, equal to what `embed` sets; write them with
     ``io.h5ad.write_h5ad_patched``.
     """
-    t = time.perf_counter()
-    session = open_session(bundle, view, device=device, threads=threads)
-    source = _open(source, bundle)
-    query = prepare_query_file(source, bundle, min_gene_overlap=min_gene_overlap)
-    rep = _embed_query(
-        query,
-        query_coords(source, bundle),
+    rep, _ = _embed(
+        source,
         bundle,
         view=view,
-        session=session,
         device=device,
         threads=threads,
         batch_size=batch_size,
+        min_gene_overlap=min_gene_overlap,
         key_added=key_added,
         progress=progress,
-        name=source.name,
+        name="the query",
     )
-    rep.seconds = time.perf_counter() - t
     return rep
 
 
@@ -567,7 +615,7 @@ def query_coords(source: ChunkedH5ad, bundle: ModelBundle) -> np.ndarray | None:
     return check_coords(source.spatial, source.n_obs, source.name)
 
 
-def _open(source: ChunkedH5ad | Path, bundle: ModelBundle) -> ChunkedH5ad:
+def _open(source: ChunkedH5ad | Path | str, bundle: ModelBundle) -> ChunkedH5ad:
     if isinstance(source, ChunkedH5ad):
         return source
     return ChunkedH5ad(Path(source), expression=bundle.manifest.preprocessing.expression, from_model=True)
@@ -646,6 +694,55 @@ def _cluster_query(
     return ClusterReport(embed=rep, n_clusters=len(np.unique(labels)), method=method, markers=markers)
 
 
+def _cluster(
+    source: AnnData | ChunkedH5ad | Path,
+    bundle: ModelBundle,
+    *,
+    denovo: bool,
+    n_clusters: int | None,
+    seed: int,
+    cluster_key: str,
+    embed_kwargs: dict[str, Any],
+) -> ClusterReport:
+    """What `cluster` and `cluster_file` share: checks, embedding, then the labels."""
+    if n_clusters is not None and not denovo:
+        raise ScrclError(
+            "--n-clusters applies only with --denovo (the default labels cells by the training centroids)",
+            "Add --denovo to cluster the query itself into that many clusters, or drop --n-clusters",
+        )
+    options: dict[str, Any] = {
+        "view": "fused",
+        "device": "auto",
+        "threads": 0,
+        "batch_size": 4096,
+        "min_gene_overlap": 0.5,
+        "key_added": "X_scrcl",
+        "progress": None,
+        "name": "the query",
+    }
+    unknown = set(embed_kwargs) - set(options)
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    options.update(embed_kwargs)
+    source, n_obs = _n_obs(source, bundle)
+    if denovo:
+        clustering.check_n_clusters(n_clusters, n_obs)
+    rep, coords = _embed(source, bundle, **options)
+    t = time.perf_counter()
+    out = _cluster_query(
+        rep,
+        coords,
+        bundle,
+        denovo=denovo,
+        n_clusters=n_clusters,
+        seed=seed,
+        cluster_key=cluster_key,
+        key_added=options["key_added"],
+    )
+    rep.seconds += time.perf_counter() - t
+    return out
+
+
 def cluster(
     adata: AnnData,
     bundle: ModelBundle,
@@ -663,39 +760,18 @@ def cluster(
     `clustering.assignment_confidence` in ``obs['scrcl_confidence']``. ``denovo``: k-means in that
     metric on the query embedding with `n_clusters` or the label-free count. Sets ``obs[cluster_key]`` (categorical),
     for spatial models ``obs[cluster_key + '_refined']``, and everything `embed` sets.
+    `embed_kwargs`: `embed`'s keyword arguments.
     """
-    if n_clusters is not None and not denovo:
-        raise ScrclError(
-            "--n-clusters applies only with --denovo (the default labels cells by the training centroids)",
-            "Add --denovo to cluster the query itself into that many clusters, or drop --n-clusters",
-        )
-    if denovo:
-        clustering.check_n_clusters(n_clusters, adata.n_obs)
-    t = time.perf_counter()
-    embed_kwargs["session"] = open_session(
-        bundle,
-        embed_kwargs.get("view", "fused"),
-        device=embed_kwargs.get("device", "auto"),
-        threads=embed_kwargs.get("threads", 0),
-    )
-    name = embed_kwargs.pop("name", "the query")
-    query = prepare_query(adata, bundle, min_gene_overlap=embed_kwargs.pop("min_gene_overlap", 0.5), name=name)
-    coords = _coords(adata.obsm)
-    if coords is not None and bundle.manifest.graph.is_spatial:
-        coords = check_coords(coords, adata.n_obs, name)
-    rep = _embed_query(query, coords, bundle, name=name, **embed_kwargs)
-    out = _cluster_query(
-        rep,
-        coords,
+    out = _cluster(
+        adata,
         bundle,
         denovo=denovo,
         n_clusters=n_clusters,
         seed=seed,
         cluster_key=cluster_key,
-        key_added=embed_kwargs.get("key_added", "X_scrcl"),
+        embed_kwargs=embed_kwargs,
     )
-    rep.annotations.apply(adata)
-    rep.seconds = time.perf_counter() - t
+    out.embed.annotations.apply(adata)
     return out
 
 
@@ -707,7 +783,6 @@ def cluster_file(
     n_clusters: int | None = None,
     seed: int = 0,
     cluster_key: str = "scrcl_cluster",
-    min_gene_overlap: float = 0.5,
     **embed_kwargs: Any,
 ) -> ClusterReport:
     """`cluster` for an `.h5ad` file read in row blocks; nothing is written.
@@ -715,33 +790,13 @@ def cluster_file(
     The embedding, the obs columns and uns['scrcl'] are in ``report.embed.annotations``, equal
     to what `cluster` sets; write them with ``io.h5ad.write_h5ad_patched``.
     """
-    if n_clusters is not None and not denovo:
-        raise ScrclError(
-            "--n-clusters applies only with --denovo (the default labels cells by the training centroids)",
-            "Add --denovo to cluster the query itself into that many clusters, or drop --n-clusters",
-        )
-    embed_kwargs["session"] = open_session(
-        bundle,
-        embed_kwargs.get("view", "fused"),
-        device=embed_kwargs.get("device", "auto"),
-        threads=embed_kwargs.get("threads", 0),
-    )
-    source = _open(source, bundle)
-    if denovo:
-        clustering.check_n_clusters(n_clusters, source.n_obs)
-    t = time.perf_counter()
-    query = prepare_query_file(source, bundle, min_gene_overlap=min_gene_overlap)
-    coords = query_coords(source, bundle)
-    rep = _embed_query(query, coords, bundle, name=source.name, **embed_kwargs)
-    out = _cluster_query(
-        rep,
-        coords,
+    embed_kwargs.pop("name", None)  # a file is named by its path
+    return _cluster(
+        source,
         bundle,
         denovo=denovo,
         n_clusters=n_clusters,
         seed=seed,
         cluster_key=cluster_key,
-        key_added=embed_kwargs.get("key_added", "X_scrcl"),
+        embed_kwargs=embed_kwargs,
     )
-    rep.seconds = time.perf_counter() - t
-    return out
