@@ -1,6 +1,6 @@
 """Hand-written code against the well-kept library, in the same run.
 
-    python -m benchmarks libraries [--parts communities,kmeans] [--data-dir ../shared/data]
+    python -m benchmarks libraries [--parts communities,kmeans,large] [--data-dir ../shared/data]
                                    [--embeddings bench/cut/H256_E100_C2000] [--large-n 200000]
 
 communities: for each shared scRNA-seq dataset, the expression cell graph of `clustering.choose_n_clusters`
@@ -13,15 +13,18 @@ kmeans: the K-given clustering of the euclidean embedding (`clustering.ward_kmea
 microclusters, weighted Ward merge, Lloyd over all rows) against the same steps done by scikit-learn's
 KMeans (microclusters, and the final Lloyd from the merged start) and by scipy's unweighted Ward
 linkage, on the trained embeddings `python -m benchmarks cut --stress` caches (labels, stored beside
-each embedding, only score the result); then the time of each at a large N of resampled rows.
+each embedding, only score the result). large: the time of each at --large-n rows resampled from
+one of those embeddings.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -119,29 +122,19 @@ def communities_part(data_dir: Path, seed: int) -> list[str]:
 
 # ----------------------------------------------------------------------------- k-means and Ward merge
 
-# The three steps of `clustering.ward_kmeans`, each either the package's own or a library's:
-# microclusters (k-means++ restarts), the merge of their centroids into K groups, Lloyd over all rows.
-VARIANTS: dict[str, tuple[str, str, str]] = {
-    "package (hand-written)": ("package", "weighted", "package"),
-    "sklearn KMeans": ("sklearn", "weighted", "sklearn"),
-    "scipy Ward (unweighted)": ("package", "scipy", "package"),
-    "sklearn KMeans + scipy Ward": ("sklearn", "scipy", "sklearn"),
-}
+def ward_kmeans_steps(x: np.ndarray, k: int, *, seed: int, micro: str, merge: str, lloyd: str,
+                      sample_size: int = 50_000) -> np.ndarray:
+    """`clustering.ward_kmeans` with each of its steps chosen: labels (N,) of the rows of x (N, d).
 
-
-def ward_kmeans_variant(x: np.ndarray, k: int, *, seed: int, micro: str, merge: str, lloyd: str,
-                        sample_size: int = 50_000) -> np.ndarray:
-    """`clustering.ward_kmeans` with each step chosen: labels (N,) of the rows of x (N, d).
-
-    micro: "package" (`clustering.kmeans`, euclidean, 3 restarts) or "sklearn" (KMeans, n_init=3);
+    micro: "package" (`clustering.kmeans`, euclidean, 3 k-means++ restarts: the hand-written code
+    `ward_kmeans` ran before) or "sklearn" (KMeans, n_init=3, as `ward_kmeans` now runs);
     merge: "weighted" (`clustering.ward_merge`, microclusters weighted by their cells) or "scipy"
-    (`linkage(method="ward")` of the unweighted microcentroids, which takes no weights);
-    lloyd: "package" (`clustering._lloyd`) or "sklearn" (KMeans(init=start, n_init=1, tol=0), run to
-    a fixed point as the package's). Same subsample and microcluster count as `ward_kmeans`.
+    (`linkage(method="ward")` of the unweighted microcentroids: scipy and scikit-learn take no weights);
+    lloyd: "package" (`clustering._lloyd`, the hand-written Lloyd) or "sklearn" (KMeans(init=start,
+    n_init=1, tol=0), then the package's checking pass, as `ward_kmeans` now runs).
+    Same subsample and microcluster count as `ward_kmeans`.
     """
-    import scipy.sparse as sp
     from scipy.cluster.hierarchy import fcluster, linkage
-    from sklearn.cluster import KMeans
 
     from scrcl_cli import clustering
 
@@ -155,21 +148,37 @@ def ward_kmeans_variant(x: np.ndarray, k: int, *, seed: int, micro: str, merge: 
         res = clustering.kmeans(fit_on, m, seed=seed, metric="euclidean", n_init=3, sample_size=sample_size)
         micro_labels, cents = res.labels, res.centroids
     else:
-        km = KMeans(m, n_init=3, random_state=seed).fit(fit_on)
-        micro_labels, cents = km.labels_, km.cluster_centers_
+        micro_labels, cents = clustering._sklearn_kmeans(fit_on, m, seed=seed, init="k-means++", n_init=3,
+                                                         max_iter=300, tol=1e-4)
     sizes = np.bincount(micro_labels, minlength=m).astype(np.float64)
+    used = np.flatnonzero(sizes > 0)  # all of them on real cells; see `ward_kmeans`
+    cents, sizes = cents[used], sizes[used]
     if merge == "weighted":
         group = clustering.ward_merge(cents, sizes, k)
-    elif m <= k:
-        group = np.arange(m)
+    elif used.size <= k:
+        group = np.arange(used.size)
     else:
         group = fcluster(linkage(cents, method="ward"), t=k, criterion="maxclust") - 1
-    # An empty sklearn microcluster (weight 0) cannot start a group; there were none in these runs.
-    ind = sp.csr_matrix((sizes, (group, np.arange(m))), shape=(k, m))
-    start = (ind @ cents) / np.maximum(np.asarray(ind.sum(1)), 1e-300)
-    if lloyd == "package":
-        return clustering._lloyd(xd, start, 300, "euclidean", (xd * xd).sum(1)).labels
-    return KMeans(k, init=start, n_init=1, max_iter=300, tol=0.0).fit(xd).labels_
+    ind = sp.csr_matrix((sizes, (group, np.arange(used.size))), shape=(int(group.max()) + 1, used.size))
+    start = (ind @ cents) / np.asarray(ind.sum(1))
+    if lloyd == "sklearn":
+        _, start = clustering._sklearn_kmeans(xd, start.shape[0], seed=seed, init=start, n_init=1, max_iter=300, tol=0.0)
+    return clustering._lloyd(xd, start, 300, "euclidean", (xd * xd).sum(1)).labels
+
+
+def _shipped(x: np.ndarray, k: int, *, seed: int) -> np.ndarray:
+    from scrcl_cli import clustering
+
+    return clustering.ward_kmeans(x, k, seed=seed).labels
+
+
+# name -> labels (N,) of x (N, d) cut into k clusters with a seed.
+VARIANTS: dict[str, Callable[..., np.ndarray]] = {
+    "hand-written (before)": functools.partial(ward_kmeans_steps, micro="package", merge="weighted", lloyd="package"),
+    "sklearn KMeans (ward_kmeans now)": _shipped,
+    "scipy Ward, unweighted": functools.partial(ward_kmeans_steps, micro="package", merge="scipy", lloyd="package"),
+    "sklearn KMeans + scipy Ward": functools.partial(ward_kmeans_steps, micro="sklearn", merge="scipy", lloyd="sklearn"),
+}
 
 
 def resample_rows(e: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
@@ -180,7 +189,7 @@ def resample_rows(e: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return rows + 0.1 * e.std(0) * rng.standard_normal(rows.shape)
 
 
-def kmeans_part(emb_dir: Path, *, seeds: list[int], large_n: int, large_from: str) -> list[str]:
+def kmeans_part(emb_dir: Path, *, seeds: list[int]) -> list[str]:
     """The markdown of the k-means/Ward comparison on every cached embedding in emb_dir."""
     import itertools
 
@@ -195,20 +204,20 @@ def kmeans_part(emb_dir: Path, *, seeds: list[int], large_n: int, large_from: st
         ds, variant, _ = f.name[: -len(".npz")].rsplit(".", 2)
         runs.setdefault((ds, variant), []).append(f)
     warm = np.load(files[0])["embedding"]
-    for micro, merge, lloyd in VARIANTS.values():  # imports and first calls stay out of the timings
-        ward_kmeans_variant(warm, 5, seed=0, micro=micro, merge=merge, lloyd=lloyd)
+    for cut in VARIANTS.values():  # imports and first calls stay out of the timings
+        cut(warm, 5, seed=0)
     stats: dict[tuple[str, str, str], dict[str, list[float]]] = {}
     for (ds, variant), paths in sorted(runs.items(), key=lambda kv: (kv[0][1] != "whole", kv[0][0])):
         for path in paths:
             d = np.load(path)
             e, y = d["embedding"], d["labels"].astype(str)  # labels only score the result
             k = int(np.unique(y).size)
-            for name, (micro, merge, lloyd) in VARIANTS.items():
+            for name, cut in VARIANTS.items():
                 rec = stats.setdefault((ds, variant, name), {"ari": [], "agree": [], "s": [], "n": []})
                 labels = []
                 for seed in seeds:
                     t = time.perf_counter()
-                    labels.append(ward_kmeans_variant(e, k, seed=seed, micro=micro, merge=merge, lloyd=lloyd))
+                    labels.append(cut(e, k, seed=seed))
                     rec["s"].append(time.perf_counter() - t)
                     rec["ari"].append(ari(y, labels[-1]))
                 rec["agree"].extend(ari(p, q) for p, q in itertools.combinations(labels, 2))
@@ -235,39 +244,50 @@ def kmeans_part(emb_dir: Path, *, seeds: list[int], large_n: int, large_from: st
     lines.append("| **mean** | | | " + " | ".join(
         f"**{np.mean(means[v]['ari']):.3f}** | **{np.mean(means[v]['agree']):.3f}** | **{np.mean(means[v]['s']):.2f}**"
         for v in names) + " |")
-    # Large N: rows resampled from one real embedding, K its annotated count; one clustering seed.
-    src = next(p for p in files if p.name.startswith(large_from))
+    return lines
+
+
+def large_part(emb_dir: Path, sizes: list[int], large_from: str) -> list[str]:
+    """Seconds of each implementation on rows resampled from one real embedding, K its annotated
+    count, clustering seed 0; and how far the partitions differ from the hand-written one's."""
+    from scrcl_cli.metrics import ari
+
+    src = emb_dir / f"{large_from}.npz"
+    if not src.exists():
+        raise SystemExit(f"error: {src} not found; --large-from names a <dataset>.<variant>.<seed> in --embeddings")
     d = np.load(src)
     k = int(np.unique(d["labels"]).size)
-    x = resample_rows(d["embedding"], large_n)
-    lines += ["", f"{large_n:,} rows resampled from {src.name} (noise 0.1 SD per column), K = {k}, seed 0:", "",
-              "| implementation | s | ARI to the package's labels |", "|---|---|---|"]
-    ref = None
-    for name, (micro, merge, lloyd) in VARIANTS.items():
-        t = time.perf_counter()
-        labels = ward_kmeans_variant(x, k, seed=0, micro=micro, merge=merge, lloyd=lloyd)
-        sec = time.perf_counter() - t
-        ref = labels if ref is None else ref
-        lines.append(f"| {name} | {sec:.1f} | {ari(ref, labels):.3f} |")
-        print(lines[-1], flush=True)
+    lines = [f"Rows resampled from {src.name} (noise 0.1 SD per column), K = {k}, seed 0:", "",
+             "| rows | implementation | s | ARI to the hand-written labels |", "|---|---|---|---|"]
+    for n in sizes:
+        x = resample_rows(d["embedding"], n)
+        ref = None
+        for name, cut in VARIANTS.items():
+            t = time.perf_counter()
+            labels = cut(x, k, seed=0)
+            sec = time.perf_counter() - t
+            ref = labels if ref is None else ref
+            lines.append(f"| {n:,} | {name} | {sec:.1f} | {ari(ref, labels):.3f} |")
+            print(lines[-1], flush=True)
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks libraries", description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="communities,kmeans", help="comma-separated: communities, kmeans")
+    ap.add_argument("--parts", default="communities,kmeans,large",
+                    help="comma-separated: communities (Louvain/Leiden), kmeans (per dataset), large (k-means time at --large-n)")
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--seed", type=int, default=0, help="the communities' seed")
     ap.add_argument("--embeddings", type=Path, default=Path("bench/cut/H256_E100_C2000"),
                     help="folder of <dataset>.<whole|stress>.<seed>.npz that `python -m benchmarks cut` caches")
     ap.add_argument("--seeds", default="0,1,2", help="the clustering seeds on each embedding")
-    ap.add_argument("--large-n", type=int, default=200_000, help="rows of the timing at large N (0: skip)")
+    ap.add_argument("--large-n", default="200000", help="comma-separated rows of the timings at large N (empty: none)")
     ap.add_argument("--large-from", default="cite_cbmc_top2000.whole.0", help="the embedding resampled for it")
     ap.add_argument("--output", type=Path, default=None, help="also write the markdown report here")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
-    if parts - {"communities", "kmeans"}:
-        ap.error(f"--parts: unknown {sorted(parts - {'communities', 'kmeans'})}")
+    if parts - {"communities", "kmeans", "large"}:
+        ap.error(f"--parts: unknown {sorted(parts - {'communities', 'kmeans', 'large'})}")
     command = "python -m benchmarks libraries " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [f"Command: `{command.strip()}`", "", f"CPU: {cpu_name()}, {os.cpu_count()} cores; BLAS/OpenMP threads "
              f"{os.environ.get('OMP_NUM_THREADS', 'unset')}.", ""]
@@ -276,7 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     if "kmeans" in parts:
         seeds = [int(s) for s in args.seeds.split(",")]
         lines += ["## K given: ward_kmeans, hand-written against scikit-learn and scipy", "",
-                  *kmeans_part(args.embeddings, seeds=seeds, large_n=args.large_n, large_from=args.large_from), ""]
+                  *kmeans_part(args.embeddings, seeds=seeds), ""]
+    sizes = [int(v) for v in args.large_n.split(",") if v.strip()]
+    if "large" in parts and sizes:
+        lines += ["## K given at large N: time", "", *large_part(args.embeddings, sizes, args.large_from), ""]
     lines.append(f"Load average at the end: {loadavg():.1f}.")
     emit_markdown("\n".join(lines) + "\n", args.output)
     return 0
