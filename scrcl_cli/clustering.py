@@ -181,6 +181,25 @@ def ward_merge(centroids: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray
     return np.unique(group, return_inverse=True)[1].astype(np.int64)
 
 
+def _sklearn_kmeans(
+    x: np.ndarray, k: int, *, seed: int, init: np.ndarray | str, n_init: int, max_iter: int, tol: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's Lloyd k-means of the rows of x (N, d): labels (N,) and centres (k, d).
+
+    Where x has fewer than k distinct rows scikit-learn warns and leaves clusters empty; the
+    callers handle that, so the warning is not passed on.
+    """
+    import warnings
+
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        km = KMeans(k, init=init, n_init=n_init, max_iter=max_iter, tol=tol, random_state=seed % 2**32).fit(x)
+    return np.asarray(km.labels_, dtype=np.int64), np.asarray(km.cluster_centers_, dtype=np.float64)
+
+
 def ward_kmeans(
     x: np.ndarray,
     k: int,
@@ -193,17 +212,20 @@ def ward_kmeans(
 ) -> KMeansResult:
     """Euclidean k-means started from a Ward agglomeration of k-means microclusters.
 
-     x: (N, d). Cuts the rows (a uniform subsample of `sample_size` above that) into
-     M = min(N, max(k, min(10 k, 2000))) microclusters (`kmeans`, three k-means++ restarts), merges
-     their weighted centroids into k groups (`ward_merge`), and runs Lloyd's iterations over all rows
-     from the k group means, so the result is a k-means fixed point (each row at its nearest
-     centroid, what `nearest_centroid` reproduces).
+    x: (N, d). Cuts the rows (a uniform subsample of `sample_size` above that) into
+    M = min(N, max(k, min(10 k, 2000))) microclusters (scikit-learn's KMeans, three k-means++
+    restarts), merges their weighted centroids into k groups (`ward_merge`), and runs Lloyd's
+    iterations over all rows from the k group means (scikit-learn's KMeans from that start, to
+    convergence), so the result is a k-means fixed point (each row at its nearest centroid, what
+    `nearest_centroid` reproduces).
 
-     Why: on the gcn-pca embedding, k-means with k-means++ restarts lands in different minima of
-     nearly equal inertia from run to run (cite_cbmc, one embedding: pairwise ARI 0.76-0.85 between
-     seeds). Fine microclusters are reproducible and Ward's merge order is deterministic, which
-     raised the three-seed agreement from 0.857 to 0.888 at the same accuracy (docs/defaults.md,
-    ).
+    Why: on the gcn-pca embedding, k-means with k-means++ restarts lands in different minima of
+    nearly equal inertia from run to run (cite_cbmc, one embedding: pairwise ARI 0.76-0.85 between
+    seeds). Fine microclusters are reproducible and Ward's merge order is deterministic, which
+    raised the three-seed agreement from 0.857 to 0.888 at the same accuracy (docs/defaults.md).
+    scikit-learn's KMeans replaced the package's own for the microclusters and the final Lloyd at the
+    same ARI and seed agreement, four times faster at 200,000 rows (`python -m benchmarks libraries`,
+    README "Dependencies"); the Ward merge stays the package's, as no library merges weighted points.
     """
     xd = np.asarray(x, dtype=np.float64)
     n = xd.shape[0]
@@ -213,13 +235,24 @@ def ward_kmeans(
     rng = np.random.default_rng(seed)
     fit_on = xd if n <= sample_size else xd[np.sort(rng.choice(n, size=sample_size, replace=False))]
     m = min(fit_on.shape[0], max(k, min(microclusters_per_cluster * k, max_microclusters)))
-    micro = kmeans(fit_on, m, seed=seed, metric="euclidean", n_init=3, max_iter=max_iter, sample_size=sample_size)
-    sizes = np.bincount(micro.labels, minlength=m).astype(np.float64)
-    group = ward_merge(micro.centroids, sizes, k)
+    micro_labels, micro_cents = _sklearn_kmeans(fit_on, m, seed=seed, init="k-means++", n_init=3, max_iter=max_iter, tol=1e-4)
+    sizes = np.bincount(micro_labels, minlength=m).astype(np.float64)
+    # A microcluster is empty only when the rows have fewer than M distinct values; a point of
+    # weight 0 has no Ward cost, so only the others are merged.
+    used = np.flatnonzero(sizes > 0)
+    group = ward_merge(micro_cents[used], sizes[used], k)
+    n_groups = int(group.max()) + 1
     # Each group's start is the mean of its cells: the size-weighted mean of its microcentroids.
-    ind = sp.csr_matrix((sizes, (group, np.arange(m))), shape=(k, m))
-    start = (ind @ micro.centroids) / np.asarray(ind.sum(1))
-    return _by_size(_lloyd(xd, start, max_iter, "euclidean", (xd * xd).sum(1)), k)
+    ind = sp.csr_matrix((sizes[used], (group, np.arange(used.size))), shape=(n_groups, used.size))
+    start = (ind @ micro_cents[used]) / np.asarray(ind.sum(1))
+    if n_groups < k:  # fewer distinct rows than k in the subsample: Lloyd re-seeds the copies
+        start = np.vstack([start, np.repeat(start[-1:], k - n_groups, axis=0)])
+    _, cents = _sklearn_kmeans(xd, k, seed=seed, init=start, n_init=1, max_iter=max_iter, tol=0.0)
+    # A last pass of the package's Lloyd from scikit-learn's centres (one assignment, one update,
+    # one check): the labels are then the nearest centroids by the distance `nearest_centroid`
+    # computes, and the centroids their exact means summed in row order, which does not depend on
+    # how many threads scikit-learn's sums used. It also re-seeds a cluster left empty.
+    return _by_size(_lloyd(xd, cents, max_iter, "euclidean", (xd * xd).sum(1)), k)
 
 
 # What `cluster_embedding` runs for each metric, as the manifest and uns['scrcl'] record it.

@@ -22,7 +22,7 @@ def test_no_sys_path_edits_in_benchmarks():
 
 
 @pytest.mark.parametrize("suite", ["accuracy", "spatial", "scaling", "inference", "end-to-end", "minibatch",
-                                   "clustering", "knn", "make-large", "run", "cut", "mapping"])
+                                   "clustering", "knn", "make-large", "run", "cut", "mapping", "libraries"])
 def test_every_suite_answers_help(suite: str):
     res = subprocess.run([sys.executable, "-m", "benchmarks", suite, "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=240, check=False, env=ENV)
@@ -68,6 +68,25 @@ def test_stress_rule_and_groups_read_no_result(bench_pkg: None):
     assert len(tuning) == protocol.N_TUNING and not set(tuning) & set(confirmation)
     # the largest datasets tune, by cells alone (ties by name)
     assert protocol.split_groups({"a": 5, "b": 9, "c": 9, "d": 1, "e": 7, "f": 3}) == (["b", "c", "e", "a", "f"], ["d"])
+
+
+def test_libraries_kmeans_part_compares_every_variant_on_cached_embeddings(tmp_path: Path):
+    """Two cached embeddings as the cut suite writes them: a row per dataset and variant, and the
+    large-N timing, where on blobs every variant finds the hand-written partition."""
+    rng = np.random.default_rng(0)
+    for seed in (0, 1):
+        y = rng.integers(4, size=300)
+        emb = (rng.normal(size=(4, 6)) * 4)[y] + rng.normal(size=(300, 6))
+        np.savez(tmp_path / f"blobs.whole.{seed}.npz", embedding=emb.astype(np.float32),
+                 labels=np.array([f"t{v}" for v in y]), k_free=4, pca=emb.astype(np.float32), seconds=0.0)
+    res = subprocess.run([sys.executable, "-m", "benchmarks", "libraries", "--parts", "kmeans,large", "--embeddings",
+                          str(tmp_path), "--seeds", "0,1", "--large-n", "2000", "--large-from", "blobs.whole.0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=240, check=False, env=ENV)
+    assert res.returncode == 0, res.stderr[-2000:]
+    row = [line for line in res.stdout.splitlines() if line.startswith("| blobs (whole) | 300 | 4 |")]
+    assert row and len(row[0].strip("|").split("|")) == 3 + 3 * 4, res.stdout
+    large = sorted({line for line in res.stdout.splitlines() if line.startswith("| 2,000 |")})  # progress + report
+    assert len(large) == 4 and all(float(line.split("|")[-2]) > 0.99 for line in large), large  # blobs: one partition
 
 
 def test_mapping_splits_hold_out_each_donor_once(bench_pkg: None):

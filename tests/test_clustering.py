@@ -150,6 +150,31 @@ def test_ward_kmeans_is_a_kmeans_fixed_point_and_recovers_blobs():
     assert sorted(tiny.labels.tolist()) == [0, 1, 2, 3]
 
 
+def test_ward_kmeans_with_fewer_distinct_rows_than_microclusters_fills_every_cluster():
+    """8 distinct points repeated: scikit-learn leaves most of the 50 microclusters empty; the
+    merge skips them and every one of the 5 clusters still gets cells, at a Lloyd fixed point."""
+    pts = np.random.default_rng(3).normal(size=(8, 3)) * 5
+    x = np.repeat(pts, 20, axis=0)
+    res = clustering.ward_kmeans(x, 5, seed=0)
+    assert np.isfinite(res.centroids).all() and sorted(np.unique(res.labels).tolist()) == [0, 1, 2, 3, 4]
+    labels, _ = clustering.nearest_centroid(x, res.centroids, "euclidean")
+    assert np.array_equal(labels, res.labels)
+    three = clustering.ward_kmeans(np.repeat(pts[:3], 10, axis=0), 5, seed=0)  # fewer distinct rows than k
+    assert np.isfinite(three.centroids).all() and three.labels.max() < 5
+
+
+def test_ward_kmeans_does_not_depend_on_scikit_learns_thread_count():
+    from threadpoolctl import threadpool_limits
+
+    x, _ = _blobs(n=2000, k=8, seed=9, noise=0.8)
+    with threadpool_limits(limits=1):
+        one = clustering.ward_kmeans(x, 8, seed=2)
+    with threadpool_limits(limits=2):
+        two = clustering.ward_kmeans(x, 8, seed=2)
+    assert np.array_equal(one.labels, two.labels)
+    assert np.array_equal(one.centroids, two.centroids)  # exact means summed in row order
+
+
 def test_ward_kmeans_agrees_with_itself_across_seeds_more_than_kmeans_on_real_cells():
     """pbmc68k_reduced, 30 PCs of the log-normalised HVGs, K = 10: the partition that k-means++
     restarts reach depends on the seed; the Ward start much less (measured 0.80 vs 0.90)."""
