@@ -89,8 +89,18 @@ bootstrap_base() {
     log "bootstrapping Debian bookworm minbase from $mirror into $rootfs"
     rm -rf "${rootfs:?}"
     mkdir -p "$BUILD_DIR"
-    debootstrap --variant=minbase --components=main bookworm "$rootfs" "$mirror" >"$BUILD_DIR/debootstrap.log" 2>&1 \
-        || { unmount_under "$rootfs" || true; tail -20 "$BUILD_DIR/debootstrap.log" >&2; die "debootstrap failed (log: $BUILD_DIR/debootstrap.log)"; }
+    # Two attempts: a mirror hiccup (one failed download) should not fail a CI run.
+    local attempt
+    for attempt in 1 2; do
+        if debootstrap --variant=minbase --components=main bookworm "$rootfs" "$mirror" >"$BUILD_DIR/debootstrap.log" 2>&1; then
+            break
+        fi
+        unmount_under "$rootfs" || die "cannot unmount what debootstrap mounted under $rootfs"
+        tail -20 "$BUILD_DIR/debootstrap.log" >&2
+        (( attempt < 2 )) || die "debootstrap failed twice (log: $BUILD_DIR/debootstrap.log)"
+        log "debootstrap failed; retrying once from scratch"
+        rm -rf "${rootfs:?}"
+    done
     unmount_under "$rootfs" || die "cannot unmount what debootstrap mounted under $rootfs"
 
     # Make it look like debian:bookworm-slim: the same apt sources, and no docs/man/locales.

@@ -30,7 +30,7 @@ DOCKERFILES = {"cpu": CONTAINERS / "Dockerfile", "train-cpu": CONTAINERS / "Dock
 LOCKS = {flavour: CONTAINERS / f"requirements-{flavour}.txt" for flavour in DOCKERFILES}
 PUBLIC_SOURCE = "https://github.com/scrcl-cli/scrcl-cli"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-SCRIPTS = ["build.sh", "smoke.sh", "gpu_check.sh", "lock.sh", "rootfs_guards.sh", "names.sh", "push.sh", "sif.sh"]
+SCRIPTS = ["build.sh", "smoke.sh", "gpu_check.sh", "lock.sh", "rootfs_guards.sh", "names.sh", "push.sh", "sif.sh", "ci.sh"]
 OCI_LABELS = ["title", "description", "version", "revision", "created", "source", "licenses", "authors",
               "documentation", "base.name", "base.digest"]
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([A-Za-z0-9][A-Za-z0-9.+!_-]*)$")
@@ -411,3 +411,32 @@ def test_rootfs_guard_refuses_a_rootfs_above_the_limit_and_copies_one_file_syste
     text = (CONTAINERS / "build.sh").read_text()
     assert 'unmount_under "$rootfs"' in text and "check_rootfs_size" in text and "copy_rootfs" in text
     assert 'cp -a "$rootfs"' not in text  # no copy that could cross into a mounted /proc
+
+
+def test_ci_image_step_skips_with_one_line_where_it_cannot_build(tmp_path: Path) -> None:
+    """Without buildah & co. and outside CI (or not root), containers/ci.sh installs nothing and says why."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("dirname", "uname"):  # all it runs before deciding; no apt-get, no buildah here
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path)}
+    bash = shutil.which("bash")
+    assert bash
+    proc = subprocess.run([bash, str(CONTAINERS / "ci.sh")], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("SKIP container image build: "), proc.stdout
+    reason = "not root" if os.geteuid() != 0 else "missing and CI=true not set"
+    assert reason in lines[0]
+    with_ci = subprocess.run([bash, str(CONTAINERS / "ci.sh")], capture_output=True, text=True,
+                             env={**env, "CI": "true"}, timeout=60)
+    assert with_ci.returncode == 0 and with_ci.stdout.count("\n") == 1
+    assert ("not root" if os.geteuid() != 0 else "no apt-get to install them") in with_ci.stdout
+
+
+def test_ci_runs_the_image_step_after_the_tests() -> None:
+    run = (ROOT / ".ci" / "run").read_text()
+    assert run.index("pytest") < run.index("bash containers/ci.sh")
+    ci = (CONTAINERS / "ci.sh").read_text()
+    assert re.search(r'^SAVE=0 .*"\$here/build\.sh" cpu$', ci, re.M) and '"$here/smoke.sh" cpu' in ci
+    assert "CONTAINERS_STORAGE_CONF" in ci, "a storage of its own: no stale layers, no collisions, nothing left"
