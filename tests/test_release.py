@@ -10,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 yaml = pytest.importorskip("yaml")
+FLAVOURS = ("cpu", "train-cpu", "cuda")
 
 
 def _names(flavour: str, kind: str) -> str:
@@ -47,7 +48,7 @@ def test_release_is_tag_triggered_and_publishes_with_trusted_publishing():
 def test_modules_name_the_images_and_sifs_the_release_pushes(module: str):
     text = (ROOT / "nextflow" / "modules" / "scrcl" / module / "main.nf").read_text()
     named = set(re.findall(r"'((?:oras://)?ghcr\.io/[^']+)'", text))
-    published = {_names(f, k) for f in ("cpu", "cuda") for k in ("image", "sif")}
+    published = {_names(f, k) for f in FLAVOURS for k in ("image", "sif")}
     assert named and named <= published, named - published
 
 
@@ -56,3 +57,54 @@ def test_names_follow_the_package_version():
 
     assert _names("cpu", "image").endswith(f":{__version__}")
     assert _names("cuda", "sif") == f"oras://ghcr.io/scrcl-cli/scrcl-cli:{__version__}-cuda-sif"
+
+
+def test_release_builds_smoke_tests_and_pushes_every_image_by_digest():
+    jobs = _workflow("release.yml")["jobs"]
+    images, sif = jobs["images"], jobs["sif"]
+    assert images["strategy"]["matrix"]["flavour"] == list(FLAVOURS)
+    assert sif["strategy"]["matrix"]["flavour"] == list(FLAVOURS)
+    runs = {step.get("name"): step for step in images["steps"]}
+    assert runs["Build"]["run"] == "containers/build.sh ${{ matrix.flavour }}"
+    # the two CPU images are smoke-tested before anything is pushed
+    smoke = {step["if"]: step["run"] for step in images["steps"] if "smoke.sh" in step.get("run", "")}
+    assert smoke == {
+        "matrix.flavour == 'cpu'": "containers/smoke.sh cpu",
+        "matrix.flavour == 'train-cpu'": "SAVE=0 containers/build.sh cpu && containers/smoke.sh train-cpu",
+    }
+    names = [step.get("name") for step in images["steps"]]
+    assert names.index("Push by digest") > max(names.index(n) for n in names if n and n.startswith("Smoke test"))
+    assert "containers/push.sh ${{ matrix.flavour }}" in runs["Push by digest"]["run"]
+    # the push step writes `<flavour>=<name>@sha256:...` to $GITHUB_OUTPUT; a name with a dash needs ['...']
+    assert images["outputs"] == {
+        "cpu": "${{ steps.push.outputs.cpu }}",
+        "train-cpu": "${{ steps.push.outputs['train-cpu'] }}",
+        "cuda": "${{ steps.push.outputs.cuda }}",
+    }
+    assert 'containers/sif.sh ${{ matrix.flavour }} "${{ needs.images.outputs[matrix.flavour] }}"' in [
+        step.get("run") for step in sif["steps"]]
+    assert images["env"]["SOURCE_URL"] == "${{ github.server_url }}/${{ github.repository }}"
+
+
+def test_release_note_lists_every_digest_and_sif():
+    note = next(step["run"] for step in _workflow("release.yml")["jobs"]["notes"]["steps"] if "notes.md" in step.get("run", ""))
+    assert "${{ needs.images.outputs.cpu }}" in note
+    assert "${{ needs.images.outputs['train-cpu'] }}" in note
+    assert "${{ needs.images.outputs.cuda }}" in note
+    for flavour in FLAVOURS:
+        assert f"$(containers/names.sh {flavour} sif)" in note
+
+
+def test_push_names_the_train_cpu_archive_and_image(tmp_path: Path):
+    from scrcl_cli import __version__
+
+    script = ROOT / "containers" / "push.sh"
+    env = {"PATH": "/usr/bin:/bin", "OUT_DIR": str(tmp_path), "DRY_RUN": "1"}
+    missing = subprocess.run([str(script), "train-cpu"], capture_output=True, text=True, env=env)
+    assert missing.returncode == 1 and f"scrcl-cli_{__version__}-train-cpu.tar not found" in missing.stderr
+    (tmp_path / f"scrcl-cli_{__version__}-train-cpu.tar").write_bytes(b"")
+    res = subprocess.run([str(script), "train-cpu"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == (f"would push docker-archive:{tmp_path}/scrcl-cli_{__version__}-train-cpu.tar "
+                                  f"to docker://ghcr.io/scrcl-cli/scrcl-cli:{__version__}-train-cpu")
+    assert _names("train-cpu", "sif") == f"oras://ghcr.io/scrcl-cli/scrcl-cli:{__version__}-train-cpu-sif"
