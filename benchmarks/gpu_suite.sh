@@ -22,6 +22,11 @@
 #   b. the GPU-marked tests (same-seed CUDA determinism);
 #   c. benchmarks/end_to_end.py --device cuda at 50,000 cells, if time is left.
 # DEVICE=cpu ACC_ARGS="--quick --seeds 0" ACC_DATASETS=yan_rpkm rehearses it without a GPU.
+# SUITE=ddp: scaling of `train --distributed` (torchrun, DDP) from 1 GPU to every GPU of the node
+#   (1, 2, 4, ... processes), the same DDP_N resampled cells (default 200,000), DDP_EPOCHS (20) and
+#   per-process batch DDP_BATCH (20,000) each time, so ideal scaling halves the training time with
+#   each doubling; training seconds, speed-up and final loss per process count go to the summary.
+#   Not run yet: README, "Multi-GPU training (torchrun)".
 # Installs nothing except `pip install -e .[train,gpu]` when scrcl_cli, torch or onnxruntime-gpu
 # is missing. Generated data and models go to $SCRCL_BENCH_DIR (default bench_gpu).
 set -uo pipefail
@@ -65,7 +70,7 @@ say "suite=$SUITE results=$RESULTS data=$SRC"
   echo '```'; cat "$RESULTS/env.txt"; echo '```'
 } > "$SUMMARY"
 
-if [ "$SUITE" = short ] || [ "$SUITE" = scale ]; then
+if [ "$SUITE" = short ] || [ "$SUITE" = scale ] || [ "$SUITE" = ddp ]; then
   START=$SECONDS
   BUDGET_S=${BUDGET_S:-540}
   left() { echo $(( BUDGET_S - (SECONDS - START) )); }
@@ -82,6 +87,41 @@ if [ "$SUITE" = short ] || [ "$SUITE" = scale ]; then
     say "$name: exit $rc after $(( SECONDS - t0 )) s"
     echo "- $name: exit $rc after $(( SECONDS - t0 )) s (limit ${cap} s)" >> "$SUMMARY"
   }
+  if [ "$SUITE" = ddp ]; then
+    DDP_N=${DDP_N:-200000}; DDP_BATCH=${DDP_BATCH:-20000}; DDP_EPOCHS=${DDP_EPOCHS:-20}
+    NPROC=${DDP_PROCS:-$($PY -c "import torch; print(torch.cuda.device_count())")}  # DEVICE=cpu DDP_PROCS=2: gloo rehearsal
+    BIG="$SCRCL_BENCH_DIR/pbmc_${DDP_N}.h5ad"
+    [ -f "$BIG" ] || $PY benchmarks/make_large.py -n "$DDP_N" -o "$BIG" --source "$SRC" > "$RESULTS/make_large.log" 2>&1
+    echo >> "$SUMMARY"; echo "## Steps" >> "$SUMMARY"; echo >> "$SUMMARY"
+    W=1
+    while [ "$W" -le "$NPROC" ]; do
+      rm -rf "$SCRCL_BENCH_DIR/model_ddp_$W"
+      step "ddp_w$W" "${DDP_STEP_S:-240}" $PY -m torch.distributed.run --standalone --nproc_per_node "$W" -m scrcl_cli \
+        train "$BIG" -o "$SCRCL_BENCH_DIR/model_ddp_$W" --distributed --device "$DEVICE" --batch-size "$DDP_BATCH" \
+        --epochs "$DDP_EPOCHS" --seed 0 --no-export -q
+      W=$(( W * 2 ))
+    done
+    $PY - "$SCRCL_BENCH_DIR" >> "$SUMMARY" 2>&1 <<'EOF'
+import json, sys
+from pathlib import Path
+rows = []
+for d in sorted(Path(sys.argv[1]).glob("model_ddp_*"), key=lambda p: int(p.name.rsplit("_", 1)[1])):
+    try:
+        t = json.loads((d / "scrcl_model.json").read_text())["training"]
+    except (OSError, ValueError, KeyError):
+        continue
+    rows.append((int(d.name.rsplit("_", 1)[1]), t))
+print("\n## train --distributed: processes against training time\n")
+print("| processes | device | batch per process | training s | speed-up | final loss |")
+print("|---|---|---|---|---|---|")
+base = rows[0][1]["seconds"] if rows and rows[0][0] == 1 else None
+for w, t in rows:
+    speed = f"{base / t['seconds']:.2f}" if base else "n/a"
+    print(f"| {w} | {t['device']} | {t['batch_size']} | {t['seconds']:.1f} | {speed} | {t['final_loss'][0]:.4g} |")
+EOF
+    say "ddp suite done after $(( SECONDS - START )) s: $SUMMARY"
+    exit 0
+  fi
   if [ "$SUITE" = scale ]; then
     # Scaling in one allocation: the N = 40,000 step against dense, then every-default `train` on
     # SCALE_N (default 1,000,000) cells. The cells are resampled on the CPU while the GPU runs

@@ -37,6 +37,7 @@ Examples:
   scrcl-cli train pbmc.h5ad -o pbmc_model/ --out-h5ad pbmc_scrcl.h5ad --n-clusters 8
   scrcl-cli train atlas.h5ad -o atlas_model/ --device cuda --seed 1
   scrcl-cli train tpm.h5ad -o m/ --expression continuous --epochs 200
+  torchrun --nproc_per_node 4 -m scrcl_cli train atlas.h5ad -o atlas_model/ --distributed --batch-size 20000
 
 {EXIT_CODES}"""
 EMBED_EXAMPLES = f"""\b
@@ -576,6 +577,19 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
     help="Keep the smoothed inputs in memory-mapped files beside OUTPUT while training (removed afterwards), for atlases larger than memory.",
 )
 @_opt("--no-export", is_flag=True, help="Skip the ONNX export (weights only).")
+@_opt(
+    "--distributed",
+    is_flag=True,
+    help="Train with DistributedDataParallel, one process per GPU (or CPU process), under torchrun; "
+    "implied when torchrun starts more than one process. Mini-batches: --batch-size is per process "
+    "(default: the cells divided by the processes, smaller if that does not fit). Only rank 0 writes.",
+)
+@_opt(
+    "--dist-timeout",
+    type=click.IntRange(10, 86_400),
+    default=C.DIST_TIMEOUT_S,
+    help="With --distributed: seconds a process waits for the others before failing instead of hanging.",
+)
 @seed_option
 @device_option
 @threads_option
@@ -593,6 +607,8 @@ def train(
     batch_size: int | None,
     out_of_core: bool,
     no_export: bool,
+    distributed: bool,
+    dist_timeout: int,
     seed: int,
     device: str,
     threads: int,
@@ -605,6 +621,7 @@ def train(
     from .io.output import check_stop
 
     t = time.perf_counter()
+    dist = _distributed_env(ctx, distributed, dist_timeout)
     _guard(ctx, [(output, "-o/--output", "model"), (out_h5ad, "--out-h5ad", "file")], (input_h5ad,), overwrite=overwrite)
     adata = read_h5ad_checked(input_h5ad, expression=hyper["expression"], check_names=True)
     # torch is imported only now, so that bad input fails in about a second instead of after its import.
@@ -632,8 +649,24 @@ def train(
             f"Pass --n-clusters between 1 and {adata.n_obs}, or leave it out to choose it from the data",
         )
     check_fits(config, adata.n_obs, adata.n_vars, batch_size=batch_size)
-    from .workflow import train_model
+    from .workflow import train_model, train_worker
 
+    if dist is not None and not dist.is_main:
+
+        def on_epoch_worker(epoch: int, terms: Any) -> None:
+            check_stop()
+
+        train_worker(
+            adata,
+            config,
+            dist=dist,
+            device=as_device(device),
+            batch_size=batch_size,
+            out_of_core=output if out_of_core else None,
+            spatial={"refine_neighbours": refine_neighbours} if spatial else None,
+            on_epoch=on_epoch_worker,
+        )
+        return
     with _progress(not ctx.obj["quiet"]) as make:
         graph_bar = make("cell graph", 1)
         bar = make("training", config.epochs)
@@ -655,6 +688,7 @@ def train(
             spatial={"refine_neighbours": refine_neighbours} if spatial else None,
             on_epoch=on_epoch,
             on_graph=lambda d, n: graph_bar(d, n),
+            dist=dist,
         )
     outputs = []
     if out_h5ad is not None:  # the copy first: it is the output most likely to fail on odd input metadata
@@ -675,6 +709,28 @@ def train(
             ("written", ", ".join(outputs)),
         ],
     )
+
+
+def _distributed_env(ctx: click.Context, requested: bool, timeout_s: int) -> Any:
+    """This process's `distributed.DistEnv`, or None for an ordinary single-process run.
+
+    torchrun's variables decide: --distributed without them is an error, and more than one
+    process without --distributed trains distributed anyway (each would otherwise write the same
+    output). Ranks > 0 log only warnings, show no progress and open no --log-file: rank 0 reports.
+    """
+    from . import distributed
+
+    env = distributed.detect(timeout_s=timeout_s)
+    if requested and env is None:
+        raise ScrclError("--distributed needs torchrun's WORLD_SIZE, RANK and LOCAL_RANK", distributed.LAUNCH_HINT)
+    if env is None or (not requested and env.world_size == 1):
+        return None
+    if not requested and env.is_main:
+        log.info("torchrun started %d processes: training with DistributedDataParallel", env.world_size)
+    if not env.is_main:
+        ctx.obj.update(quiet=True, log_file=None)
+        ctx.obj["terminal"].setLevel(logging.WARNING)
+    return env
 
 
 def _write_h5ad(adata: Any, dest: Path, *, overwrite: bool) -> None:

@@ -154,6 +154,9 @@ BATCH_SIZE = 4096
 INFERENCE_BATCH_RANGE = (1, 1_000_000)  # cells per ONNX Runtime call
 TRAIN_BATCH_RANGE = (2, 100_000_000)  # cells per training mini-batch
 MIN_GENE_OVERLAP = 0.5
+# `train --distributed`: how long a process waits for the others at a collective (and at start-up)
+# before it fails instead of hanging; long enough for one process's graph build to lag the others'.
+DIST_TIMEOUT_S = 1800
 KEY_ADDED = "X_scrcl"
 CLUSTER_KEY = "scrcl_cluster"
 REFINE_NEIGHBOURS = 50

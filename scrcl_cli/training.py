@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,8 +23,12 @@ from torch import Tensor
 
 from . import graphs
 from .config import EMBED_DIM, EMBEDDINGS, TrainConfig
+from .errors import ScrclError
 from .losses import LossTerms, scrcl_loss
 from .model import ScRCL, embed_hidden, hidden_pca_basis, to_torch_sparse
+
+if TYPE_CHECKING:
+    from .distributed import DistEnv
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +146,6 @@ def check_fits(config: TrainConfig, n_cells: int, n_genes: int, *, batch_size: i
     Adam state, 8 x (G, H) float32 each, and the two dense smoothed inputs, 2 x (N, G)), plus
     one step on the smallest batch the run could use. The message states the estimate.
     """
-    from .errors import ScrclError
-
     g = max(1, min(int(config.n_top_genes), n_genes))
     h = int(config.hidden_dim)
     fixed = 4 * (2 * 4 * g * h) + 4 * 2 * n_cells * g
@@ -400,10 +402,78 @@ def _seed_chunks(n: int, n_seeds: int, gen: torch.Generator, device: torch.devic
             yield perm[i : i + n_seeds]
 
 
+def shard_seed_chunks(
+    n: int, n_seeds: int, world_size: int, rank: int, gen: torch.Generator, device: torch.device
+) -> Iterator[Tensor]:
+    """This process's seeds (n_seeds,) for each step of a distributed run.
+
+    Every process draws the same permutations from `gen` (a CPU generator seeded alike on every
+    process) and cuts the same chunks of world_size * n_seeds cells, one per step; process `rank`
+    takes the rank-th slice. The step's seeds are the union of the slices, which are disjoint, and
+    each slice is a uniform random set of n_seeds cells, as `inclusion_probability` assumes.
+    """
+    for chunk in _seed_chunks(n, n_seeds * world_size, gen, torch.device("cpu")):
+        yield chunk[rank * n_seeds : (rank + 1) * n_seeds].to(device)
+
+
+def distributed_seeds(seed: int, rank: int) -> tuple[int, int]:
+    """(seed-permutation seed, dropout seed) of process `rank` in a distributed run.
+
+    The permutation seed is the same on every process (they must agree on the step's seed cells);
+    the dropout seed differs per process, so the processes' dropout masks are independent.
+    """
+    perm = np.random.SeedSequence([seed, 1]).generate_state(1, np.uint64)[0]
+    drop = np.random.SeedSequence([seed, 2, rank]).generate_state(1, np.uint64)[0]
+    return int(perm >> np.uint64(1)), int(drop >> np.uint64(1))
+
+
 # Mini-batch learning rate: lr * (B / N) ** MINIBATCH_LR_POWER, B the mean batch size. With an epoch
 # of N / B steps, Adam moves the weights about lr per step whatever the gradient's scale, so 1.0
 # keeps the full-batch distance per epoch (docs/benchmarks.md §3 measures 0, 0.5 and 1).
 MINIBATCH_LR_POWER = 1.0
+
+
+@dataclass(frozen=True)
+class MinibatchPlan:
+    """How a mini-batch run steps through the cells (`minibatch_plan`).
+
+    n_seeds: seed cells per process per step; pi: (N,) float64 probability that a cell is in one
+    process's batch; expected: E[B] of one process's batch; steps: steps per epoch; lr: the
+    scaled learning rate.
+    """
+
+    n_seeds: int
+    pi: np.ndarray
+    expected: float
+    steps: int
+    lr: float
+
+
+def minibatch_plan(
+    adj: sp.csr_matrix, batch_size: int, lr: float, *, lr_power: float | None = None, world_size: int = 1
+) -> MinibatchPlan:
+    """Seeds, steps per epoch and learning rate for batches of about `batch_size` cells per process.
+
+    adj: the binary cell adjacency (N, N). A process's batch is its seeds plus their neighbours,
+    so n_seeds = batch_size / (1 + mean degree), at most N / world_size so that one step's seeds
+    are distinct. A step sees world_size * E[B] cells, so an epoch (one pass over the cells) is
+    round(N / (world_size * E[B])) steps, and the learning rate is
+    lr * min(1, world_size * E[B] / N) ** lr_power; one process (world_size 1) is the usual rule.
+    """
+    n = adj.shape[0]
+    avg_deg = adj.nnz / max(n, 1)
+    n_seeds = int(min(n // world_size, max(1, round(batch_size / (1.0 + avg_deg)))))
+    pi = inclusion_probability(adj.getnnz(axis=0), n, n_seeds)
+    expected = float(pi.sum())
+    seen = world_size * expected
+    power = MINIBATCH_LR_POWER if lr_power is None else float(lr_power)
+    return MinibatchPlan(
+        n_seeds=n_seeds,
+        pi=pi,
+        expected=expected,
+        steps=max(1, round(n / seen)),
+        lr=lr * min(1.0, seen / n) ** power,
+    )
 
 
 def _fit_minibatch(
@@ -420,7 +490,7 @@ def _fit_minibatch(
     `config.epochs` counts passes over the data, as in full batch: an epoch is
     round(N / E[B]) steps, E[B] the expected batch size, so each cell is seen on average
     `config.epochs` times, as in a full-batch run. The learning rate is scaled by
-    (E[B] / N) ** lr_power (`MINIBATCH_LR_POWER` unless given).
+    (E[B] / N) ** lr_power (`MINIBATCH_LR_POWER` unless given); `minibatch_plan` has the rule.
 
     Batch approximations (README, "Mini-batch training"): the GCN view and both graph losses use
     the subgraph induced by the batch, normalised with its own degrees; the EDA global softmax and
@@ -430,60 +500,160 @@ def _fit_minibatch(
     is unbiased for any batch composition (the ReLU after it is applied to the estimate). The
     final embedding is computed on the whole graph. The loss log holds each epoch's mean step.
     """
-    n = inputs.x0.shape[0]
-    model, gen, x0, x1, gene_prop, opt, _ = _setup(inputs, config, device, stream=is_out_of_core(inputs))
-    row, col = _edges(inputs.adj, device)
+    run = _MinibatchRun(inputs, config, device, batch_size, lr_power, None)
+    run.train(on_epoch)
+    return run.finish()
+
+
+def fit_distributed(
+    inputs: TrainInputs,
+    config: TrainConfig,
+    *,
+    device: torch.device,
+    dist: DistEnv,
+    batch_size: int | None = None,
+    on_epoch: Callable[[int, LossTerms], None] | None = None,
+) -> TrainResult | None:
+    """Mini-batch training with torch's DistributedDataParallel, one process per device.
+
+    Call inside `distributed.process_group`, on every process with the same inputs. Each step,
+    every process draws the same seed-cell permutation (`shard_seed_chunks`), takes its own slice
+    of the step's seeds, reads only its batch's rows, builds its batch's induced subgraph and
+    computes its loss; DDP averages the gradients over the processes, so every process takes the
+    same Adam step. `batch_size` is per process (`distributed_batch_size` when None). The result
+    (whole-graph embedding, losses averaged over the processes) is returned on rank 0 only;
+    other processes get None.
+    """
+    import torch.distributed as tdist
+
+    from . import distributed
+
+    n, g = inputs.x0.shape
+    if n < 2 * dist.world_size:
+        raise ScrclError(
+            f"{n} cells are too few for {dist.world_size} processes", "Use fewer processes (torchrun --nproc_per_node)"
+        )
     csr = inputs.adj.tocsr()
-    indptr = torch.from_numpy(csr.indptr.astype(np.int64)).to(device)
-    indices = torch.from_numpy(csr.indices.astype(np.int64)).to(device)
-    avg_deg = csr.nnz / max(n, 1)
-    n_seeds = int(min(n, max(1, round(batch_size / (1.0 + avg_deg)))))
-    pi = inclusion_probability(csr.getnnz(axis=0), n, n_seeds)
-    expected = float(pi.sum())
-    steps = max(1, round(n / expected))
-    power = MINIBATCH_LR_POWER if lr_power is None else float(lr_power)
-    lr = config.lr * (expected / n) ** power
-    for group in opt.param_groups:
-        group["lr"] = lr
-    inv_pi = torch.from_numpy((1.0 / pi).astype(np.float32)).to(device)
-    log.info(
-        "mini-batch training: %d epochs of %d steps on batches of about %.0f cells, lr %.3g", config.epochs, steps, expected, lr
-    )
-    log_t = torch.zeros(config.epochs, 4, dtype=torch.float64, device=device)
-    seeds = _seed_chunks(n, n_seeds, gen, device)
-    t_start = time.perf_counter()
-    model.train()
-    for epoch in range(config.epochs):
-        for _ in range(steps):
-            nodes = _batch_nodes(indptr, indices, next(seeds))
-            adj_b, a_hat_b = induced_subgraph(row, col, nodes, n)
-            opt.zero_grad(set_to_none=True)
-            x0_b, x1_b = _rows(x0, nodes, device), _rows(x1, nodes, device)
-            out = model(x0_b, x1_b, a_hat_b, gene_prop, gen, cells=nodes, cell_weights=inv_pi[nodes])
-            terms = scrcl_loss(
-                out.h1,
-                out.h2,
-                out.z1,
-                out.z2,
-                adj_b,
-                temperature=config.temperature,
-                lambda1=config.lambda1,
-                lambda2=config.lambda2,
-            )
-            terms.total.backward()
-            opt.step()
-            log_t[epoch] += torch.stack([terms.total, terms.eda, terms.nca, terms.cvc]).detach().double() / steps
-        if on_epoch is not None:
-            on_epoch(epoch, terms)
-    return _finish(
-        model,
-        x0,
-        x1,
-        to_torch_sparse(inputs.a_hat, device),
-        gene_prop,
-        log_t,
-        t_start,
+    gp = inputs.gene_prop.tocsr()
+    distributed.check_same(
+        {
+            "cell graph": distributed.digest(csr.indptr, csr.indices),
+            "gene graph": distributed.digest(gp.indptr, gp.indices),
+            "input shape": distributed.digest(np.asarray(inputs.x0.shape)),
+        },
         device,
-        config,
-        extra={"batch_size": batch_size, "steps_per_epoch": steps, "lr": lr},
     )
+    b = distributed_batch_size(n, g, config.hidden_dim, device, dist.world_size, batch_size)
+    run = _MinibatchRun(inputs, config, device, b, None, dist)
+    run.train(on_epoch)
+    # Each process logged the mean loss of its own batches: the record is their mean.
+    tdist.all_reduce(run.log_t)
+    run.log_t /= dist.world_size
+    return run.finish() if dist.is_main else None
+
+
+def distributed_batch_size(n: int, g: int, h: int, device: torch.device, world_size: int, requested: int | None) -> int:
+    """Cells per process per step in a distributed run: `requested`, else N / world_size (the
+    full batch split over the processes), halved while one step would not fit on the device."""
+    if requested is not None:
+        return requested
+    share = -(-n // world_size)
+    return choose_batch_size(share, g, h, device, None) or share
+
+
+class _MinibatchRun:
+    """One mini-batch training run, alone (`dist` None) or as one process of a DDP run."""
+
+    def __init__(
+        self,
+        inputs: TrainInputs,
+        config: TrainConfig,
+        device: torch.device,
+        batch_size: int,
+        lr_power: float | None,
+        dist: DistEnv | None,
+    ) -> None:
+        self.inputs, self.config, self.device, self.batch_size, self.dist = inputs, config, device, batch_size, dist
+        n = inputs.x0.shape[0]
+        self.n = n
+        self.model, gen, self.x0, self.x1, self.gene_prop, self.opt, _ = _setup(
+            inputs, config, device, stream=is_out_of_core(inputs)
+        )
+        self.row, self.col = _edges(inputs.adj, device)
+        csr = inputs.adj.tocsr()
+        self.indptr = torch.from_numpy(csr.indptr.astype(np.int64)).to(device)
+        self.indices = torch.from_numpy(csr.indices.astype(np.int64)).to(device)
+        world = 1 if dist is None else dist.world_size
+        self.plan = minibatch_plan(csr, batch_size, config.lr, lr_power=lr_power, world_size=world)
+        for group in self.opt.param_groups:
+            group["lr"] = self.plan.lr
+        self.inv_pi = torch.from_numpy((1.0 / self.plan.pi).astype(np.float32)).to(device)
+        self.step_model: torch.nn.Module
+        if dist is None:
+            # One generator for the seeds and dropout, as always (keeps single-process runs unchanged).
+            self.gen = gen
+            self.seeds = _seed_chunks(n, self.plan.n_seeds, gen, device)
+            self.step_model = self.model
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+
+            perm_seed, drop_seed = distributed_seeds(config.seed, dist.rank)
+            self.gen = torch.Generator(device=device).manual_seed(drop_seed)
+            perm_gen = torch.Generator().manual_seed(perm_seed)
+            self.seeds = shard_seed_chunks(n, self.plan.n_seeds, dist.world_size, dist.rank, perm_gen, device)
+            self.step_model = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None)
+        self.log_t = torch.zeros(config.epochs, 4, dtype=torch.float64, device=device)
+        self.t_start = 0.0
+
+    def train(self, on_epoch: Callable[[int, LossTerms], None] | None) -> None:
+        config, plan, device = self.config, self.plan, self.device
+        who = "" if self.dist is None else f" per process ({self.dist.world_size} processes)"
+        log.info(
+            "mini-batch training: %d epochs of %d steps on batches of about %.0f cells%s, lr %.3g",
+            config.epochs,
+            plan.steps,
+            plan.expected,
+            who,
+            plan.lr,
+        )
+        self.t_start = time.perf_counter()
+        self.model.train()
+        for epoch in range(config.epochs):
+            for _ in range(plan.steps):
+                nodes = _batch_nodes(self.indptr, self.indices, next(self.seeds))
+                adj_b, a_hat_b = induced_subgraph(self.row, self.col, nodes, self.n)
+                self.opt.zero_grad(set_to_none=True)
+                x0_b, x1_b = _rows(self.x0, nodes, device), _rows(self.x1, nodes, device)
+                out = self.step_model(x0_b, x1_b, a_hat_b, self.gene_prop, self.gen, cells=nodes, cell_weights=self.inv_pi[nodes])
+                terms = scrcl_loss(
+                    out.h1,
+                    out.h2,
+                    out.z1,
+                    out.z2,
+                    adj_b,
+                    temperature=config.temperature,
+                    lambda1=config.lambda1,
+                    lambda2=config.lambda2,
+                )
+                terms.total.backward()  # under DDP, returns with the gradients averaged over the processes
+                self.opt.step()
+                self.log_t[epoch] += torch.stack([terms.total, terms.eda, terms.nca, terms.cvc]).detach().double() / plan.steps
+            if on_epoch is not None:
+                on_epoch(epoch, terms)
+
+    def finish(self) -> TrainResult:
+        extra: dict[str, Any] = {"batch_size": self.batch_size, "steps_per_epoch": self.plan.steps, "lr": self.plan.lr}
+        if self.dist is not None:
+            extra["processes"] = self.dist.world_size
+        return _finish(
+            self.model,
+            self.x0,
+            self.x1,
+            to_torch_sparse(self.inputs.a_hat, self.device),
+            self.gene_prop,
+            self.log_t,
+            self.t_start,
+            self.device,
+            self.config,
+            extra=extra,
+        )

@@ -26,10 +26,13 @@ from .errors import ScrclError
 from .preprocessing import prepare
 
 if TYPE_CHECKING:
+    import torch
     from anndata import AnnData
 
     from .config import TrainConfig
+    from .distributed import DistEnv
     from .losses import LossTerms
+    from .training import TrainInputs, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -65,54 +68,24 @@ def train_model(
     on_epoch: Callable[[int, LossTerms], None] | None = None,
     on_graph: Callable[[int, int], None] | None = None,
     out_of_core: Path | None = None,
+    dist: DistEnv | None = None,
 ) -> TrainedModel:
     """Preprocess, build graphs, train, cluster the training cells and export the encoders.
 
     out_of_core: the output path, beside which the smoothed inputs are kept in memory-mapped
     files while training (`training.scratch_inputs`, removed afterwards); None keeps them in memory.
+    dist: rank 0 of a torchrun launch (`distributed.detect`): trains with DistributedDataParallel
+    beside the other processes, which run `train_worker`; rank 0 alone clusters and exports.
     """
     import torch
 
-    from .training import build_inputs, fit, scratch_inputs
-
-    dev = resolve_torch_device(device)
-    x = sp.csr_matrix(adata.X, dtype=np.float32)
-    names = [str(v) for v in adata.var_names]
-    spatial_adj = None
-    if spatial is not None:
-        from . import spatial as st
-
-        coords = spatial_coords(adata)
-        prep: Any = st.prepare_spatial(x, names, config.n_top_genes)
-        spatial_adj = st.spatial_graph(coords[prep.cell_mask], config.n_neighbors)
-    else:
-        prep = prepare(
-            x,
-            names,
-            n_top_genes=config.n_top_genes,
-            input_mode=config.input_mode,
-            expression=config.expression,
-        )
+    if dist is not None and not dist.is_main:
+        raise ValueError("train_model runs on rank 0 only; the other processes call train_worker")
+    prep, coords, inputs, result, dev = _prepare_and_fit(
+        adata, config, device, batch_size, spatial, on_epoch, on_graph, out_of_core, dist, n_clusters=n_clusters
+    )
     n = prep.model_input.shape[0]
-    clustering.check_n_clusters(n_clusters, n)
-    if n < config.n_neighbors + 1:
-        raise ScrclError(
-            f"only {n} cells have counts, fewer than --n-neighbors + 1 = {config.n_neighbors + 1}",
-            "Use more cells or a smaller --n-neighbors",
-        )
-    with contextlib.ExitStack() as stack:
-        scratch = stack.enter_context(scratch_inputs(out_of_core)) if out_of_core is not None else None
-        inputs = build_inputs(
-            prep.model_input,
-            prep.lognorm,
-            config,
-            graph_device=dev if dev.type == "cuda" else None,
-            progress=on_graph,
-            adj=spatial_adj,
-            scratch_dir=scratch,
-        )
-        log.info("cell graph: %d cells, %d edges; training on %s", n, inputs.adj.nnz // 2, describe_torch_device(dev))
-        result = fit(inputs, config, device=dev, on_epoch=on_epoch, batch_size=batch_size)
+    assert result is not None  # rank 0 or a single process always has the result
     peak_gpu = int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None
     log.info(
         "trained %d epochs in %.1f s%s",
@@ -176,6 +149,7 @@ def train_model(
         )
         graph = replace(graph, kind="spatial", metric="euclidean", refine_neighbours=int(spatial["refine_neighbours"]))
         refined = np.full(adata.n_obs, -1, dtype=np.int64)
+        assert coords is not None  # read by _prepare_and_fit in spatial mode
         refined[prep.cell_mask] = refine_labels(km.labels, coords[prep.cell_mask], int(spatial["refine_neighbours"]))
         extra_labels = {"refined": refined}
     else:
@@ -217,6 +191,8 @@ def train_model(
             "torch_version": torch.__version__,
             "batch_size": result.extra.get("batch_size"),
             "peak_gpu_bytes": peak_gpu,
+            # batch_size is per process when several trained together (torchrun, DDP).
+            **({"processes": result.extra["processes"]} if "processes" in result.extra else {}),
         },
     )
     files = model_files(result, manifest, labels_kept=km.labels, obs_names=list(adata.obs_names[prep.cell_mask]), export=export)
@@ -230,6 +206,96 @@ def train_model(
         n_genes=len(prep.genes),
         extra_labels=extra_labels,
     )
+
+
+def train_worker(
+    adata: AnnData,
+    config: TrainConfig,
+    *,
+    dist: DistEnv,
+    device: Device = "auto",
+    batch_size: int | None = None,
+    spatial: dict[str, Any] | None = None,
+    on_epoch: Callable[[int, LossTerms], None] | None = None,
+    out_of_core: Path | None = None,
+) -> None:
+    """A process of rank > 0 in a torchrun launch: the same preprocessing, graphs and training
+    steps as rank 0 (`train_model` with the same `dist`), and nothing written: rank 0 clusters,
+    exports and writes every output."""
+    if dist.is_main:
+        raise ValueError("rank 0 runs train_model")
+    _prepare_and_fit(adata, config, device, batch_size, spatial, on_epoch, None, out_of_core, dist, n_clusters=None)
+
+
+def _prepare_and_fit(
+    adata: AnnData,
+    config: TrainConfig,
+    device: Device,
+    batch_size: int | None,
+    spatial: dict[str, Any] | None,
+    on_epoch: Callable[[int, LossTerms], None] | None,
+    on_graph: Callable[[int, int], None] | None,
+    out_of_core: Path | None,
+    dist: DistEnv | None,
+    *,
+    n_clusters: int | None,
+) -> tuple[Any, np.ndarray | None, TrainInputs, TrainResult | None, torch.device]:
+    """Preprocessing, graphs and training: (prep, spatial coordinates or None, inputs, result, device).
+
+    With `dist`, every process preprocesses and builds the graphs itself (deterministic; the
+    processes compare fingerprints of the graphs before training) and trains with DDP; the
+    result is None on ranks > 0.
+    """
+    from . import distributed
+    from .training import build_inputs, fit, fit_distributed, scratch_inputs
+
+    dev = resolve_torch_device(device)
+    if dist is not None:
+        dev = distributed.local_device(dev, dist)
+    x = sp.csr_matrix(adata.X, dtype=np.float32)
+    names = [str(v) for v in adata.var_names]
+    spatial_adj = None
+    coords = None
+    if spatial is not None:
+        from . import spatial as st
+
+        coords = spatial_coords(adata)
+        prep: Any = st.prepare_spatial(x, names, config.n_top_genes)
+        spatial_adj = st.spatial_graph(coords[prep.cell_mask], config.n_neighbors)
+    else:
+        prep = prepare(
+            x,
+            names,
+            n_top_genes=config.n_top_genes,
+            input_mode=config.input_mode,
+            expression=config.expression,
+        )
+    n = prep.model_input.shape[0]
+    clustering.check_n_clusters(n_clusters, n)
+    if n < config.n_neighbors + 1:
+        raise ScrclError(
+            f"only {n} cells have counts, fewer than --n-neighbors + 1 = {config.n_neighbors + 1}",
+            "Use more cells or a smaller --n-neighbors",
+        )
+    with contextlib.ExitStack() as stack:
+        scratch = stack.enter_context(scratch_inputs(out_of_core)) if out_of_core is not None else None
+        inputs = build_inputs(
+            prep.model_input,
+            prep.lognorm,
+            config,
+            graph_device=dev if dev.type == "cuda" else None,
+            progress=on_graph,
+            adj=spatial_adj,
+            scratch_dir=scratch,
+        )
+        log.info("cell graph: %d cells, %d edges; training on %s", n, inputs.adj.nnz // 2, describe_torch_device(dev))
+        result: TrainResult | None
+        if dist is None:
+            result = fit(inputs, config, device=dev, on_epoch=on_epoch, batch_size=batch_size)
+        else:
+            with distributed.process_group(dist, dev):
+                result = fit_distributed(inputs, config, device=dev, dist=dist, batch_size=batch_size, on_epoch=on_epoch)
+    return prep, coords, inputs, result, dev
 
 
 def spatial_coords(adata: AnnData) -> np.ndarray:

@@ -1,0 +1,156 @@
+"""Multi-process training under torchrun: the process's place, its device and the process group.
+
+torchrun starts one process per device and tells each where it stands through WORLD_SIZE, RANK,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `detect` reads them. The gradient averaging itself is
+torch's `DistributedDataParallel` (`training.fit_distributed`); nothing here reimplements a
+collective. torch is imported inside the functions, so `detect` costs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .config import DIST_TIMEOUT_S
+from .errors import ScrclError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+# The variables torchrun sets in every process it starts.
+TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT")
+LAUNCH_HINT = "Launch with: torchrun --nproc_per_node N -m scrcl_cli train ... --distributed"
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place among the training processes.
+
+    rank: 0 .. world_size - 1 (rank 0 writes every output); local_rank: its index on its node,
+    which picks its GPU; timeout_s: how long a collective may wait for the other processes.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    timeout_s: float = DIST_TIMEOUT_S
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def detect(environ: Mapping[str, str] | None = None, *, timeout_s: float = DIST_TIMEOUT_S) -> DistEnv | None:
+    """The DistEnv torchrun's variables describe, or None outside torchrun (none of them set).
+
+    A partial or malformed set (e.g. RANK without WORLD_SIZE) is a ScrclError, not a guess.
+    """
+    env = os.environ if environ is None else environ
+    present = [k for k in TORCHRUN_VARS if k in env]
+    if not present:
+        return None
+    missing = [k for k in TORCHRUN_VARS if k not in env]
+    if missing:
+        raise ScrclError(f"{', '.join(present)} set but {', '.join(missing)} not: not a torchrun environment", LAUNCH_HINT)
+    try:
+        world, rank, local = (int(env[k]) for k in TORCHRUN_VARS)
+    except ValueError:
+        values = ", ".join(f"{k}={env[k]!r}" for k in TORCHRUN_VARS)
+        raise ScrclError(f"torchrun variables are not integers ({values})", LAUNCH_HINT) from None
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ScrclError(f"inconsistent torchrun variables WORLD_SIZE={world} RANK={rank} LOCAL_RANK={local}", LAUNCH_HINT)
+    return DistEnv(rank=rank, world_size=world, local_rank=local, timeout_s=timeout_s)
+
+
+def backend(device: torch.device) -> str:
+    """nccl between GPUs, gloo between CPU processes."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def local_device(device: torch.device, env: DistEnv) -> torch.device:
+    """This process's device: GPU LOCAL_RANK on a CUDA node, else the CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return device
+    count = torch.cuda.device_count()
+    if env.local_rank >= count:
+        raise ScrclError(
+            f"process LOCAL_RANK={env.local_rank} has no GPU of its own: {count} CUDA device(s) visible",
+            "Start at most one process per GPU (torchrun --nproc_per_node <number of GPUs>)",
+        )
+    return torch.device("cuda", env.local_rank)
+
+
+@contextlib.contextmanager
+def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
+    """Join the default process group for the duration of the block, and always leave it.
+
+    The timeout bounds every wait: a process whose peer failed or stopped raises after
+    `env.timeout_s` instead of hanging (under torchrun the launcher also stops the others as soon
+    as one exits with an error).
+    """
+    import torch
+    import torch.distributed as dist
+
+    missing = [k for k in RENDEZVOUS_VARS if k not in os.environ]
+    if missing:
+        raise ScrclError(f"{', '.join(missing)} not set: the processes cannot find each other", LAUNCH_HINT)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend(device),
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timedelta(seconds=env.timeout_s),
+        # binds this process to its GPU from the start (nccl); None on the CPU
+        device_id=device if device.type == "cuda" else None,
+    )
+    log.info("process %d of %d joined the %s process group on %s", env.rank, env.world_size, backend(device), device)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def digest(*arrays: np.ndarray) -> int:
+    """A 63-bit fingerprint of the bytes, shapes and dtypes of `arrays`."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+def check_same(fingerprints: dict[str, int], device: torch.device) -> None:
+    """Raise ScrclError unless every process computed the same `fingerprints` (name -> `digest`).
+
+    Every process builds the graphs itself from the same input; this proves they agree before
+    any process trains on them, instead of training silently on different graphs.
+    """
+    import torch
+    import torch.distributed as dist
+
+    names = sorted(fingerprints)
+    mine = torch.tensor([fingerprints[k] for k in names], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    for rank, theirs in enumerate(every):
+        differ = [k for k, a, b in zip(names, mine.tolist(), theirs.tolist()) if a != b]
+        if differ:
+            raise ScrclError(
+                f"process {rank} built a different {', '.join(differ)} than process {dist.get_rank()}",
+                "Give every process the same input file, package version and options",
+            )
