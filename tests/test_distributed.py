@@ -7,7 +7,6 @@ their gradients must end at the same parameters.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import socket
