@@ -28,10 +28,9 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import embed_hidden
+from .model import embed_hidden, gcn_activation, gcn_head, mlp_hidden
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ class _Frozen(nn.Module):
         return hasattr(self, "embed_fused_mean")
 
     def _mlp_hidden(self, x0: Tensor) -> Tensor:
-        return F.relu(F.linear(x0, self.mlp_w, self.mlp_b))
+        return mlp_hidden(x0, self.mlp_w, self.mlp_b)
 
     def z1(self, x0: Tensor) -> Tensor:
         return self._refine(self._mlp_hidden(x0))
@@ -89,10 +88,9 @@ class FusedEncoder(_Frozen):
 
     def forward(self, x0: Tensor, xs: Tensor, nbr: Tensor, w: Tensor) -> Tensor:
         # First GCN layer on the M neighbourhood cells (its aggregation is inside xs) ...
-        u = F.leaky_relu(F.linear(xs, self.gcn1_w, self.gcn1_b), 0.01) @ self.gcn2_w.T
+        u = gcn_activation(xs @ self.gcn1_w.T, self.gcn1_b) @ self.gcn2_w.T
         # ... second layer for the B targets: gather + weighted sum = their rows of Â @ u.
-        h = F.leaky_relu((u[nbr] * w.unsqueeze(-1)).sum(1) + self.gcn2_b, 0.01)
-        h = F.leaky_relu(F.linear(h, self.fc_w, self.fc_b), 0.01)
+        h = gcn_head(gcn_activation((u[nbr] * w.unsqueeze(-1)).sum(1), self.gcn2_b), self.fc_w, self.fc_b)
         if self.pca:
             return embed_hidden(h, self.embed_fused_mean, self.embed_fused_components)
         return torch.cat([self.z1(x0), self._refine(h)], dim=1)
@@ -199,15 +197,14 @@ class _GcnMiddle(_Frozen):
     """x (B, H) = rows of Â^(t1+1) X W1ᵀ -> u = leaky(p + b1) W2ᵀ (B, H)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.leaky_relu(x + self.gcn1_b, 0.01) @ self.gcn2_w.T
+        return gcn_activation(x, self.gcn1_b) @ self.gcn2_w.T
 
 
 class _GcnHead(_Frozen):
     """x (B, H) = rows of Â u -> the GCN view's PCA scores (B, D)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.leaky_relu(x + self.gcn2_b, 0.01)
-        h = F.leaky_relu(F.linear(h, self.fc_w, self.fc_b), 0.01)
+        h = gcn_head(gcn_activation(x, self.gcn2_b), self.fc_w, self.fc_b)
         return embed_hidden(h, self.embed_fused_mean, self.embed_fused_components)
 
 
@@ -215,7 +212,8 @@ class _MlpHead(_Frozen):
     """x (B, H) = rows of Â^t0 X Wmᵀ -> the MLP view's PCA scores (B, D)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return embed_hidden(F.relu(x + self.mlp_b), self.embed_cell_mean, self.embed_cell_components)
+        # mlp_hidden with its product Â^t0 X Wmᵀ computed outside: only the bias and ReLU remain.
+        return embed_hidden(torch.relu(x + self.mlp_b), self.embed_cell_mean, self.embed_cell_components)
 
 
 def stage_modules(state: dict[str, Tensor], gene_emb: np.ndarray, view: str) -> list[nn.Module]:

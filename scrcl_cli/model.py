@@ -47,6 +47,27 @@ def dropout(x: Tensor, p: float, gen: torch.Generator | None, *, training: bool)
     return x * keep / (1.0 - p)
 
 
+GCN_SLOPE = 0.01  # negative slope of the GCN view's LeakyReLUs (the reference's)
+
+
+def mlp_hidden(x0: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """MLP view, (N, G) -> (N, H): Linear + ReLU. w: (H, G), b: (H,)."""
+    return F.relu(F.linear(x0, w, b))
+
+
+def gcn_activation(aggregated: Tensor, b: Tensor) -> Tensor:
+    """One GCN layer after its aggregation: LeakyReLU(Â (x Wᵀ) + b). aggregated: (N, H), b: (H,).
+
+    Training aggregates with a sparse product, the exported encoder with a gather over padded
+    neighbour lists; both end here, so the layer is one function."""
+    return F.leaky_relu(aggregated + b, GCN_SLOPE)
+
+
+def gcn_head(h: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """The GCN view's last layer, (N, H) -> (N, H): Linear + LeakyReLU. w: (H, H), b: (H,)."""
+    return F.leaky_relu(F.linear(h, w, b), GCN_SLOPE)
+
+
 def hidden_pca_basis(h: Tensor, n_comps: int, block: int = 65_536) -> tuple[Tensor, Tensor]:
     """PCA basis of the L2-normalised rows of one view's hidden output.
 
@@ -127,14 +148,14 @@ class ScRCL(nn.Module):
     # ---- pieces shared with the exported encoders (export.py)
     def mlp_view(self, x0: Tensor) -> Tensor:
         """MLP view, (N, G) -> (N, H): Linear + ReLU (the reference passes no dropout here)."""
-        return F.relu(F.linear(x0, self.mlp_w, self.mlp_b))
+        return mlp_hidden(x0, self.mlp_w, self.mlp_b)
 
     def gcn_view(self, x1: Tensor, adj: Tensor, gen: torch.Generator | None = None) -> Tensor:
         """GCN view, (N, G) -> (N, H). adj: normalised sparse (N, N) with self loops."""
-        h = F.leaky_relu(torch.sparse.mm(adj, x1 @ self.gcn1_w.T) + self.gcn1_b, 0.01)
-        h = F.leaky_relu(torch.sparse.mm(adj, h @ self.gcn2_w.T) + self.gcn2_b, 0.01)
+        h = gcn_activation(torch.sparse.mm(adj, x1 @ self.gcn1_w.T), self.gcn1_b)
+        h = gcn_activation(torch.sparse.mm(adj, h @ self.gcn2_w.T), self.gcn2_b)
         h = dropout(h, self.p, gen, training=self.training)
-        return F.leaky_relu(F.linear(h, self.fc_w, self.fc_b), 0.01)
+        return gcn_head(h, self.fc_w, self.fc_b)
 
     def gene_embedding(
         self, x0: Tensor, gene_adj: Tensor, cells: Tensor | None = None, cell_weights: Tensor | None = None

@@ -317,7 +317,7 @@ def forward_streamed(
     Same function as the one-call forward (equal to float32 rounding: the sums over cells of the
     gene encoder run block by block). Returns a `model.ScRCLOutput`.
     """
-    from .model import ScRCLOutput
+    from .model import ScRCLOutput, gcn_activation, gcn_head
 
     n = x0.shape[0]
     pre = torch.zeros(x0.shape[1], model.gene_w.shape[0], device=device)  # X0^T W_gene, (G, O)
@@ -331,9 +331,9 @@ def forward_streamed(
     e = torch.nn.functional.relu(torch.sparse.mm(gene_prop, pre) + model.gene_b)
     h1_t = torch.cat(h1)
     # gcn_view with its first product precomputed: the rest is on (N, H) arrays.
-    h = torch.nn.functional.leaky_relu(torch.sparse.mm(a_hat, torch.cat(p1)) + model.gcn1_b, 0.01)
-    h = torch.nn.functional.leaky_relu(torch.sparse.mm(a_hat, h @ model.gcn2_w.T) + model.gcn2_b, 0.01)
-    h2 = torch.nn.functional.leaky_relu(torch.nn.functional.linear(h, model.fc_w, model.fc_b), 0.01)
+    h = gcn_activation(torch.sparse.mm(a_hat, torch.cat(p1)), model.gcn1_b)
+    h = gcn_activation(torch.sparse.mm(a_hat, h @ model.gcn2_w.T), model.gcn2_b)
+    h2 = gcn_head(h, model.fc_w, model.fc_b)
     return ScRCLOutput(h1=h1_t, h2=h2, z1=model.refine(h1_t, e), z2=model.refine(h2, e), gene_emb=e)
 
 
