@@ -2,9 +2,9 @@
 
     python nextflow/pin_environments.py      # after containers/lock.sh
 
-CPU inference (embed, cluster without an accelerator) gets containers/requirements-cpu.txt; every
-environment with torch or onnxruntime-gpu (train, and the GPU environments) gets
-containers/requirements-cuda.txt. Python is the images' (Debian bookworm's 3.11).
+CPU inference (embed, cluster without an accelerator) gets containers/requirements-cpu.txt; CPU
+training gets containers/requirements-train-cpu.txt (the CUDA lock until that file exists); the GPU
+environments get containers/requirements-cuda.txt. Python is the images' (Debian bookworm's 3.11).
 tests/test_nextflow_modules.py checks that the files agree with the locks and pyproject.
 """
 
@@ -23,7 +23,12 @@ ENVIRONMENTS = {
     ("cluster", "environment.yml"): ("cpu", "cpu", "CPU inference: onnxruntime, no torch"),
     ("embed", "environment.gpu.yml"): ("cuda", "gpu,train", "GPU inference: onnxruntime-gpu and torch on the CUDA wheels"),
     ("cluster", "environment.gpu.yml"): ("cuda", "gpu,train", "GPU inference: onnxruntime-gpu and torch on the CUDA wheels"),
-    ("train", "environment.yml"): ("cuda", "gpu,train", "training: torch (a CUDA build, which runs on the CPU too)"),
+    ("train", "environment.yml"): (
+        ("train-cpu", "cpu,train", "CPU training: CPU torch, no CUDA libraries")
+        if (ROOT / "containers" / "requirements-train-cpu.txt").is_file()
+        # until the CPU training image has a lock file, pin the CUDA image's versions
+        else ("cuda", "gpu,train", "training: torch (a CUDA build, which runs on the CPU too)")
+    ),
     ("train", "environment.gpu.yml"): ("cuda", "gpu,train", "GPU training: torch and onnxruntime-gpu on the CUDA wheels"),
 }
 

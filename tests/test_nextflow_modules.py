@@ -53,6 +53,8 @@ CPU_IMAGE = "ghcr.io/scrcl-cli/scrcl-cli:0.1.0"
 CUDA_IMAGE = "ghcr.io/scrcl-cli/scrcl-cli:0.1.0-cuda"
 CPU_SIF = "oras://ghcr.io/scrcl-cli/scrcl-cli:0.1.0-sif"
 CUDA_SIF = "oras://ghcr.io/scrcl-cli/scrcl-cli:0.1.0-cuda-sif"
+TRAIN_CPU_IMAGE = "ghcr.io/scrcl-cli/scrcl-cli:0.1.0-train-cpu"
+TRAIN_CPU_SIF = "oras://ghcr.io/scrcl-cli/scrcl-cli:0.1.0-train-cpu-sif"
 # what each module takes besides tuple val(meta), path(h5ad)
 INPUTS = {
     "train": ["tuple val(meta), path(h5ad)"],
@@ -201,9 +203,9 @@ def test_container_and_conda_follow_the_engine_and_task_accelerator(name):
                 )
                 image = render_string(container, ctx)
                 sif = engine in ("singularity", "apptainer") and not pull_docker
-                # train needs torch, so it always gets the CUDA image; the others switch
-                gpu = name == "train" or accelerator
-                expected = (CUDA_SIF if gpu else CPU_SIF) if sif else (CUDA_IMAGE if gpu else CPU_IMAGE)
+                # every module switches on task.accelerator; train's CPU image has CPU torch
+                cpu_image, cpu_sif = (TRAIN_CPU_IMAGE, TRAIN_CPU_SIF) if name == "train" else (CPU_IMAGE, CPU_SIF)
+                expected = (CUDA_SIF if accelerator else cpu_sif) if sif else (CUDA_IMAGE if accelerator else cpu_image)
                 assert image == expected, (engine, accelerator, pull_docker)
                 if not sif:
                     assert re.search(r":([A-Za-z\d\-_.]+)$", image), "docker tag parseable by nf-core lint"
@@ -287,7 +289,8 @@ def test_meta_yml_is_schema_shaped_and_matches_main_nf(name):
         for onto in info.get("ontologies", []):
             assert next(iter(onto.values())).startswith("http://edamontology.org/format_")
     if name == "train":
-        assert "CUDA image" in meta["description"], "meta.yml says why train always uses the CUDA image"
+        assert TRAIN_CPU_IMAGE in meta["description"], "meta.yml names the CPU training image"
+        assert CUDA_IMAGE in meta["description"]
 
 
 @pytest.mark.parametrize("name", MODULES)
