@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ROOT / "nextflow" / "modules" / "scrcl"
+MODULES = ROOT / "modules" / "scrcl" / "scrcl"
 PYTHON = "3.11"
 PIP = "25.2"
 HEADER = "---\n# yaml-language-server: $schema=https://raw.githubusercontent.com/nf-core/modules/master/modules/environment-schema.json\n"
@@ -58,7 +58,7 @@ def render(flavour: str, extras: str, purpose: str) -> str:
 def main() -> None:
     for (module, name), spec in ENVIRONMENTS.items():
         (MODULES / module / name).write_text(render(*spec))
-        print(f"wrote nextflow/modules/scrcl/{module}/{name}")
+        print(f"wrote modules/scrcl/scrcl/{module}/{name}")
 
 
 if __name__ == "__main__":

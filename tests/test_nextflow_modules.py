@@ -1,4 +1,4 @@
-"""Offline checks of the Nextflow modules in nextflow/modules/scrcl and the example pipeline.
+"""Offline checks of the Nextflow modules in modules/scrcl/scrcl and the example pipeline in nextflow/.
 
 Nextflow and nf-test cannot run here, so these tests
   * parse every main.nf, meta.yml, environment*.yml and tests/*.nf.test and check the nf-core
@@ -8,7 +8,7 @@ Nextflow and nf-test cannot run here, so these tests
     run them in bash, in a task-like folder, against the real `scrcl-cli` and
     ../shared/data/pbmc68k_reduced_700.h5ad; then every declared output must exist and every
     versions `eval` command must print a version, run the way Nextflow runs it.
-They do not replace `nf-test test nextflow/` where Nextflow is installed (see nextflow/README.md).
+They do not replace `nf-test test modules/scrcl/scrcl/` where Nextflow is installed (see nextflow/README.md).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from nextflow_helpers import (
 
 REPO = Path(__file__).resolve().parents[1]
 NEXTFLOW = REPO / "nextflow"
-MODULE_ROOT = NEXTFLOW / "modules" / "scrcl"
+MODULE_ROOT = REPO / "modules" / "scrcl" / "scrcl"
 SHARED_DATA = Path(os.environ["SCRCL_TEST_DATA"]) if os.environ.get("SCRCL_TEST_DATA") else REPO.parent / "shared" / "data"
 PBMC = "pbmc68k_reduced_700.h5ad"
 
@@ -101,6 +101,14 @@ def default_inputs(name: str, meta_id: str = "sample") -> dict:
 
 
 # ============================================================================ static checks
+
+
+def test_repository_is_an_nfcore_modules_repository():
+    """nf-core tools reads .nf-core.yml at the git root and finds modules/<org_path>/<tool>/<subtool>."""
+    config = yaml.safe_load((REPO / ".nf-core.yml").read_text())
+    assert config["repository_type"] == "modules"
+    assert REPO / "modules" / config["org_path"] / "scrcl" == MODULE_ROOT
+    assert sorted(p.parent.name for p in MODULE_ROOT.glob("*/main.nf")) == sorted(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -341,7 +349,7 @@ def test_nf_test_files_have_tags_real_and_stub_tests(name, variant):
     config = re.search(r'^\s*config\s+"([^"]+)"', text, re.MULTILINE).group(1)
     assert (tests_dir / config).is_file()
     tags = re.findall(r'^\s*tag\s+"([^"]+)"', text, re.MULTILINE)
-    expected = {"modules", "modules_nfcore", "scrcl", f"scrcl/{name}"}
+    expected = {"modules", "modules_scrcl", "scrcl", f"scrcl/{name}"}  # nf-core lint: modules_<org_path>
     chained = {f"scrcl/{m}" for m in re.findall(r'script\s+"\.\./\.\./(\w+)/main\.nf"', text)}
     assert expected | chained <= set(tags), f"tags {tags}"
     for m in re.findall(r'script\s+"(\.\./\.\./\w+/main\.nf)"', text):
@@ -706,7 +714,7 @@ def test_test_samplesheet_follows_the_schema_and_make_test_data_writes_its_files
 def test_readme_explains_nf_test_and_the_test_profile():
     readme = (NEXTFLOW / "README.md").read_text()
     assert "## Use in Nextflow" in readme
-    assert "nf-test test nextflow/" in readme
+    assert "nf-test test modules/scrcl/scrcl/" in readme
     assert "nextflow run nextflow/ -profile test,docker" in readme
     assert "make_test_data.py" in readme
     for name in MODULES:

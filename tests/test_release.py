@@ -46,7 +46,7 @@ def test_release_is_tag_triggered_and_publishes_with_trusted_publishing():
 
 @pytest.mark.parametrize("module", ["train", "embed", "cluster"])
 def test_modules_name_the_images_and_sifs_the_release_pushes(module: str):
-    text = (ROOT / "nextflow" / "modules" / "scrcl" / module / "main.nf").read_text()
+    text = (ROOT / "modules" / "scrcl" / "scrcl" / module / "main.nf").read_text()
     named = set(re.findall(r"'((?:oras://)?ghcr\.io/[^']+)'", text))
     # without an accelerator: the inference image, or for train the CPU training image (CPU torch)
     cpu = "train-cpu" if module == "train" else "cpu"
