@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run ``nf-core modules lint`` on modules/scrcl/scrcl/* offline; fail only on unexpected failures.
 
-    pip install nf-core==3.3.2            # in a virtualenv of its own
+    pip install nf-core==4.2.1            # in a virtualenv of its own (NFCORE_VERSION)
     python nextflow/lint.py               # exit 1 on a failure not listed in nextflow/lint_expected.yml
     python nextflow/lint.py --schemas DIR --json lint.json
 
@@ -13,8 +13,10 @@ nf-core tools assumes network access and a Nextflow install; this script removes
   ``--schemas DIR`` (``DIR/modules/*-schema.json``, e.g. a checkout of nf-core/modules). Without
   ``--schemas`` it puts permissive stand-ins there, so every other meta.yml and environment.yml
   check still runs, and reports ``meta_yml_valid`` and ``environment_yml_valid`` as not checked.
-* ``nextflow config -flat`` (nf-core tools reads ``docker.registry`` from it) is answered by a
-  stand-in ``nextflow`` that prints an empty config.
+* ``nextflow config`` (nf-core tools reads ``docker.registry`` from it) is answered by a
+  stand-in ``nextflow`` that prints an empty config, and ``nextflow -v`` by a version too old
+  for ``nextflow inspect``, with which nf-core tools 4 resolves each module's containers: the
+  container checks then fail as "Unable to resolve" (expected, see lint_expected.yml).
 * HTTP is switched off inside the lint: the container URL checks fail the same way as they do
   for images that are not published yet, and nothing waits on a registry.
 * nf-core's caches and settings go to the temporary folder, not to ``~``.
@@ -41,6 +43,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = Path(__file__).resolve().parent / "lint_expected.yml"
 MODULES = ["scrcl/train", "scrcl/embed", "scrcl/cluster"]
+# the nf-core tools release lint_expected.yml was written for (the CI installs it)
+NFCORE_VERSION = "4.2.1"
 SCHEMAS = ["meta-schema.json", "environment-schema.json"]
 # results that only mean something against nf-core's real schemas
 SCHEMA_TESTS = {"meta_yml_valid": "meta-schema.json", "environment_yml_valid": "environment-schema.json"}
@@ -88,12 +92,12 @@ def _git(cwd: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True)
 
 
-def make_remote(tmp: Path, schemas: Path | None) -> str:
+def make_remote(tmp: Path, schemas: Path | None, root: Path = ROOT) -> str:
     """A local modules repository for --git-remote: .nf-core.yml, modules/<org>/, the schemas."""
     work = tmp / "remote-src"
-    org = yaml.safe_load((ROOT / ".nf-core.yml").read_text())["org_path"]
+    org = yaml.safe_load((root / ".nf-core.yml").read_text())["org_path"]
     (work / "modules" / org).mkdir(parents=True)
-    shutil.copy(ROOT / ".nf-core.yml", work / ".nf-core.yml")
+    shutil.copy(root / ".nf-core.yml", work / ".nf-core.yml")
     (work / "modules" / org / ".keep").touch()
     for name in SCHEMAS:
         target = work / "modules" / name
@@ -113,7 +117,17 @@ def _offline_environment(tmp: Path) -> None:
     bin_dir = tmp / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "nextflow"
-    fake.write_text('#!/bin/sh\n[ "$1" = config ] && exit 0\necho "no Nextflow here (nextflow/lint.py): $*" >&2\nexit 1\n')
+    # `config`: an empty config. `-v`: a version too old for `nextflow inspect`, so nf-core tools
+    # does not try to resolve the containers with it. Anything else fails.
+    fake.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in\n'
+        '  config) case "$*" in *json*) echo "{}" ;; esac; exit 0 ;;\n'
+        "  -v|-version|--version) echo 'nextflow version 0.0.0' ; exit 0 ;;\n"
+        "esac\n"
+        'echo "no Nextflow here (nextflow/lint.py): $*" >&2\n'
+        "exit 1\n"
+    )
     fake.chmod(0o755)
     os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
     for var, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_CACHE_HOME", "cache"), ("NXF_HOME", "nxf")):
@@ -129,7 +143,7 @@ def _no_http() -> list[str]:
 
     refused: list[str] = []
 
-    def send(self, request, *args, **kwargs):  # noqa: ANN001, ARG001
+    def send(self, request, *args, **kwargs):
         refused.append(request.url)
         raise requests.exceptions.ConnectionError(f"HTTP is off in nextflow/lint.py: {request.url}")
 
@@ -137,28 +151,46 @@ def _no_http() -> list[str]:
     return refused
 
 
-def run_lint(schemas: Path | None, modules: list[str]) -> tuple[dict[str, list[Result]], list[str]]:
-    """Lint the modules; return {'passed'|'warned'|'failed'|'not_checked': results} and refused URLs."""
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def run_lint(schemas: Path | None, modules: list[str], root: Path = ROOT) -> tuple[dict[str, list[Result]], list[str]]:
+    """Lint the modules; return {'passed'|'warned'|'failed'|'not_checked': results} and refused URLs.
+
+    nf-core lint rewrites some files it finds wanting (an unsorted environment.yml), so it lints
+    a copy of modules/ and .nf-core.yml; a file it changed is reported as a failure of its own."""
     with tempfile.TemporaryDirectory(prefix="nfcore-lint-") as tmp_name:
         tmp = Path(tmp_name)
         _offline_environment(tmp)
-        remote = make_remote(tmp, schemas)
+        remote = make_remote(tmp, schemas, root)
+        repo = tmp / "repo"
+        shutil.copytree(root / "modules", repo / "modules")
+        shutil.copy(root / ".nf-core.yml", repo / ".nf-core.yml")
+        _git(repo, "init", "-q")  # nf-core tools looks for the git root
+        before = _snapshot(repo / "modules")
         refused = _no_http()
         # imported after the environment is set: nf-core reads XDG_* at import time
         from nf_core.modules.lint import ModuleLint
 
         results: dict[str, list[Result]] = {"passed": [], "warned": [], "failed": [], "not_checked": []}
         for module in modules:
-            lint = ModuleLint(directory=ROOT, remote_url=remote, hide_progress=True)
+            lint = ModuleLint(directory=repo, remote_url=remote, hide_progress=True)
             lint.lint(module=module, print_results=False)
             for kind in ("passed", "warned", "failed"):
                 for r in getattr(lint, kind):
-                    res = Result(r.component_name, r.lint_test, str(r.message), str(Path(r.file_path).relative_to(ROOT))
-                                 if Path(r.file_path).is_absolute() else str(r.file_path))
+                    path = Path(r.file_path)
+                    res = Result(r.component_name, r.lint_test, str(r.message),
+                                 str(path.relative_to(repo)) if path.is_relative_to(repo) else str(path))
                     if schemas is None and res.test in SCHEMA_TESTS:
                         results["not_checked"].append(res)
                     else:
                         results[kind].append(res)
+        after = _snapshot(repo / "modules")
+        for rel in sorted(set(before) | set(after)):
+            if before.get(rel) != after.get(rel):
+                module = "/".join(Path(rel).parts[1:3])
+                results["failed"].append(Result(module, "lint_rewrote_file", "nf-core lint rewrote this file", f"modules/{rel}"))
     return results, refused
 
 
@@ -167,19 +199,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schemas", type=Path, help="folder with modules/meta-schema.json and modules/environment-schema.json")
     parser.add_argument("--json", type=Path, help="write every result here")
     parser.add_argument("--expected", type=Path, default=EXPECTED)
+    parser.add_argument("--root", type=Path, default=ROOT, help="the modules repository (default: this one)")
     parser.add_argument("modules", nargs="*", default=MODULES)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # nf-core logs each config it cannot read and each container it cannot resolve; the results say it
+    logging.getLogger("nf_core").setLevel(logging.ERROR)
     if args.schemas is not None and not all((args.schemas / "modules" / n).is_file() for n in SCHEMAS):
         print(f"error: {args.schemas}/modules/ lacks {' or '.join(SCHEMAS)}", file=sys.stderr)
         return 2
 
-    results, refused = run_lint(args.schemas, args.modules)
+    results, refused = run_lint(args.schemas, args.modules, args.root.resolve())
     expected = [e for e in load_expected(args.expected) if e.module == "*" or e.module in args.modules]
     unexpected, stale = classify(results["failed"], expected)
     counts = {k: len(v) for k, v in results.items()}
     print("nf-core modules lint (nf-core " + _nfcore_version() + "): "
           + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    if _nfcore_version() != NFCORE_VERSION:
+        print(f"  note: {args.expected.name} was written for nf-core {NFCORE_VERSION}")
     for r in results["warned"]:
         print(f"  warned  {r.module:14} {r.test}: {r.message}")
     for r in results["failed"]:
