@@ -2,9 +2,9 @@
 
     python nextflow/pin_environments.py      # after containers/lock.sh
 
-CPU inference (embed, cluster without an accelerator) gets containers/requirements-cpu.txt; CPU
-training gets containers/requirements-train-cpu.txt (the CUDA lock until that file exists); the GPU
-environments get containers/requirements-cuda.txt. Python is the images' (Debian bookworm's 3.11).
+CPU inference (embed, cluster without an accelerator) gets containers/requirements-cpu.txt, CPU
+training (train without an accelerator) containers/requirements-train-cpu.txt, and the GPU
+environments containers/requirements-cuda.txt. Python is the images' (Debian bookworm's 3.11).
 tests/test_nextflow_modules.py checks that the files agree with the locks and pyproject.
 """
 
@@ -23,19 +23,17 @@ ENVIRONMENTS = {
     ("cluster", "environment.yml"): ("cpu", "cpu", "CPU inference: onnxruntime, no torch"),
     ("embed", "environment.gpu.yml"): ("cuda", "gpu,train", "GPU inference: onnxruntime-gpu and torch on the CUDA wheels"),
     ("cluster", "environment.gpu.yml"): ("cuda", "gpu,train", "GPU inference: onnxruntime-gpu and torch on the CUDA wheels"),
-    ("train", "environment.yml"): (
-        ("train-cpu", "cpu,train", "CPU training: CPU torch, no CUDA libraries")
-        if (ROOT / "containers" / "requirements-train-cpu.txt").is_file()
-        # until the CPU training image has a lock file, pin the CUDA image's versions
-        else ("cuda", "gpu,train", "training: torch (a CUDA build, which runs on the CPU too)")
-    ),
+    ("train", "environment.yml"): ("train-cpu", "cpu,train", "CPU training: torch and onnxruntime (the image has the CPU build of torch)"),
     ("train", "environment.gpu.yml"): ("cuda", "gpu,train", "GPU training: torch and onnxruntime-gpu on the CUDA wheels"),
 }
 
 
 def lock_pins(flavour: str) -> list[str]:
+    """The lock's pins without local version labels: the train-cpu image installs torch==X+cpu from
+    the PyTorch CPU index, which a module's environment.yml cannot name (nf-core's schema allows
+    only pinned packages under pip), so conda gets PyPI's torch==X, which also runs on the CPU."""
     text = (ROOT / "containers" / f"requirements-{flavour}.txt").read_text()
-    return [line.strip() for line in text.splitlines() if "==" in line and not line.startswith("#")]
+    return [line.strip().split("+")[0] for line in text.splitlines() if "==" in line and not line.startswith("#")]
 
 
 def version() -> str:
