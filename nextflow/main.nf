@@ -14,9 +14,9 @@
 ----------------------------------------------------------------------------------------
 */
 
-include { SCRCL_TRAIN   } from './modules/scrcl/train/main'
-include { SCRCL_EMBED   } from './modules/scrcl/embed/main'
-include { SCRCL_CLUSTER } from './modules/scrcl/cluster/main'
+include { SCRCL_TRAIN   } from '../modules/scrcl/scrcl/train/main'
+include { SCRCL_EMBED   } from '../modules/scrcl/scrcl/embed/main'
+include { SCRCL_CLUSTER } from '../modules/scrcl/scrcl/cluster/main'
 
 // Read and check the samplesheet (format: assets/schema_input.json). Relative h5ad paths
 // are resolved against the folder of the samplesheet. Returns [ meta, h5ad ] lists.

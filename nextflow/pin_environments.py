@@ -2,9 +2,9 @@
 
     python nextflow/pin_environments.py      # after containers/lock.sh
 
-CPU inference (embed, cluster without an accelerator) gets containers/requirements-cpu.txt; every
-environment with torch or onnxruntime-gpu (train, and the GPU environments) gets
-containers/requirements-cuda.txt. Python is the images' (Debian bookworm's 3.11).
+CPU inference (embed, cluster without an accelerator) gets containers/requirements-cpu.txt, CPU
+training (train without an accelerator) containers/requirements-train-cpu.txt, and the GPU
+environments containers/requirements-cuda.txt. Python is the images' (Debian bookworm's 3.11).
 tests/test_nextflow_modules.py checks that the files agree with the locks and pyproject.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ROOT / "nextflow" / "modules" / "scrcl"
+MODULES = ROOT / "modules" / "scrcl" / "scrcl"
 PYTHON = "3.11"
 PIP = "25.2"
 HEADER = "---\n# yaml-language-server: $schema=https://raw.githubusercontent.com/nf-core/modules/master/modules/environment-schema.json\n"
@@ -23,14 +23,17 @@ ENVIRONMENTS = {
     ("cluster", "environment.yml"): ("cpu", "cpu", "CPU inference: onnxruntime, no torch"),
     ("embed", "environment.gpu.yml"): ("cuda", "gpu,train", "GPU inference: onnxruntime-gpu and torch on the CUDA wheels"),
     ("cluster", "environment.gpu.yml"): ("cuda", "gpu,train", "GPU inference: onnxruntime-gpu and torch on the CUDA wheels"),
-    ("train", "environment.yml"): ("cuda", "gpu,train", "training: torch (a CUDA build, which runs on the CPU too)"),
+    ("train", "environment.yml"): ("train-cpu", "cpu,train", "CPU training: torch and onnxruntime (the image has the CPU build of torch)"),
     ("train", "environment.gpu.yml"): ("cuda", "gpu,train", "GPU training: torch and onnxruntime-gpu on the CUDA wheels"),
 }
 
 
 def lock_pins(flavour: str) -> list[str]:
+    """The lock's pins without local version labels: the train-cpu image installs torch==X+cpu from
+    the PyTorch CPU index, which a module's environment.yml cannot name (nf-core's schema allows
+    only pinned packages under pip), so conda gets PyPI's torch==X, which also runs on the CPU."""
     text = (ROOT / "containers" / f"requirements-{flavour}.txt").read_text()
-    return [line.strip() for line in text.splitlines() if "==" in line and not line.startswith("#")]
+    return [line.strip().split("+")[0] for line in text.splitlines() if "==" in line and not line.startswith("#")]
 
 
 def version() -> str:
@@ -53,7 +56,7 @@ def render(flavour: str, extras: str, purpose: str) -> str:
 def main() -> None:
     for (module, name), spec in ENVIRONMENTS.items():
         (MODULES / module / name).write_text(render(*spec))
-        print(f"wrote nextflow/modules/scrcl/{module}/{name}")
+        print(f"wrote modules/scrcl/scrcl/{module}/{name}")
 
 
 if __name__ == "__main__":

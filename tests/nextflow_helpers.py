@@ -105,7 +105,7 @@ def make_context(
     accelerator: int | None = None,
     container_engine: str | None = None,
     singularity_pull_docker_container: bool | None = None,
-    module_dir: str = "/modules/scrcl/x",
+    module_dir: str = "/modules/scrcl/scrcl/x",
     inputs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The names a module's Groovy can see, filled with test values."""

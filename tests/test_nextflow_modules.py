@@ -1,4 +1,4 @@
-"""Offline checks of the Nextflow modules in nextflow/modules/scrcl and the example pipeline.
+"""Offline checks of the Nextflow modules in modules/scrcl/scrcl and the example pipeline in nextflow/.
 
 Nextflow and nf-test cannot run here, so these tests
   * parse every main.nf, meta.yml, environment*.yml and tests/*.nf.test and check the nf-core
@@ -6,9 +6,9 @@ Nextflow and nf-test cannot run here, so these tests
   * render each module's `script:` and `stub:` sections with test values (meta.id, task.cpus,
     task.ext.args, prefix, task.accelerator on and off) through tests/nextflow_helpers.py and
     run them in bash, in a task-like folder, against the real `scrcl-cli` and
-    ../shared/data/pbmc68k_reduced_700.h5ad; then every declared output must exist and every
+    the PBMC example packaged in scrcl_cli/data; then every declared output must exist and every
     versions `eval` command must print a version, run the way Nextflow runs it.
-They do not replace `nf-test test nextflow/` where Nextflow is installed (see nextflow/README.md).
+They do not replace `nf-test test modules/scrcl/scrcl/` where Nextflow is installed (see nextflow/README.md).
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ from nextflow_helpers import (
 
 REPO = Path(__file__).resolve().parents[1]
 NEXTFLOW = REPO / "nextflow"
-MODULE_ROOT = NEXTFLOW / "modules" / "scrcl"
-SHARED_DATA = Path(os.environ["SCRCL_TEST_DATA"]) if os.environ.get("SCRCL_TEST_DATA") else REPO.parent / "shared" / "data"
+MODULE_ROOT = REPO / "modules" / "scrcl" / "scrcl"
+# the module tests' data: the PBMC example packaged with scrcl-cli (as the nf-test files read it)
+PACKAGED_DATA = REPO / "scrcl_cli" / "data"
 PBMC = "pbmc68k_reduced_700.h5ad"
 
 MODULES = ["train", "embed", "cluster"]
@@ -53,6 +54,8 @@ CPU_IMAGE = "ghcr.io/scrcl-cli/scrcl-cli:0.1.0"
 CUDA_IMAGE = "ghcr.io/scrcl-cli/scrcl-cli:0.1.0-cuda"
 CPU_SIF = "oras://ghcr.io/scrcl-cli/scrcl-cli:0.1.0-sif"
 CUDA_SIF = "oras://ghcr.io/scrcl-cli/scrcl-cli:0.1.0-cuda-sif"
+TRAIN_CPU_IMAGE = "ghcr.io/scrcl-cli/scrcl-cli:0.1.0-train-cpu"
+TRAIN_CPU_SIF = "oras://ghcr.io/scrcl-cli/scrcl-cli:0.1.0-train-cpu-sif"
 # what each module takes besides tuple val(meta), path(h5ad)
 INPUTS = {
     "train": ["tuple val(meta), path(h5ad)"],
@@ -65,10 +68,6 @@ VERSION = re.compile(r"^\d+\.\d+(\.\d+)?\S*$")
 ALLOWED_TYPES = {"map", "file", "directory", "string", "integer", "float", "boolean", "list", "eval"}
 EDAM_HDF5 = "http://edamontology.org/format_3590"
 
-needs_shared_data = pytest.mark.skipif(
-    not (SHARED_DATA / PBMC).is_file(),
-    reason=f"shared test data not found: {SHARED_DATA / PBMC} (set SCRCL_TEST_DATA to its folder)",
-)
 
 
 def module(name: str) -> Module:
@@ -79,12 +78,24 @@ def meta_yml(name: str) -> dict:
     return yaml.safe_load((MODULE_ROOT / name / "meta.yml").read_text())
 
 
-def nf_test_args(name: str, process: str, config: str = "nextflow.config") -> str:
-    """ext.args of a process in a module's tests/nextflow.config (shared with nf-test)."""
+def nf_test_args(name: str, process: str, config: str = "nextflow.config", module_args: str | None = None) -> str:
+    """ext.args of a process in a module's tests/nextflow.config (shared with nf-test), with
+    params.module_args (set by one test's params block) where the config appends it."""
     text = (MODULE_ROOT / name / "tests" / config).read_text()
-    m = re.search(rf"withName:\s*'{process}'\s*\{{[^}}]*?ext\.args\s*=\s*'([^']*)'", text)
-    assert m, f"{name}/tests/{config} sets no literal ext.args for {process}"
-    return m.group(1)
+    block = re.search(rf"withName:\s*'{process}'\s*\{{(.*?)\n    \}}", text, re.DOTALL)
+    assert block, f"{name}/tests/{config} has no block for {process}"
+    line = re.search(r"^\s*ext\.args\s*=\s*(.+)$", block.group(1), re.MULTILINE)
+    assert line, f"{name}/tests/{config} sets no ext.args for {process}"
+    expr = line.group(1).strip()
+    literal = re.fullmatch(r"'([^']*)'", expr)
+    if literal:
+        return literal.group(1)
+    # { ['<literal>', params.module_args].findAll().join(' ') } or { params.module_args ?: '' }
+    joined = re.fullmatch(r"\{\s*\['([^']*)',\s*params\.module_args\]\.findAll\(\)\.join\(' '\)\s*\}", expr)
+    alone = re.fullmatch(r"\{\s*params\.module_args\s*\?:\s*''\s*\}", expr)
+    assert joined or alone, f"{name}/tests/{config}: ext.args of {process} is not a form this test reads: {expr}"
+    parts = [joined.group(1)] if joined else []
+    return " ".join([*parts, *([module_args] if module_args else [])])
 
 
 def context(mod: Module, *, meta_id: str, inputs: dict, **kwargs) -> dict:
@@ -99,6 +110,14 @@ def default_inputs(name: str, meta_id: str = "sample") -> dict:
 
 
 # ============================================================================ static checks
+
+
+def test_repository_is_an_nfcore_modules_repository():
+    """nf-core tools reads .nf-core.yml at the git root and finds modules/<org_path>/<tool>/<subtool>."""
+    config = yaml.safe_load((REPO / ".nf-core.yml").read_text())
+    assert config["repository_type"] == "modules"
+    assert REPO / "modules" / config["org_path"] / "scrcl" == MODULE_ROOT
+    assert sorted(p.parent.name for p in MODULE_ROOT.glob("*/main.nf")) == sorted(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -201,9 +220,9 @@ def test_container_and_conda_follow_the_engine_and_task_accelerator(name):
                 )
                 image = render_string(container, ctx)
                 sif = engine in ("singularity", "apptainer") and not pull_docker
-                # train needs torch, so it always gets the CUDA image; the others switch
-                gpu = name == "train" or accelerator
-                expected = (CUDA_SIF if gpu else CPU_SIF) if sif else (CUDA_IMAGE if gpu else CPU_IMAGE)
+                # every module switches on task.accelerator; train's CPU image has CPU torch
+                cpu_image, cpu_sif = (TRAIN_CPU_IMAGE, TRAIN_CPU_SIF) if name == "train" else (CPU_IMAGE, CPU_SIF)
+                expected = (CUDA_SIF if accelerator else cpu_sif) if sif else (CUDA_IMAGE if accelerator else cpu_image)
                 assert image == expected, (engine, accelerator, pull_docker)
                 if not sif:
                     assert re.search(r":([A-Za-z\d\-_.]+)$", image), "docker tag parseable by nf-core lint"
@@ -287,7 +306,8 @@ def test_meta_yml_is_schema_shaped_and_matches_main_nf(name):
         for onto in info.get("ontologies", []):
             assert next(iter(onto.values())).startswith("http://edamontology.org/format_")
     if name == "train":
-        assert "CUDA image" in meta["description"], "meta.yml says why train always uses the CUDA image"
+        assert TRAIN_CPU_IMAGE in meta["description"], "meta.yml names the CPU training image"
+        assert CUDA_IMAGE in meta["description"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -338,7 +358,7 @@ def test_nf_test_files_have_tags_real_and_stub_tests(name, variant):
     config = re.search(r'^\s*config\s+"([^"]+)"', text, re.MULTILINE).group(1)
     assert (tests_dir / config).is_file()
     tags = re.findall(r'^\s*tag\s+"([^"]+)"', text, re.MULTILINE)
-    expected = {"modules", "modules_nfcore", "scrcl", f"scrcl/{name}"}
+    expected = {"modules", "modules_scrcl", "scrcl", f"scrcl/{name}"}  # nf-core lint: modules_<org_path>
     chained = {f"scrcl/{m}" for m in re.findall(r'script\s+"\.\./\.\./(\w+)/main\.nf"', text)}
     assert expected | chained <= set(tags), f"tags {tags}"
     for m in re.findall(r'script\s+"(\.\./\.\./\w+/main\.nf)"', text):
@@ -356,8 +376,7 @@ def test_nf_test_files_have_tags_real_and_stub_tests(name, variant):
             assert "versions" in body, f"{test_name}: the snapshot includes the versions"
         assert "md5" not in body, "stochastic outputs: snapshot names, not checksums"
         for dataset in re.findall(r"scrcl_test_data \+ '/([\w.]+)'", body):
-            if SHARED_DATA.is_dir():
-                assert (SHARED_DATA / dataset).is_file(), f"{test_name} reads {dataset}, which is not in shared data"
+            assert (PACKAGED_DATA / dataset).is_file(), f"{test_name} reads {dataset}, which scrcl-cli does not package"
     if variant == "main.gpu.nf.test":
         assert "gpu" in tags
         gpu_config = (tests_dir / config).read_text()
@@ -441,11 +460,11 @@ def _load_make_test_data():
 
 @pytest.fixture(scope="session")
 def split_data(tmp_path_factory):
-    """The pipeline's test data (assets/make_test_data.py), made from the shared dataset."""
-    if not (SHARED_DATA / PBMC).is_file():
-        pytest.skip(f"shared test data not found: {SHARED_DATA / PBMC}")
+    """The pipeline's test data (assets/make_test_data.py), made from the packaged example by default."""
     outdir = tmp_path_factory.mktemp("test_data")
-    written = _load_make_test_data().make_test_data(SHARED_DATA / PBMC, outdir, seed=0)
+    make = _load_make_test_data()
+    assert make.default_source() == PACKAGED_DATA / PBMC
+    written = make.make_test_data(make.default_source(), outdir, seed=0)
     return outdir, written
 
 
@@ -477,14 +496,12 @@ def run_task(
 @pytest.fixture(scope="session")
 def trained(cli_env, tmp_path_factory):
     """SCRCL_TRAIN's script on pbmc68k_reduced_700.h5ad with the nf-test's ext.args."""
-    if not (SHARED_DATA / PBMC).is_file():
-        pytest.skip(f"shared test data not found: {SHARED_DATA / PBMC}")
     return run_task(
         "train",
         tmp_path_factory.mktemp("train") / "task",
         cli_env,
         meta_id="pbmc700",
-        h5ad=SHARED_DATA / PBMC,
+        h5ad=PACKAGED_DATA / PBMC,
         model=None,
         args=nf_test_args("train", "SCRCL_TRAIN"),
     )
@@ -573,43 +590,53 @@ def test_versions_eval_commands_print_versions(name, cli_env, eval_results):
     assert eval_results("scrcl-cli --version").stdout.strip() == scrcl_cli.__version__
 
 
-def _nf_test_failure_text(name: str) -> str:
+def _nf_test_failure(name: str) -> tuple[str, str, str]:
+    """(input file, params.module_args, expected errorReport text) of the module's failure test."""
     text = (MODULE_ROOT / name / "tests" / "main.nf.test").read_text()
-    m = re.search(r"process\.errorReport\.contains\('([^']+)'\)", text)
-    assert m, f"{name}/tests/main.nf.test has no failure test"
-    return m.group(1)
+    failing = [body for test_name, body in _nf_test_blocks(text) if "process.failed" in body]
+    assert len(failing) == 1, f"{name}/tests/main.nf.test needs one failure test"
+    body = failing[0].split("then {")[0].split("when {")[1]  # the tested process's inputs, not the setup's
+    dataset = re.search(r"scrcl_test_data \+ '/([\w.]+)'", body)
+    module_args = re.search(r"module_args\s*=\s*'([^']*)'", body)
+    report = re.search(r"process\.errorReport\.contains\('([^']+)'\)", failing[0])
+    assert dataset and module_args and report, f"{name}: failure test without input, module_args or error text"
+    return dataset.group(1), module_args.group(1), report.group(1)
 
 
-@needs_shared_data
-def test_train_script_fails_on_log_data_as_its_nf_test_expects(cli_env, tmp_path):
+def test_train_script_fails_as_its_nf_test_expects(cli_env, tmp_path):
+    dataset, module_args, report = _nf_test_failure("train")
     run = run_task(
         "train",
         tmp_path / "task",
         cli_env,
-        meta_id="pollen_log",
-        h5ad=SHARED_DATA / "pollen_log_simlr.h5ad",
+        meta_id="pbmc700",
+        h5ad=PACKAGED_DATA / dataset,
         model=None,
-        args=nf_test_args("train", "SCRCL_TRAIN"),
+        args=nf_test_args("train", "SCRCL_TRAIN", module_args=module_args),
     )
+    assert module_args in run.rendered.script
     assert run.result.returncode == 1
-    assert _nf_test_failure_text("train") in run.result.stderr
+    assert report in run.result.stderr
     assert "Traceback" not in run.result.stderr
 
 
 @pytest.mark.parametrize("name", ["embed", "cluster"])
-def test_inference_script_fails_when_model_genes_are_missing_as_its_nf_test_expects(name, trained, tmp_path, cli_env):
+def test_inference_script_fails_as_its_nf_test_expects(name, trained, tmp_path, cli_env):
     (model_dir,) = trained.outputs()["model"]
+    dataset, module_args, report = _nf_test_failure(name)
     run = run_task(
         name,
         tmp_path / "task",
         cli_env,
-        meta_id="mouse_bladder",
-        h5ad=SHARED_DATA / "mouse_bladder_top2000.h5ad",
+        meta_id="pbmc700",
+        h5ad=PACKAGED_DATA / dataset,
         model=model_dir,
-        args="",
+        args=nf_test_args(name, f"SCRCL_{name.upper()}", module_args=module_args),
+        prefix="pbmc700.scrcl",
     )
+    assert module_args in run.rendered.script
     assert run.result.returncode == 1
-    assert _nf_test_failure_text(name) in run.result.stderr
+    assert report in run.result.stderr
     assert "Traceback" not in run.result.stderr
 
 
@@ -703,7 +730,7 @@ def test_test_samplesheet_follows_the_schema_and_make_test_data_writes_its_files
 def test_readme_explains_nf_test_and_the_test_profile():
     readme = (NEXTFLOW / "README.md").read_text()
     assert "## Use in Nextflow" in readme
-    assert "nf-test test nextflow/" in readme
+    assert "nf-test test modules/scrcl/scrcl/" in readme
     assert "nextflow run nextflow/ -profile test,docker" in readme
     assert "make_test_data.py" in readme
     for name in MODULES:

@@ -46,10 +46,12 @@ def test_release_is_tag_triggered_and_publishes_with_trusted_publishing():
 
 @pytest.mark.parametrize("module", ["train", "embed", "cluster"])
 def test_modules_name_the_images_and_sifs_the_release_pushes(module: str):
-    text = (ROOT / "nextflow" / "modules" / "scrcl" / module / "main.nf").read_text()
+    text = (ROOT / "modules" / "scrcl" / "scrcl" / module / "main.nf").read_text()
     named = set(re.findall(r"'((?:oras://)?ghcr\.io/[^']+)'", text))
-    published = {_names(f, k) for f in FLAVOURS for k in ("image", "sif")}
-    assert named and named <= published, named - published
+    # without an accelerator: the inference image, or for train the CPU training image (CPU torch)
+    cpu = "train-cpu" if module == "train" else "cpu"
+    expected = {_names(f, k) for f in (cpu, "cuda") for k in ("image", "sif")}
+    assert named == expected, (sorted(named - expected), sorted(expected - named))
 
 
 def test_names_follow_the_package_version():
@@ -57,6 +59,8 @@ def test_names_follow_the_package_version():
 
     assert _names("cpu", "image").endswith(f":{__version__}")
     assert _names("cuda", "sif") == f"oras://ghcr.io/scrcl-cli/scrcl-cli:{__version__}-cuda-sif"
+    assert _names("train-cpu", "image") == f"ghcr.io/scrcl-cli/scrcl-cli:{__version__}-train-cpu"
+    assert _names("train-cpu", "sif") == f"oras://ghcr.io/scrcl-cli/scrcl-cli:{__version__}-train-cpu-sif"
 
 
 def test_release_builds_smoke_tests_and_pushes_every_image_by_digest():

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Make the test data of the example pipeline (``-profile test``) from the shared datasets.
+"""Make the test data of the example pipeline (``-profile test``) from the packaged PBMC example.
 
 Splits ``pbmc68k_reduced_700.h5ad`` (700 PBMCs, raw counts in X) into a reference half and
 two query quarters, stratified by ``obs['cell_type']``, and writes them next to
@@ -10,15 +10,15 @@ two query quarters, stratified by ``obs['cell_type']``, and writes them next to
 
 Each run also writes ``samplesheet.csv`` (paths relative to it) into the output folder.
 
-The source defaults to ``../shared/data`` beside the repository (or ``$SCRCL_TEST_DATA``).
-Needs numpy and anndata (both come with scrcl-cli).
+The source defaults to the example packaged with scrcl-cli (``scrcl_cli/data/`` of this
+checkout, else of the installed package), so a clean clone needs nothing else; ``--source``
+reads another copy. Needs numpy and anndata (both come with scrcl-cli).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 from pathlib import Path
 
@@ -37,8 +37,13 @@ SPLITS = {
 
 
 def default_source() -> Path:
-    base = os.environ.get("SCRCL_TEST_DATA")
-    return Path(base) / SOURCE_NAME if base else REPO.parent / "shared" / "data" / SOURCE_NAME
+    """The packaged example: this checkout's scrcl_cli/data, else the installed scrcl_cli's."""
+    checkout = REPO / "scrcl_cli" / "data" / SOURCE_NAME
+    if checkout.is_file():
+        return checkout
+    from importlib import resources
+
+    return Path(str(resources.files("scrcl_cli") / "data" / SOURCE_NAME))
 
 
 def split_indices(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -58,7 +63,7 @@ def split_indices(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
 def make_test_data(source: Path, outdir: Path, *, seed: int = 0) -> dict[str, Path]:
     """Write one .h5ad per split and ``samplesheet.csv`` into ``outdir``; return {sample id: path}."""
     if not source.is_file():
-        msg = f"{source} does not exist. Pass --source, or set SCRCL_TEST_DATA to the folder of {SOURCE_NAME}."
+        msg = f"{source} does not exist. Pass --source with a copy of {SOURCE_NAME}."
         raise FileNotFoundError(msg)
     adata = ad.read_h5ad(source)
     labels = (

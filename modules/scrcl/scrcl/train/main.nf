@@ -3,12 +3,12 @@ process SCRCL_TRAIN {
     label 'process_medium'
     label 'process_gpu'
 
-    // Training needs torch, and only the CUDA image ships torch, so this module uses the
-    // CUDA image with or without task.accelerator; without one it trains on the CPU.
+    // Dual container: training needs torch. Without task.accelerator the CPU training image
+    // (CPU torch, no CUDA libraries), with one the CUDA image (CUDA torch, onnxruntime-gpu).
     conda "${ task.accelerator ? "${moduleDir}/environment.gpu.yml" : "${moduleDir}/environment.yml" }"
     container "${ workflow.containerEngine in ['singularity', 'apptainer'] && !task.ext.singularity_pull_docker_container ?
-        'oras://ghcr.io/scrcl-cli/scrcl-cli:0.1.0-cuda-sif' :
-        'ghcr.io/scrcl-cli/scrcl-cli:0.1.0-cuda' }"
+        (task.accelerator ? 'oras://ghcr.io/scrcl-cli/scrcl-cli:0.1.0-cuda-sif' : 'oras://ghcr.io/scrcl-cli/scrcl-cli:0.1.0-train-cpu-sif') :
+        (task.accelerator ? 'ghcr.io/scrcl-cli/scrcl-cli:0.1.0-cuda' : 'ghcr.io/scrcl-cli/scrcl-cli:0.1.0-train-cpu') }"
 
     input:
     tuple val(meta), path(h5ad)
