@@ -8,8 +8,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import shared
 
+import scrcl_cli
 from scrcl_cli import bundle
 from scrcl_cli.cli import cli
+from scrcl_cli.errors import ScrclError
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +57,14 @@ def test_spatial_train_then_cluster_writes_refined_domains(section, tmp_path):
 
     res = runner.invoke(cli, ["cluster", str(section), "-m", str(model), "-o", str(tmp_path / "x.h5ad")])
     assert res.exit_code == 1 and "was trained with --spatial" in res.output
+
+    # The Python API refuses a section without coordinates as the CLI does, embedding or clustering.
+    loaded = scrcl_cli.load(model)
+    bare = anndata.read_h5ad(section)
+    del bare.obsm["spatial"]
+    for call in (loaded.embed, loaded.cluster):
+        with pytest.raises(ScrclError, match=r"spatial model .* no obsm\['spatial'\]"):
+            call(bare)
+    with_xy = anndata.read_h5ad(section)
+    loaded.cluster(with_xy)
+    assert (with_xy.obs["scrcl_cluster"].to_numpy() == c.obs["scrcl_cluster"].to_numpy()).all()
