@@ -288,7 +288,7 @@ def joint_embedding(embedding: np.ndarray, unsmoothed: np.ndarray, weight: float
     before `weight` scales the unsmoothed one: (N, D + P) float64.
     Why: the graph smoothing (and the GCN view) averages a rare type into its large neighbours,
     so on the embedding alone k-means splits a big type before a small one separates; the
-    unsmoothed PCA keeps those cells apart (docs/defaults.md, "Unsmoothed component").
+    unsmoothed PCA keeps those cells apart (docs/defaults.md, "How the embedding is cut with K given").
     """
     e = np.asarray(embedding, dtype=np.float64)
     u = np.asarray(unsmoothed, dtype=np.float64)

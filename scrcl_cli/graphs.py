@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 PCA_THRESHOLD = 0
 _CHUNK_ELEMENTS = 1 << 25  # similarity entries per chunk (128 MiB in float32)
 # Above this many cells the CPU search is approximate (`knn_cosine_approx`): the exact one costs
-# N^2 comparisons, about 16 minutes at 200,000 cells on 2 cores (docs/benchmarks.md §2e).
+# N^2 comparisons, about 16 minutes at 200,000 cells on 2 cores (docs/benchmarks.md, "Inference throughput").
 EXACT_KNN_MAX = 50_000
 
 

@@ -429,7 +429,8 @@ def distributed_seeds(seed: int, rank: int) -> tuple[int, int]:
 
 # Mini-batch learning rate: lr * (B / N) ** MINIBATCH_LR_POWER, B the mean batch size. With an epoch
 # of N / B steps, Adam moves the weights about lr per step whatever the gradient's scale, so 1.0
-# keeps the full-batch distance per epoch (docs/benchmarks.md §3 measures 0, 0.5 and 1).
+# keeps the full-batch distance per epoch (`python -m benchmarks minibatch --lr-powers 0,0.5,1` compares
+# the three; docs/benchmarks.md, "Mini-batch and out-of-core training").
 MINIBATCH_LR_POWER = 1.0
 
 

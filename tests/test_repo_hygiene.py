@@ -58,3 +58,26 @@ def test_no_diary_words():
 def test_no_machine_paths():
     hits = _hits(MACHINE_PATH, PATH_ALLOWED)
     assert not hits, "machine-specific paths in tracked files:\n" + "\n".join(hits[:40])
+
+
+# Documentation states the current truth: no section points at a newer one that replaces it, and
+# sections are cited by name (numbers change whenever a page is reorganised).
+STALE_DOCS = re.compile(r"superseded by|§\s*\d", re.IGNORECASE)
+
+
+def test_docs_state_current_truth():
+    pages = [f for f in _tracked() if f.endswith(".md") and (f.startswith("docs/") or "/" not in f)]
+    assert "docs/benchmarks.md" in pages, "the check must read the docs pages"
+    found = []
+    for name in pages:
+        for i, line in enumerate((ROOT / name).read_text(errors="replace").splitlines(), 1):
+            m = STALE_DOCS.search(line)
+            if m:
+                found.append(f"{name}:{i}: {m.group(0)!r}")
+    assert not found, "superseded sections or numbered section references in docs:\n" + "\n".join(found[:40])
+
+
+def test_docs_cited_by_section_name():
+    """Code, scripts and pages cite a docs page's section by its name, never by a number."""
+    hits = _hits(re.compile(r"\.md,?\s*§"), {"tests/test_repo_hygiene.py"})
+    assert not hits, "docs cited by section number:\n" + "\n".join(hits[:40])

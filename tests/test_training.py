@@ -84,7 +84,7 @@ def test_minibatch_training_learns_on_real_cells():
     scored on the clustering embedding (gcn-pca, Euclidean k-means), as `train` clusters.
 
     Single seeds differ by up to ±0.1 ARI here, so the comparison is of means over seeds.
-    Measured on the development machine with `benchmarks/minibatch.py` (docs/benchmarks.md §3):
+    Measured on the development machine with `benchmarks/minibatch.py` (docs/benchmarks.md, "Mini-batch and out-of-core training"):
     full 0.525, mini-batch 0.516 over these six seeds. The bound asserted is 0.1 because the
     trajectories depend on the CPU's float kernels and single seeds move by up to 0.1.
     """
