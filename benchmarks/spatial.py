@@ -48,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 from scrcl_cli import clustering, graphs, spatial, training
-from scrcl_cli.config import SPATIAL_DEFAULTS
+from scrcl_cli.config import SPATIAL_DEFAULTS, unsmoothed_weight
 from scrcl_cli.metrics import ari, nmi
 from scrcl_cli.training import TrainConfig
 
@@ -132,14 +132,23 @@ def scrcl_runs(ds: Dataset, cfg: dict[str, Any], seeds: list[int], device: str,
         res = training.fit(inputs, config, device=torch.device(device))
         t_fit = time.perf_counter() - t0
         finite = bool(np.all(np.isfinite(res.losses)))
-        emb = res.fused
-        km = clustering.cosine_kmeans(emb, ds.n_domains, seed=seed)
+        # The clustering `train --spatial` applies: the config's embedding in its metric, beside
+        # the unsmoothed input when K is given and the embedding is Euclidean (`cluster_embedding`).
+        emb = res.embedding
+        metric = clustering.EMBEDDING_METRIC[config.embedding]
+
+        def cut(k: int, k_given: bool) -> clustering.KMeansResult:
+            return clustering.cluster_embedding(
+                emb, k, seed=seed, metric=metric, unsmoothed=prep.model_input,
+                unsmoothed_weight=unsmoothed_weight(config.unsmoothed_weight, k_given=k_given))
+
+        km = cut(ds.n_domains, True)
         runs.append(Run("scrcl_k" + tag, seed, ds.n_domains, km.labels,
                         spatial.refine_labels(km.labels, coords, REFINE_NEIGHBOURS), t_fit,
                         {"finite_loss": finite, "final_loss": float(res.losses[-1, 0]) if len(res.losses) else None}))
         t1 = time.perf_counter()
         k_free, _ = clustering.choose_n_clusters(prep.lognorm, seed=seed, n_neighbors=base.n_neighbors)
-        km = clustering.cosine_kmeans(emb, k_free, seed=seed)
+        km = cut(k_free, False)
         runs.append(Run("scrcl_free" + tag, seed, k_free, km.labels,
                         spatial.refine_labels(km.labels, coords, REFINE_NEIGHBOURS),
                         t_fit + time.perf_counter() - t1))
@@ -395,10 +404,12 @@ def main(argv: list[str] | None = None) -> int:
         alt = dict(cfg)
         for item in args.compare:
             key, _, value = item.partition("=")
-            if key not in cfg:
-                p.error(f"--compare: unknown setting {key!r}; choose from {', '.join(cfg)}")
-            alt[key] = type(cfg[key])(value)
-        change = ", ".join(f"{k} {alt[k]}" for k in alt if alt[k] != cfg[k])
+            fields = training.TrainConfig.__dataclass_fields__
+            if key not in cfg and key not in fields:
+                p.error(f"--compare: unknown setting {key!r}; choose from {', '.join(sorted(fields))}")
+            current = cfg.get(key, getattr(training.TrainConfig(), key))
+            alt[key] = value if isinstance(current, str) else (float(value) if current is None else type(current)(value))
+        change = ", ".join(f"{k} {alt[k]}" for k in alt if alt[k] != cfg.get(k))
         methods = {"scrcl_k": METHODS["scrcl_k"], "scrcl_k_alt": f"scRCL spatial, K given, {change}",
                    "scrcl_free": METHODS["scrcl_free"], "scrcl_free_alt": f"scRCL spatial, label-free K, {change}",
                    **{k: v for k, v in METHODS.items() if not k.startswith("scrcl")}}
