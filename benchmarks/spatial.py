@@ -156,6 +156,50 @@ def scrcl_runs(ds: Dataset, cfg: dict[str, Any], seeds: list[int], device: str,
     return runs, info
 
 
+STAGES = {
+    "stage_input": "input of both views, Â^t0 X (PCA 30)",
+    "stage_h1": "MLP view hidden h1 (PCA 50)",
+    "stage_h2": "GCN view hidden h2 (PCA 50, `--embedding gcn-pca`)",
+    "stage_z1": "refined MLP view z1 (cosine)",
+    "stage_z2": "refined GCN view z2 (cosine)",
+    "stage_fused": "fused concat(z1, z2) (cosine, the default)",
+}
+
+
+def stage_runs(ds: Dataset, cfg: dict[str, Any], seeds: list[int], device: str) -> list[Run]:
+    """Where the network loses what the smoothed input holds: k-means with the true K on each
+    stage of one trained network per seed (the input, both views' hidden outputs, their refined
+    embeddings, the fused one), each followed by the same neighbour vote."""
+    import torch
+    from sklearn.cluster import KMeans
+
+    prep = spatial.prepare_spatial(ds.counts, ds.var_names, cfg["n_top_genes"])
+    coords = ds.coords[prep.cell_mask]
+    adj = spatial.spatial_graph(coords, cfg["n_neighbors"])
+    keys = set(training.TrainConfig.__dataclass_fields__)
+    # gcn-pca only changes what is read out after training, so one run gives every stage.
+    base = training.TrainConfig(**{**{k: v for k, v in cfg.items() if k in keys}, "embedding": "gcn-pca"})
+    inputs = training.build_inputs(prep.model_input, prep.lognorm, base, adj=adj)
+    x0 = np.asarray(inputs.x0, dtype=np.float64)
+    k = ds.n_domains
+    runs: list[Run] = []
+    for seed in seeds:
+        res = training.fit(inputs, replace(base, seed=seed), device=torch.device(device))
+        o = res.z1.shape[1]
+        reps = {"stage_input": _pca(x0, seed)[:, :30], "stage_h1": res.cell_embedding, "stage_h2": res.embedding,
+                "stage_z1": res.z1, "stage_z2": res.fused[:, o:], "stage_fused": res.fused}
+        for name, x in reps.items():
+            t0 = time.perf_counter()
+            if name in ("stage_z1", "stage_z2", "stage_fused"):
+                lab = clustering.kmeans(x, k, seed=seed, metric="cosine").labels
+            else:
+                lab = KMeans(k, n_init=10, random_state=seed).fit_predict(np.asarray(x, dtype=np.float64))
+            runs.append(Run(name, seed, k, lab, spatial.refine_labels(lab, coords, REFINE_NEIGHBOURS),
+                            time.perf_counter() - t0))
+        log.info("%s seed %d: stages clustered", ds.name, seed)
+    return runs
+
+
 # ----------------------------------------------------------------------------- baselines
 
 
@@ -387,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--section", default=None,
                    help="name of the generated section of the report to replace (default: quick or full)")
     p.add_argument("--no-png", action="store_true", help="do not draw the domain maps")
+    p.add_argument("--stages", action="store_true",
+                   help="also cluster every stage of the trained network with the true K (extra rows)")
     args = p.parse_args(argv)
     args.section = args.section or ("quick" if args.quick else "full")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
@@ -431,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
             if alt is not None:
                 scrcl += scrcl_runs(ds, alt, args.seeds, args.device, tag="_alt")[0]
             runs = scrcl + runs
+            if args.stages:
+                runs += stage_runs(ds, cfg, args.seeds, args.device)
+                methods = {**methods, **STAGES}
         table, summary = dataset_table(ds, runs, methods)
         intro = (f"{len(ds.labels)} spots, {len(ds.var_names)} genes, {ds.n_domains} annotated domains."
                  + (f" scRCL: {info['genes']} genes after seurat_v3 selection, spatial graph with "

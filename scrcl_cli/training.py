@@ -210,22 +210,20 @@ def fit(
     for epoch in range(config.epochs):
         opt.zero_grad(set_to_none=True)
         out = model(x0, x1, a_hat, gene_prop, gen)
-        terms = scrcl_loss(
-            out.h1,
-            out.h2,
-            out.z1,
-            out.z2,
-            adj,
-            temperature=config.temperature,
-            lambda1=config.lambda1,
-            lambda2=config.lambda2,
-        )
+        terms = _loss(out, adj, config)
         terms.total.backward()
         opt.step()
         log_t[epoch] = torch.stack([terms.total, terms.eda, terms.nca, terms.cvc]).detach().double()
         if on_epoch is not None:
             on_epoch(epoch, terms)
     return _finish(model, x0, x1, a_hat, gene_prop, log_t, t_start, device, config)
+
+
+def _loss(out: Any, adj: Tensor, config: TrainConfig) -> LossTerms:
+    """The three alignment losses of one forward pass (`model.ScRCLOutput`) with the config's weights."""
+    return scrcl_loss(
+        out.h1, out.h2, out.z1, out.z2, adj, temperature=config.temperature, lambda1=config.lambda1, lambda2=config.lambda2
+    )
 
 
 def _rows(x: Tensor, nodes: Tensor, device: torch.device) -> Tensor:
@@ -626,16 +624,7 @@ class _MinibatchRun:
                 self.opt.zero_grad(set_to_none=True)
                 x0_b, x1_b = _rows(self.x0, nodes, device), _rows(self.x1, nodes, device)
                 out = self.step_model(x0_b, x1_b, a_hat_b, self.gene_prop, self.gen, cells=nodes, cell_weights=self.inv_pi[nodes])
-                terms = scrcl_loss(
-                    out.h1,
-                    out.h2,
-                    out.z1,
-                    out.z2,
-                    adj_b,
-                    temperature=config.temperature,
-                    lambda1=config.lambda1,
-                    lambda2=config.lambda2,
-                )
+                terms = _loss(out, adj_b, config)
                 terms.total.backward()  # under DDP, returns with the gradients averaged over the processes
                 self.opt.step()
                 self.log_t[epoch] += torch.stack([terms.total, terms.eda, terms.nca, terms.cvc]).detach().double() / plan.steps
