@@ -362,9 +362,14 @@ def markers(section: str) -> tuple[str, str]:
 
 
 def report_section(args: argparse.Namespace, cfg: dict[str, Any], results: dict[str, Any], minutes: float) -> str:
+    # `python -m benchmarks spatial` sets argv[0] to that command; a direct run names the file.
     script = sys.argv[0]
-    if Path(script).resolve().is_relative_to(REPO):
-        script = str(Path(script).resolve().relative_to(REPO))
+    if script.startswith("python "):
+        command = " ".join([script, *(shlex.quote(a) for a in sys.argv[1:])])
+    else:
+        if Path(script).resolve().is_relative_to(REPO):
+            script = str(Path(script).resolve().relative_to(REPO))
+        command = "python " + " ".join(shlex.quote(a) for a in [script, *sys.argv[1:]])
     start, end = markers(args.section)
     lines = [
         start,
@@ -372,7 +377,7 @@ def report_section(args: argparse.Namespace, cfg: dict[str, Any], results: dict[
         f"Generated on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC in {minutes:.1f} min by:",
         "",
         "```",
-        "python " + " ".join(shlex.quote(a) for a in [script, *sys.argv[1:]]),
+        command,
         "```",
         "",
         f"- Seeds: {', '.join(map(str, args.seeds))}. Numbers are mean ± sample sd over seeds. "
