@@ -101,7 +101,7 @@ class TrainConfig:
                     raise ScrclError(
                         f"{f.name} must be one of {', '.join(CHOICES[f.name])}, not {value!r}", f"Pass a valid {f.name}"
                     )
-            elif not (value is None and f.name == "unsmoothed_weight"):
+            elif not (value is None and str(f.type).endswith("| None")):  # an optional field left unset
                 object.__setattr__(self, f.name, check_number(f.name, value, integer=f.type == "int"))
 
     def as_dict(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from . import clustering, graphs, stages
 from ._device import Device, check_session_provider, ort_providers
 from ._version import __version__
 from .bundle import ONNX_FILES, GraphParams, ModelBundle, Preprocessing
-from .config import InputMode, unsmoothed_weight
+from .config import BATCH_SIZE, CLUSTER_KEY, KEY_ADDED, MIN_GENE_OVERLAP, InputMode, unsmoothed_weight
 from .errors import ScrclError
 from .io.h5ad import Annotations, ChunkedH5ad, check_coords, checked_matrix, gene_selection
 from .preprocessing import lognormalize, transform_query
@@ -275,7 +275,7 @@ def run_encoder(
     a_hat: sp.csr_matrix | None,
     graph_params: GraphParams,
     *,
-    batch_size: int = 4096,
+    batch_size: int = BATCH_SIZE,
     progress: Progress | None = None,
     hidden_dim: int = 1500,
     gather_bytes: int = 256 << 20,
@@ -347,7 +347,7 @@ def run_staged_encoder(
     *,
     device: Device = "auto",
     threads: int = 0,
-    batch_size: int = 4096,
+    batch_size: int = BATCH_SIZE,
     progress: Progress | None = None,
 ) -> tuple[np.ndarray, str]:
     """`run_encoder` through the model's staged encoder (stages.py): (N, D) float32 and the provider."""
@@ -388,8 +388,8 @@ def _embed_query(
     view: str = "fused",
     device: Device = "auto",
     threads: int = 0,
-    batch_size: int = 4096,
-    key_added: str = "X_scrcl",
+    batch_size: int = BATCH_SIZE,
+    key_added: str = KEY_ADDED,
     progress: Progress | None = None,
     session: tuple[Any, str] | None = None,
     name: str = "the query",
@@ -475,43 +475,34 @@ def _read_query(
 ) -> tuple[QueryData, np.ndarray | None, str]:
     """Prepared cells, checked coordinates (spatial models only, else None) and display name of
     a query held in memory (AnnData) or in a file (`ChunkedH5ad` or a path, read in row blocks)."""
-    if isinstance(source, (ChunkedH5ad, Path, str)):
-        reader = _open(source, bundle)
-        query = prepare_query_file(reader, bundle, min_gene_overlap=min_gene_overlap)
-        return query, query_coords(reader, bundle), reader.name
+    source = _opened(source, bundle)
+    if isinstance(source, ChunkedH5ad):
+        query = prepare_query_file(source, bundle, min_gene_overlap=min_gene_overlap)
+        return query, query_coords(source, bundle), source.name
     query = prepare_query(source, bundle, min_gene_overlap=min_gene_overlap, name=name)
-    if not bundle.is_spatial:
-        if "spatial" in source.obsm:
-            log.info("%s has obsm['spatial']; models trained with --spatial use it", name)
-        return query, None, name
-    if "spatial" not in source.obsm:
-        raise ScrclError(
-            f"this is a spatial model and {name} has no obsm['spatial']",
-            "Pass a section with an (n_cells, 2) array of x, y in obsm['spatial']",
-        )
-    return query, check_coords(np.asarray(source.obsm["spatial"], dtype=np.float64), source.n_obs, name), name
+    coords = np.asarray(source.obsm["spatial"], dtype=np.float64) if "spatial" in source.obsm else None
+    if coords is not None and not bundle.is_spatial:
+        log.info("%s has obsm['spatial']; models trained with --spatial use it", name)
+    return query, _spatial_coords(coords, source.n_obs, name, bundle), name
 
 
-def _n_obs(source: AnnData | ChunkedH5ad | Path, bundle: ModelBundle) -> tuple[AnnData | ChunkedH5ad, int]:
-    """The source opened (a path becomes a `ChunkedH5ad`) and its number of cells, before any reading."""
-    if isinstance(source, (ChunkedH5ad, Path, str)):
-        reader = _open(source, bundle)
-        return reader, reader.n_obs
-    return source, source.n_obs
+def _opened(source: AnnData | ChunkedH5ad | Path, bundle: ModelBundle) -> AnnData | ChunkedH5ad:
+    """A path opened as a `ChunkedH5ad` (read in row blocks later); an AnnData or reader as it is."""
+    return _open(source, bundle) if isinstance(source, (ChunkedH5ad, Path, str)) else source
 
 
 def _embed(
     source: AnnData | ChunkedH5ad | Path,
     bundle: ModelBundle,
     *,
-    view: str,
-    device: Device,
-    threads: int,
-    batch_size: int,
-    min_gene_overlap: float,
-    key_added: str,
-    progress: Progress | None,
-    name: str,
+    view: str = "fused",
+    device: Device = "auto",
+    threads: int = 0,
+    batch_size: int = BATCH_SIZE,
+    min_gene_overlap: float = MIN_GENE_OVERLAP,
+    key_added: str = KEY_ADDED,
+    progress: Progress | None = None,
+    name: str = "the query",
 ) -> tuple[EmbedReport, np.ndarray | None]:
     """What `embed` and `embed_file` share: the session first (a bad device or encoder fails
     before the query is read), then the query, then the encoder. Returns the report and the
@@ -543,9 +534,9 @@ def embed(
     view: str = "fused",
     device: Device = "auto",
     threads: int = 0,
-    batch_size: int = 4096,
-    min_gene_overlap: float = 0.5,
-    key_added: str = "X_scrcl",
+    batch_size: int = BATCH_SIZE,
+    min_gene_overlap: float = MIN_GENE_OVERLAP,
+    key_added: str = KEY_ADDED,
     name: str = "the query",
     progress: Progress | None = None,
 ) -> EmbedReport:
@@ -577,9 +568,9 @@ def embed_file(
     view: str = "fused",
     device: Device = "auto",
     threads: int = 0,
-    batch_size: int = 4096,
-    min_gene_overlap: float = 0.5,
-    key_added: str = "X_scrcl",
+    batch_size: int = BATCH_SIZE,
+    min_gene_overlap: float = MIN_GENE_OVERLAP,
+    key_added: str = KEY_ADDED,
     progress: Progress | None = None,
 ) -> EmbedReport:
     """`embed` for an `.h5ad` file read in row blocks (`io.h5ad.ChunkedH5ad`); nothing is written.
@@ -605,14 +596,22 @@ def embed_file(
 
 def query_coords(source: ChunkedH5ad, bundle: ModelBundle) -> np.ndarray | None:
     """The query's checked coordinates (N, 2) for a spatial model; None for any other model."""
+    return _spatial_coords(source.spatial, source.n_obs, source.name, bundle, problem=source.spatial_problem)
+
+
+def _spatial_coords(
+    coords: np.ndarray | None, n_obs: int, name: str, bundle: ModelBundle, *, problem: str | None = None
+) -> np.ndarray | None:
+    """coords (n_obs, 2) checked for a spatial model, which needs them; None for any other model.
+    problem: why a file's coordinates could not be read, when it has unusable ones."""
     if not bundle.is_spatial:
         return None
-    if source.spatial is None:
-        why = source.spatial_problem or f"{source.name} has no obsm['spatial']"
+    if coords is None:
+        why = problem or f"{name} has no obsm['spatial']"
         raise ScrclError(
             f"this is a spatial model and {why}", "Pass a section with an (n_cells, 2) array of x, y in obsm['spatial']"
         )
-    return check_coords(source.spatial, source.n_obs, source.name)
+    return check_coords(coords, n_obs, name)
 
 
 def _open(source: ChunkedH5ad | Path | str, bundle: ModelBundle) -> ChunkedH5ad:
@@ -710,24 +709,10 @@ def _cluster(
             "--n-clusters applies only with --denovo (the default labels cells by the training centroids)",
             "Add --denovo to cluster the query itself into that many clusters, or drop --n-clusters",
         )
-    options: dict[str, Any] = {
-        "view": "fused",
-        "device": "auto",
-        "threads": 0,
-        "batch_size": 4096,
-        "min_gene_overlap": 0.5,
-        "key_added": "X_scrcl",
-        "progress": None,
-        "name": "the query",
-    }
-    unknown = set(embed_kwargs) - set(options)
-    if unknown:
-        raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
-    options.update(embed_kwargs)
-    source, n_obs = _n_obs(source, bundle)
+    source = _opened(source, bundle)
     if denovo:
-        clustering.check_n_clusters(n_clusters, n_obs)
-    rep, coords = _embed(source, bundle, **options)
+        clustering.check_n_clusters(n_clusters, source.n_obs)
+    rep, coords = _embed(source, bundle, **embed_kwargs)
     t = time.perf_counter()
     out = _cluster_query(
         rep,
@@ -737,7 +722,7 @@ def _cluster(
         n_clusters=n_clusters,
         seed=seed,
         cluster_key=cluster_key,
-        key_added=options["key_added"],
+        key_added=rep.annotations.uns["scrcl"]["key_added"],
     )
     rep.seconds += time.perf_counter() - t
     return out
@@ -750,7 +735,7 @@ def cluster(
     denovo: bool = False,
     n_clusters: int | None = None,
     seed: int = 0,
-    cluster_key: str = "scrcl_cluster",
+    cluster_key: str = CLUSTER_KEY,
     **embed_kwargs: Any,
 ) -> ClusterReport:
     """Embed, then label every cell.
@@ -782,7 +767,7 @@ def cluster_file(
     denovo: bool = False,
     n_clusters: int | None = None,
     seed: int = 0,
-    cluster_key: str = "scrcl_cluster",
+    cluster_key: str = CLUSTER_KEY,
     **embed_kwargs: Any,
 ) -> ClusterReport:
     """`cluster` for an `.h5ad` file read in row blocks; nothing is written.
