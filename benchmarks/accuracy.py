@@ -485,8 +485,10 @@ def mean_of_means(groups: dict, names: list[str], key: tuple[str, str], metric: 
 
 
 def _ds_mean(groups: dict, ds: str, key: tuple[str, str], metric: str = "ari") -> float | None:
-    ok = _ok(groups.get((ds, *key), []))
-    return float(np.mean([r.scores[metric] for r in ok])) if ok else None
+    """Mean over seeds of `metric` on one dataset; None when no run has it (a dataset without a
+    rare type has no "rare" score)."""
+    vals = [r.scores[metric] for r in _ok(groups.get((ds, *key), [])) if metric in r.scores]
+    return float(np.mean(vals)) if vals else None
 
 
 # ------------------------------------------------------------------ report
@@ -712,13 +714,10 @@ def _group_mean(groups: dict, names: list[str], key: tuple[str, str], metric: st
     """Mean over `names` of each dataset's mean over seeds; None when a dataset lacks the value.
 
     For "rare", datasets without a rare type are left out (None only when no dataset has one)."""
-    vals = []
-    for ds in names:
-        ok = [r.scores[metric] for r in _ok(groups.get((ds, *key), [])) if metric in r.scores]
-        if ok:
-            vals.append(float(np.mean(ok)))
-        elif metric != "rare":
-            return None
+    per_ds = [_ds_mean(groups, ds, key, metric) for ds in names]
+    if metric != "rare" and None in per_ds:
+        return None
+    vals = [v for v in per_ds if v is not None]
     return float(np.mean(vals)) if vals else None
 
 
@@ -746,6 +745,15 @@ RARE_KEYS = [("scrcl", K_GIVEN), ("kmeans_k", K_GIVEN), ("leiden_k", K_GIVEN), (
              ("leiden_r1", LABEL_FREE)]
 
 
+def _rare_cells(groups: dict, ds: str) -> list[str]:
+    """One dataset's rare-type recall under each of RARE_KEYS, mean ± sd over seeds ("–" when none)."""
+    cells = []
+    for k in RARE_KEYS:
+        vals = [r.scores["rare"] for r in _ok(groups.get((ds, *k), [])) if "rare" in r.scores]
+        cells.append(fmt(vals) if vals else "–")
+    return cells
+
+
 def rare_section(groups: dict, sets: dict[str, list[str]]) -> list[str]:
     """Per dataset, the mean recall of its rare types under each method."""
     out = [f"## Rare types (< {RARE:.0%} of the cells)", "",
@@ -756,10 +764,7 @@ def rare_section(groups: dict, sets: dict[str, list[str]]) -> list[str]:
            "|---|---|" + "---|" * len(RARE_KEYS)]
     for g, names in sets.items():
         for ds in names:
-            cells = []
-            for k in RARE_KEYS:
-                vals = [r.scores["rare"] for r in _ok(groups.get((ds, *k), [])) if "rare" in r.scores]
-                cells.append(fmt(vals) if vals else "–")
+            cells = _rare_cells(groups, ds)
             if any(c != "–" for c in cells):
                 out.append(f"| {ds} | {g} | " + " | ".join(cells) + " |")
     for g, names in sets.items():
@@ -791,11 +796,7 @@ def stress_section(groups: dict, stress_sets: list[Dataset], sets: dict[str, lis
     out += ["", "**Recall of the rare types (< 3 %)**", "",
             "| dataset | " + " | ".join(METHODS[k] for k in RARE_KEYS) + " |", "|---|" + "---|" * len(RARE_KEYS)]
     for d in stress_sets:
-        cells = []
-        for k in RARE_KEYS:
-            vals = [r.scores["rare"] for r in _ok(groups.get((d.name, *k), [])) if "rare" in r.scores]
-            cells.append(fmt(vals) if vals else "–")
-        out.append(f"| {d.name.removesuffix(STRESS)} | " + " | ".join(cells) + " |")
+        out.append(f"| {d.name.removesuffix(STRESS)} | " + " | ".join(_rare_cells(groups, d.name)) + " |")
     out.append("")
     return out
 

@@ -110,10 +110,12 @@ def load(path: Path) -> Dataset:
 
 
 def scrcl_runs(ds: Dataset, cfg: dict[str, Any], seeds: list[int], device: str,
-               tag: str = "") -> tuple[list[Run], dict]:
-    """Train once per seed and cluster with the true K and with a label-free K."""
-    import torch
+               tag: str = "", stages: bool = False) -> tuple[list[Run], dict]:
+    """Train once per seed and cluster with the true K and with a label-free K.
 
+    stages: also cluster every stage of each trained network (`stage_runs`) from the same run.
+    """
+    import torch
 
     t_prep = time.perf_counter()
     prep = spatial.prepare_spatial(ds.counts, ds.var_names, cfg["n_top_genes"])
@@ -129,12 +131,15 @@ def scrcl_runs(ds: Dataset, cfg: dict[str, Any], seeds: list[int], device: str,
     for seed in seeds:
         config = replace(base, seed=seed)
         t0 = time.perf_counter()
-        res = training.fit(inputs, config, device=torch.device(device))
+        # The embedding setting only chooses what is read out after training; gcn-pca's readout
+        # also holds both views' hidden outputs, which the stage rows need.
+        res = training.fit(inputs, replace(config, embedding="gcn-pca") if stages else config,
+                           device=torch.device(device))
         t_fit = time.perf_counter() - t0
         finite = bool(np.all(np.isfinite(res.losses)))
         # The clustering `train --spatial` applies: the config's embedding in its metric, beside
         # the unsmoothed input when K is given and the embedding is Euclidean (`cluster_embedding`).
-        emb = res.embedding
+        emb = res.fused if config.embedding == "fused" else res.embedding
         metric = clustering.EMBEDDING_METRIC[config.embedding]
 
         def cut(k: int, k_given: bool) -> clustering.KMeansResult:
@@ -152,6 +157,8 @@ def scrcl_runs(ds: Dataset, cfg: dict[str, Any], seeds: list[int], device: str,
         runs.append(Run("scrcl_free" + tag, seed, k_free, km.labels,
                         spatial.refine_labels(km.labels, coords, REFINE_NEIGHBOURS),
                         t_fit + time.perf_counter() - t1))
+        if stages:
+            runs += stage_runs(res, inputs.x0, coords, ds.n_domains, seed)
         log.info("%s seed %d%s: scRCL trained in %.0f s, label-free K = %d", ds.name, seed, tag, t_fit, k_free)
     return runs, info
 
@@ -166,37 +173,25 @@ STAGES = {
 }
 
 
-def stage_runs(ds: Dataset, cfg: dict[str, Any], seeds: list[int], device: str) -> list[Run]:
+def stage_runs(res: Any, x0: np.ndarray, coords: np.ndarray, k: int, seed: int) -> list[Run]:
     """Where the network loses what the smoothed input holds: k-means with the true K on each
-    stage of one trained network per seed (the input, both views' hidden outputs, their refined
-    embeddings, the fused one), each followed by the same neighbour vote."""
-    import torch
+    stage of one trained network (`training.TrainResult` with the gcn-pca readout; x0 (N, G) its
+    input Â^t0 X): the input, both views' hidden outputs, their refined embeddings, the fused one,
+    each followed by the same neighbour vote."""
     from sklearn.cluster import KMeans
 
-    prep = spatial.prepare_spatial(ds.counts, ds.var_names, cfg["n_top_genes"])
-    coords = ds.coords[prep.cell_mask]
-    adj = spatial.spatial_graph(coords, cfg["n_neighbors"])
-    keys = set(training.TrainConfig.__dataclass_fields__)
-    # gcn-pca only changes what is read out after training, so one run gives every stage.
-    base = training.TrainConfig(**{**{k: v for k, v in cfg.items() if k in keys}, "embedding": "gcn-pca"})
-    inputs = training.build_inputs(prep.model_input, prep.lognorm, base, adj=adj)
-    x0 = np.asarray(inputs.x0, dtype=np.float64)
-    k = ds.n_domains
+    o = res.z1.shape[1]
+    reps = {"stage_input": _pca(np.asarray(x0, dtype=np.float64), seed)[:, :30], "stage_h1": res.cell_embedding,
+            "stage_h2": res.embedding, "stage_z1": res.z1, "stage_z2": res.fused[:, o:], "stage_fused": res.fused}
     runs: list[Run] = []
-    for seed in seeds:
-        res = training.fit(inputs, replace(base, seed=seed), device=torch.device(device))
-        o = res.z1.shape[1]
-        reps = {"stage_input": _pca(x0, seed)[:, :30], "stage_h1": res.cell_embedding, "stage_h2": res.embedding,
-                "stage_z1": res.z1, "stage_z2": res.fused[:, o:], "stage_fused": res.fused}
-        for name, x in reps.items():
-            t0 = time.perf_counter()
-            if name in ("stage_z1", "stage_z2", "stage_fused"):
-                lab = clustering.kmeans(x, k, seed=seed, metric="cosine").labels
-            else:
-                lab = KMeans(k, n_init=10, random_state=seed).fit_predict(np.asarray(x, dtype=np.float64))
-            runs.append(Run(name, seed, k, lab, spatial.refine_labels(lab, coords, REFINE_NEIGHBOURS),
-                            time.perf_counter() - t0))
-        log.info("%s seed %d: stages clustered", ds.name, seed)
+    for name, x in reps.items():
+        t0 = time.perf_counter()
+        if name in ("stage_z1", "stage_z2", "stage_fused"):
+            lab = clustering.kmeans(x, k, seed=seed, metric="cosine").labels
+        else:
+            lab = KMeans(k, n_init=10, random_state=seed).fit_predict(np.asarray(x, dtype=np.float64))
+        runs.append(Run(name, seed, k, lab, spatial.refine_labels(lab, coords, REFINE_NEIGHBOURS),
+                        time.perf_counter() - t0))
     return runs
 
 
@@ -478,12 +473,11 @@ def main(argv: list[str] | None = None) -> int:
         runs = baseline_runs(ds, cfg, args.seeds)
         info: dict[str, Any] = {}
         if not args.skip_scrcl:
-            scrcl, info = scrcl_runs(ds, cfg, args.seeds, args.device)
+            scrcl, info = scrcl_runs(ds, cfg, args.seeds, args.device, stages=args.stages)
             if alt is not None:
                 scrcl += scrcl_runs(ds, alt, args.seeds, args.device, tag="_alt")[0]
             runs = scrcl + runs
             if args.stages:
-                runs += stage_runs(ds, cfg, args.seeds, args.device)
                 methods = {**methods, **STAGES}
         table, summary = dataset_table(ds, runs, methods)
         intro = (f"{len(ds.labels)} spots, {len(ds.var_names)} genes, {ds.n_domains} annotated domains."
