@@ -15,7 +15,7 @@ SUITES = {
     "end-to-end": ("end_to_end", "train + cluster against N (docs/benchmarks.md, 'End to end')"),
     "minibatch": ("minibatch", "mini-batch against full-batch training on shared datasets (docs/benchmarks.md, 'Mini-batch and out-of-core training')"),
     "clustering": ("cluster_scaling", "Ward-initialised k-means cost against N (docs/benchmarks.md, 'Clustering at scale')"),
-    "knn": ("knn_choice", "query kNN search: the package's against pynndescent"),
+    "knn": ("knn_choice", "approximate kNN search: faiss IVF (the package's) against pynndescent"),
     "libraries": ("libraries", "the package's Louvain against Leiden (igraph/leidenalg) for the label-free K"),
     "make-large": ("make_large", "write a resampled dataset of N real cells"),
     "run": ("benchutil", "run a command, recording wall time and peak RSS"),

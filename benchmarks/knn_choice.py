@@ -1,11 +1,12 @@
-"""The query kNN search of `embed`: the package's NN-descent against pynndescent, recall and time.
+"""The approximate kNN search of `train` and `embed` above 50,000 cells: faiss's inverted-file index
+(`graphs.knn_cosine_approx`) against pynndescent, recall and time.
 
 Both search the same 50-component PCA scores (`graphs.pca_scores` of the log-normalised model
 genes, as `inference.query_graph` does) of a resampled query (benchmarks/make_large.py) for the
 k = 15 cosine neighbours (the cell itself included). Recall: the share of the exact k - 1
 nearest other cells found, over a random sample of query cells searched exactly. pynndescent's
-first call compiles its numba kernels (cached on disk afterwards); that time is reported apart,
-from a search of 2,000 cells before the timed one.
+first call compiles its numba kernels; that time is reported apart, from a search of 2,000 cells
+before the timed one. Both use `--threads` threads (faiss through OpenMP, pynndescent n_jobs).
 
 Usage:
     python -m benchmarks knn --sizes 50000,200000 --md bench/knn.md
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="50000,200000")
     ap.add_argument("--k", type=int, default=15)
     ap.add_argument("--sample", type=int, default=2000)
-    ap.add_argument("--threads", type=int, default=2, help="pynndescent n_jobs / numba threads")
+    ap.add_argument("--threads", type=int, default=2, help="faiss OpenMP threads and pynndescent n_jobs")
     ap.add_argument("--source", default=str(make_large.DEFAULT_SOURCE))
     ap.add_argument("--workdir", type=Path, default=Path("bench_knn"))
     ap.add_argument("--md", type=Path, default=None)
@@ -58,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks knn " + " ".join(sys.argv[1:] if argv is None else argv)
     rows_md = []
     t = time.perf_counter()
+    import faiss
     import pynndescent
 
+    faiss.omp_set_num_threads(args.threads)
     warm = np.random.default_rng(0).random((2000, 50)).astype(np.float32)
     pynndescent.NNDescent(warm, metric="cosine", n_neighbors=args.k, random_state=0, n_jobs=args.threads).neighbor_graph
     compile_s = time.perf_counter() - t
@@ -90,10 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         rows_md.append((n, pca_s, own_s, recall(own[rows], exact), nnd_s, recall(nnd, exact)))
         print(rows_md[-1], flush=True)
     lines = [f"Command: `{command}`", "",
-             f"CPU: {cpu_name()}; k = {args.k}; pynndescent {pynndescent.__version__} with n_jobs {args.threads}, "
+             f"CPU: {cpu_name()}; k = {args.k}; faiss {faiss.__version__} with {args.threads} OpenMP threads; "
+             f"pynndescent {pynndescent.__version__} with n_jobs {args.threads}, "
              f"its numba compile (first call, 2,000 cells) {compile_s:.1f} s; recall over {args.sample:,} cells; "
              f"load average {loadavg():.1f} at the end.", "",
-             "| N | PCA s | NN-descent (graphs.knn_cosine_approx) s | recall | pynndescent s | recall |",
+             "| N | PCA s | faiss IVF (graphs.knn_cosine_approx) s | recall | pynndescent s | recall |",
              "|---|---|---|---|---|---|"]
     for n, p, o, ro, d, rd in rows_md:
         lines.append(f"| {n:,} | {p:.1f} | {o:.1f} | {ro:.3f} | {d:.1f} | {rd:.3f} |")

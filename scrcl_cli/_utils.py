@@ -11,3 +11,13 @@ def unit_rows(x: np.ndarray, dtype: Any = np.float64) -> np.ndarray:
     """Rows scaled to unit L2 norm (zero rows stay zero); x: (N, d) -> `dtype` (N, d)."""
     x = np.asarray(x, dtype=dtype)
     return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(dtype, copy=False)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one), at least 1."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return max(1, os.cpu_count() or 1)

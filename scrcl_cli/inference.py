@@ -25,6 +25,7 @@ import scipy.sparse as sp
 
 from . import clustering, graphs, stages
 from ._device import Device, check_session_provider, ort_providers
+from ._utils import usable_cores
 from ._version import __version__
 from .bundle import ONNX_FILES, GraphParams, ModelBundle, Preprocessing
 from .config import BATCH_SIZE, CLUSTER_KEY, KEY_ADDED, MIN_GENE_OVERLAP, InputMode, unsmoothed_weight
@@ -355,7 +356,13 @@ def run_staged_encoder(
     powers = stages.stage_powers(view, graph_params.t0, graph_params.t1)
     log.info("%s view: staged encoder, Â powers %s between stages", view, powers)
     emb = stages.run_stages(
-        [stages.ort_runner(s) for s, _ in sessions], powers, model_input, a_hat, batch_size=batch_size, progress=progress
+        [stages.ort_runner(s) for s, _ in sessions],
+        powers,
+        model_input,
+        a_hat,
+        batch_size=batch_size,
+        progress=progress,
+        workers=threads if threads > 0 else usable_cores(),
     )
     return emb, sessions[0][1]
 

@@ -44,21 +44,34 @@ def has_stages(files: Mapping[str, Any], view: str) -> bool:
     return all(name in files for name in stage_files(view))
 
 
-def smooth_inplace(y: np.ndarray, a_hat: sp.csr_matrix, t: int, *, block: int = 64) -> np.ndarray:
+def smooth_inplace(y: np.ndarray, a_hat: sp.csr_matrix, t: int, *, block: int = 64, workers: int = 1) -> np.ndarray:
     """y <- Â^t y in place, a block of columns at a time.
 
-    y: float32 C-contiguous (N, H); a_hat: float32 CSR (N, N). Besides y only two (N, block)
-    arrays are alive. Narrow blocks keep the rows each product gathers in cache (64 columns beat
-    256 when this was written, commit 2ba7619). Returns y.
+    y: float32 C-contiguous (N, H); a_hat: float32 CSR (N, N). Besides y two (N, block) arrays
+    per worker are alive. Narrow blocks keep the rows each product gathers in cache (64 columns
+    beat 256 when this was written, commit 2ba7619). `workers` threads take column blocks in
+    turn: scipy's sparse product releases the GIL, so 2 threads halve the time on 2 cores
+    (docs/benchmarks.md, "Staged encoders"); the result does not depend on `workers`. Returns y.
     """
     if t <= 0:
         return y
-    for c0 in range(0, y.shape[1], block):
+
+    def one(c0: int) -> None:
         c1 = min(y.shape[1], c0 + block)
         z = np.ascontiguousarray(y[:, c0:c1])
         for _ in range(t):
             z = a_hat @ z
         y[:, c0:c1] = z
+
+    starts = range(0, y.shape[1], block)
+    if workers <= 1:
+        for c0 in starts:
+            one(c0)
+        return y
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, starts))  # list() re-raises a worker's exception here
     return y
 
 
@@ -79,6 +92,7 @@ def run_stages(
     *,
     batch_size: int = 4096,
     progress: Callable[[int, int], None] | None = None,
+    workers: int = 1,
 ) -> np.ndarray:
     """Embedding (N, D) float32 of every cell through the staged encoder.
 
@@ -86,7 +100,8 @@ def run_stages(
     the first takes model-input rows (B, G), the others (B, H). powers: len(runners) - 1 powers
     of Â, applied to all cells between consecutive stages. model_input: (N, G) CSR or dense.
     With a graph, cells are processed in `locality_order` (every stage is per cell, so the
-    order changes nothing but speed) and the output is in the input's order.
+    order changes nothing but speed) and the output is in the input's order. workers: threads
+    of the smoothing (`smooth_inplace`).
     """
     if len(powers) != len(runners) - 1:
         raise ValueError("one smoothing power between each pair of stages")
@@ -113,7 +128,7 @@ def run_stages(
     out: np.ndarray | None = None
     for i, t in enumerate(powers):
         clock = time.perf_counter()
-        smooth_inplace(hidden, a_hat, t)
+        smooth_inplace(hidden, a_hat, t, workers=workers)
         log.info("smoothing Â^%d on (%d, %d): %.1f s", t, n, hidden.shape[1], time.perf_counter() - clock)
         clock = time.perf_counter()
         last = i == len(powers) - 1
