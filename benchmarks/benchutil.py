@@ -20,12 +20,16 @@ from pathlib import Path
 from typing import Any
 
 
-def rss_now(pid: int | str = "self") -> int:
-    """Resident set size in bytes of `pid` (default this process); 0 if it is gone."""
+def rss_now(pid: int | str = "self", field: str = "VmRSS") -> int:
+    """Resident set size in bytes of `pid` (default this process); 0 if it is gone.
+
+    field: "VmRSS" (all resident pages) or "RssAnon" (anonymous pages only: without the pages of
+    memory-mapped files, which the kernel can write back and drop under pressure).
+    """
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -78,6 +82,7 @@ class Guarded:
     wall_s: float
     peak_rss: int  # ru_maxrss of the child, bytes
     killed: str | None  # why the runner killed it, if it did
+    peak_anon: int = 0  # largest RssAnon seen while polling, bytes (misses peaks shorter than the poll)
 
     def status(self) -> str:
         if self.killed:
@@ -111,12 +116,14 @@ def run_guarded(cmd: list[str], *, timeout: float, rss_limit: int, poll_s: float
         path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, "PYTHONPATH": path, **(env or {})})
         killed = None
+        peak_anon = 0
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             elapsed = time.perf_counter() - t0
             rss = rss_now(proc.pid)
+            peak_anon = max(peak_anon, rss_now(proc.pid, "RssAnon"))
             if killed is None and rss > rss_limit:
                 killed = f"killed: RSS passed the {rss_limit / 2**30:.1f} GiB guard after {elapsed:.0f} s"
                 proc.kill()
@@ -129,7 +136,7 @@ def run_guarded(cmd: list[str], *, timeout: float, rss_limit: int, poll_s: float
         out.seek(0)
         err.seek(0)
         return Guarded(proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"),
-                       wall, usage.ru_maxrss * 1024, killed)
+                       wall, usage.ru_maxrss * 1024, killed, peak_anon)
 
 
 def add_report_args(p: Any) -> None:

@@ -185,11 +185,12 @@ def ensure_model(args: argparse.Namespace) -> Path:
 
 
 def run_cli(args: argparse.Namespace, n: int, view: str) -> dict[str, Any]:
-    """The real command, end to end; peak RSS is the command's own ru_maxrss (os.wait4)."""
+    """The real command (`--command`: embed, or cluster onto the model's centroids with its marker
+    table), end to end; peak RSS is the command's own ru_maxrss (os.wait4)."""
     out = WORKDIR / f"cli_out_{n}_{view}.h5ad"
     out.unlink(missing_ok=True)
     exe = shutil.which("scrcl-cli") or "scrcl-cli"
-    cmd = [exe, "embed", str(query_path(args, n)), "-m", str(args.model), "-o", str(out), "--view", view,
+    cmd = [exe, args.command, str(query_path(args, n)), "-m", str(args.model), "-o", str(out), "--view", view,
            "--device", args.device, "--batch-size", str(args.batch_size), "-q"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -205,6 +206,8 @@ def run_cli(args: argparse.Namespace, n: int, view: str) -> dict[str, Any]:
         prov = f["uns/scrcl/provider"][()]
     res["provider"] = prov.decode() if isinstance(prov, bytes) else str(prov)
     out.unlink(missing_ok=True)
+    for extra in WORKDIR.glob(f"{out.stem}*.csv"):  # cluster's marker table
+        extra.unlink()
     return res
 
 
@@ -238,10 +241,10 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any], args: argparse.Name
     for r in rows:
         if r["kind"] == "cli":
             if r.get("status") != "ok":
-                lines.append(f"| {r['n']:,} | {r['view']} | `scrcl-cli embed` (ORT) | – | {r['status']} |"
+                lines.append(f"| {r['n']:,} | {r['view']} | `scrcl-cli {args.command}` (ORT) | – | {r['status']} |"
                              f" | | | | | {mib(r.get('peak_rss'))} | |")
                 continue
-            lines.append(f"| {r['n']:,} | {r['view']} | `scrcl-cli embed` end to end (ORT, incl. write) | "
+            lines.append(f"| {r['n']:,} | {r['view']} | `scrcl-cli {args.command}` end to end (ORT, incl. write) | "
                          f"{r['provider']} | | | | | | {r['cells_per_s_cli']:,.0f} (wall {r['wall_s']:.1f} s) | "
                          f"{mib(r.get('peak_rss'))} | |")
             continue
@@ -274,6 +277,12 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any], args: argparse.Name
                 st = np.polyfit(ln, np.log([r["embed_s"] for r in rs]), 1)[0]
                 se = np.polyfit(ln, np.log([r["encoder_s"] for r in rs]), 1)[0]
                 fits.append(f"{view}/{backend}: peak RSS {sm:.2f}, embed time {st:.2f}, encoder time {se:.2f}")
+        rs = [r for r in rows if r["kind"] == "cli" and r.get("status") == "ok" and r["view"] == view]
+        if len(rs) >= 2:
+            ln = np.log([r["n"] for r in rs])
+            sm = np.polyfit(ln, np.log([r["peak_rss"] for r in rs]), 1)[0]
+            st = np.polyfit(ln, np.log([r["wall_s"] for r in rs]), 1)[0]
+            fits.append(f"{view}/scrcl-cli {args.command}: peak RSS {sm:.2f}, wall time {st:.2f}")
     if fits:
         lines += ["", "Log-log slopes against N: " + "; ".join(fits) + "."]
     return "\n".join(lines) + "\n"
@@ -286,8 +295,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--views", default="cell,fused")
     ap.add_argument("--backends", default="ort,staged",
                     help="ort: the one-graph ONNX encoder (run_encoder); staged: the per-cell stages with the "
-                         "smoothing between them (what embed runs for a gcn-pca model); torch: the exported modules")
-    ap.add_argument("--cli", choices=["yes", "no"], default="yes", help="also time the real scrcl-cli embed command")
+                         "smoothing between them (what embed runs for a gcn-pca model); torch: the exported modules; "
+                         "none: only the cli rows")
+    ap.add_argument("--cli", choices=["yes", "no"], default="yes", help="also time the real scrcl-cli command")
+    ap.add_argument("--command", choices=["embed", "cluster"], default="embed",
+                    help="the command the cli rows time (cluster: onto the model's centroids, with its marker table)")
     ap.add_argument("--model", default=None, help="model directory (default: train one, cached in the work folder)")
     ap.add_argument("--train-epochs", type=int, default=5)
     ap.add_argument("--train-extra", default="", help='more scrcl-cli train options, e.g. "--t0 0 --t1 0"')
@@ -302,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--md", type=Path, default=None)
     ap.add_argument("--_child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    args.views, args.backends = args.views.split(","), args.backends.split(",")
+    args.views = args.views.split(",")
+    args.backends = [b for b in args.backends.split(",") if b not in ("", "none")]  # none: the cli rows only
     args.rss_limit = int(args.rss_limit_gib * 2**30) if args.rss_limit_gib else default_rss_limit()
     if args._child:
         print(json.dumps(do_child(args, int(args._child[0]), args._child[1], args._child[2])))
