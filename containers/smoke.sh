@@ -37,7 +37,7 @@ version="$(sed -n 's/^__version__ *= *["'\'']\([^"'\'']*\)["'\''].*/\1/p' "$repo
 flavour=cpu
 if [[ "${1:-}" == cpu || "${1:-}" == train-cpu ]]; then flavour="$1"; shift; fi
 case "$flavour" in
-    cpu) tag="$version"; max_mb=650 ;;
+    cpu) tag="$version"; max_mb=720 ;;
     train-cpu) tag="$version-train-cpu"; max_mb=1600 ;;
 esac
 IMAGE="${1:-${IMAGE:-localhost/scrcl-cli:$tag}}"
