@@ -217,7 +217,9 @@ def cut_joint_unscaled(e: np.ndarray, k: int, seed: int, unsmoothed: Any, weight
 
 
 PACKAGE_JOINT = {"unscaled unsmoothed input, weight 0.5": (cut_joint_unscaled, 0.5),
-                 "scaled unsmoothed input, weight 0.5 (default, K given)": (cut_package_joint, 0.5)}
+                 "scaled unsmoothed input, weight 0.5 (default, K given)": (cut_package_joint, 0.5),
+                 "scaled unsmoothed input, weight 0.75": (cut_package_joint, 0.75),
+                 "scaled unsmoothed input, weight 1": (cut_package_joint, 1.0)}
 
 
 def cut_names() -> list[str]:
@@ -229,8 +231,9 @@ def score(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
     from scrcl_cli.metrics import ari, rare_type_recall
 
     rare = rare_type_recall(y, pred, max_fraction=RARE)
+    # The labels themselves are kept for the agreement between seeds (`_agreement`).
     return {"ari": float(ari(y, pred)), "rare": (float(np.mean(list(rare.values()))) if rare else None),
-            "n_clusters": int(np.unique(pred).size)}
+            "n_clusters": int(np.unique(pred).size), "pred": np.asarray(pred).astype(int).tolist()}
 
 
 def evaluate_cache(job: dict[str, Any]) -> dict[str, Any]:
@@ -270,6 +273,19 @@ def _f(v: float | None) -> str:
     return "–" if v is None else f"{v:.3f}"
 
 
+def _agreement(runs: list[dict[str, Any]], method: str) -> float | None:
+    """Mean ARI between the labels of every pair of seeds of one dataset (None without labels:
+    reports made before they were stored)."""
+    from itertools import combinations
+
+    from scrcl_cli.metrics import ari
+
+    preds = [r[method]["pred"] for r in runs if "pred" in r[method]]
+    if len(preds) < 2:
+        return None
+    return float(np.mean([ari(np.asarray(a), np.asarray(b)) for a, b in combinations(preds, 2)]))
+
+
 def report(results: dict[str, dict[str, list[dict[str, Any]]]], tuning: list[str], confirmation: list[str],
            args: argparse.Namespace, command: str, minutes: float) -> str:
     """Markdown: mean ARI and rare-type recall per group and protocol, then per dataset."""
@@ -287,22 +303,26 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], tuning: list[str
         + f"every other option the default; at most "
         f"{args.max_cells:,} cells per dataset (a fixed random subsample); seeds {', '.join(map(str, args.seeds))}. "
         "Cell: mean over seeds of the dataset means; rare = mean recall (Hungarian matching) of the types "
-        f"holding < {RARE:.0%} of the cells, over the datasets that have one.",
+        f"holding < {RARE:.0%} of the cells, over the datasets that have one; agreement = mean ARI between "
+        "the clusters of every pair of seeds (training and clustering seed both differ), over the datasets.",
         "",
         f"Tuning group: {', '.join(tuning)}. Confirmation group: {', '.join(confirmation)}.",
         "",
     ]
     for variant in results:
         for proto, methods in (("K given", methods_given), ("label-free", methods_free)):
-            lines += [f"**{variant}, {proto}**", "", "| cut | tuning ARI | tuning rare | confirmation ARI | confirmation rare |",
-                      "|---|---|---|---|---|"]
+            lines += [f"**{variant}, {proto}**", "",
+                      "| cut | tuning ARI | tuning rare | tuning agreement | confirmation ARI | confirmation rare "
+                      "| confirmation agreement |",
+                      "|---|---|---|---|---|---|---|"]
             for m in methods:
                 row = [m.split("|")[0]]
                 for group in (tuning, confirmation):
                     per_ds = [results[variant][ds] for ds in group if ds in results[variant]]
                     ari = _mean([_mean([r[m]["ari"] for r in runs]) for runs in per_ds])
                     rare = _mean([_mean([r[m]["rare"] for r in runs]) for runs in per_ds])
-                    row += [_f(ari), _f(rare)]
+                    agree = _mean([_agreement(runs, m) for runs in per_ds])
+                    row += [_f(ari), _f(rare), _f(agree)]
                 lines.append("| " + " | ".join(row) + " |")
             lines.append("")
         lines += [f"**{variant}, K given, ARI per dataset**", "",

@@ -148,3 +148,14 @@ def test_cut_leave_one_out_picks_on_the_other_datasets_only(bench_pkg: None):
     picks = {row.split(" | ")[0][2:]: row.split(" | ")[1] for row in rows}
     assert picks["big"] == alone.split("|")[0]  # without "big", the other two decide
     assert picks["x"] == picks["y"] == joint.split("|")[0]
+
+
+def test_cut_agreement_is_the_mean_ari_between_pairs_of_seeds(bench_pkg: None):
+    from benchmarks import cut
+
+    m = "some cut|given"
+    same = [{m: {"pred": [0, 0, 1, 1]}}, {m: {"pred": [1, 1, 0, 0]}}]  # the same partition, renamed
+    assert cut._agreement(same, m) == pytest.approx(1.0)
+    split = [*same, {m: {"pred": [0, 1, 0, 1]}}]  # ARI -1/2 against each of the other two
+    assert cut._agreement(split, m) == pytest.approx((1.0 - 0.5 - 0.5) / 3)
+    assert cut._agreement([{m: {"ari": 0.5}}, {m: {"ari": 0.6}}], m) is None  # reports without labels
