@@ -89,7 +89,7 @@ def torch_csr(m: sp.spmatrix, device: Any) -> Any:
 
 
 def pca_scores(x: sp.csr_matrix | np.ndarray, n_comps: int = 50, *, gram: np.ndarray | None = None) -> np.ndarray:
-    """Centred PCA scores from the gene-gene covariance, without densifying `x`.
+    """Centred PCA scores from the gene-gene covariance, without densifying `x` whole.
 
     x: shape (N, G). gram: `gram_matrix(x)` when the caller has it. Returns float32 scores,
     shape (N, min(n_comps, G)). Memory O(G^2 + N*n_comps). The covariance eigendecomposition is
