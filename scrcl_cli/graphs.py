@@ -200,19 +200,20 @@ def knn_cosine_approx(
     out = np.empty((n, kk), dtype=np.int64)
     for start in range(0, n, block):
         stop = min(n, start + block)
-        sims, found = index.search(unit[start:stop], k)
-        out[start:stop] = _drop_self(found, sims, np.arange(start, stop), unit)
+        _, found = index.search(unit[start:stop], k)
+        out[start:stop] = _drop_self(found, np.arange(start, stop), unit)
         if progress:
             progress(stop, n)
     return out
 
 
-def _drop_self(found: np.ndarray, sims: np.ndarray, rows: np.ndarray, unit: np.ndarray) -> np.ndarray:
+def _drop_self(found: np.ndarray, rows: np.ndarray, unit: np.ndarray) -> np.ndarray:
     """Each row's k-1 nearest other cells from a search of k that usually found the cell itself.
 
-    found, sims: (B, k) from faiss, nearest first, -1 where the probed lists held fewer than k
-    cells; rows: (B,) the cells searched. A row without its own index drops its last entry; a
-    row left short is searched exactly (rare: the probed lists hold hundreds of cells).
+    found: (B, k) cell indices from faiss, nearest first, -1 where the probed lists held fewer
+    than k cells; rows: (B,) the cells searched. A row without its own index drops its last
+    entry; a row left short is searched exactly (rare: the probed lists hold thousands of cells),
+    in blocks of `_CHUNK_ELEMENTS` similarities.
     """
     kk = found.shape[1] - 1
     is_self = found == rows[:, None]
@@ -222,12 +223,14 @@ def _drop_self(found: np.ndarray, sims: np.ndarray, rows: np.ndarray, unit: np.n
     keep[np.arange(found.shape[0]), drop] = False
     out = found[keep].reshape(found.shape[0], kk)
     short = np.flatnonzero((out < 0).any(1))
-    if short.size:
-        sim = unit[rows[short]] @ unit.T
-        sim[np.arange(short.size), rows[short]] = -np.inf
-        part = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
-        order = np.argsort(-np.take_along_axis(sim, part, 1), axis=1, kind="stable")
-        out[short] = np.take_along_axis(part, order, 1)
+    step = max(1, _CHUNK_ELEMENTS // unit.shape[0])
+    for s in range(0, short.size, step):
+        part = short[s : s + step]
+        sim = unit[rows[part]] @ unit.T
+        sim[np.arange(part.size), rows[part]] = -np.inf
+        top = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
+        order = np.argsort(-np.take_along_axis(sim, top, 1), axis=1, kind="stable")
+        out[part] = np.take_along_axis(top, order, 1)
     return out
 
 
