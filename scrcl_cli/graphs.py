@@ -182,8 +182,7 @@ def knn_cosine_approx(
     excluded. The result does not depend on the thread count. Recall of the exact neighbours and
     time are in the README ("kNN search").
     """
-    import faiss
-
+    faiss = _import_faiss()
     n, d = unit.shape
     kk = k - 1
     unit = np.ascontiguousarray(unit, dtype=np.float32)
@@ -205,6 +204,29 @@ def knn_cosine_approx(
         if progress:
             progress(stop, n)
     return out
+
+
+def _import_faiss() -> Any:
+    """faiss, made safe to run beside torch and scikit-learn on macOS and Windows.
+
+    There the faiss-cpu, torch and scikit-learn wheels each bundle their own OpenMP runtime, and
+    the second one to start aborts the process ("OMP: Error #15"; faiss-wheels issues 40 and 73).
+    On those platforms faiss runs on one thread, which gives the same neighbours (the search does
+    not depend on the thread count), and the duplicate runtime is allowed unless the user set
+    KMP_DUPLICATE_LIB_OK. On Linux the wheels bring GNU OpenMP, which makes no such check (CPU
+    training beside torch runs there, docs/benchmarks.md), so nothing changes.
+    """
+    import os
+    import sys
+
+    if sys.platform in ("darwin", "win32") and "KMP_DUPLICATE_LIB_OK" not in os.environ:
+        log.debug("faiss on %s: allowing a second OpenMP runtime and using one thread", sys.platform)
+        os.environ["KMP_DUPLICATE_LIB_OK"] = "TRUE"
+    import faiss
+
+    if sys.platform in ("darwin", "win32"):
+        faiss.omp_set_num_threads(1)
+    return faiss
 
 
 def _drop_self(found: np.ndarray, rows: np.ndarray, unit: np.ndarray) -> np.ndarray:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -148,6 +151,22 @@ def test_approximate_knn_with_few_probes_recalls_less_but_most():
     # Measured 0.965 with 32 of 215 lists (1,280 candidates): the default's candidate count, not
     # the index alone, is what keeps the recall high.
     assert 0.9 < recall < 0.99
+
+
+def test_faiss_runs_single_threaded_beside_other_openmp_runtimes_on_macos(monkeypatch):
+    """On macOS and Windows the search must not start a second multi-threaded OpenMP runtime."""
+    faiss = pytest.importorskip("faiss")
+    before = faiss.omp_get_max_threads()
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.delenv("KMP_DUPLICATE_LIB_OK", raising=False)
+    try:
+        assert graphs._import_faiss().omp_get_max_threads() == 1
+        assert os.environ["KMP_DUPLICATE_LIB_OK"] == "TRUE"
+        monkeypatch.setenv("KMP_DUPLICATE_LIB_OK", "FALSE")  # a user's own setting is kept
+        graphs._import_faiss()
+        assert os.environ["KMP_DUPLICATE_LIB_OK"] == "FALSE"
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def test_approximate_knn_searches_short_rows_exactly():
