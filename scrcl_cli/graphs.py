@@ -210,7 +210,7 @@ def _import_faiss() -> Any:
     """faiss, made safe to run beside torch and scikit-learn on macOS and Windows.
 
     There the faiss-cpu, torch and scikit-learn wheels each bundle their own OpenMP runtime, and
-    the second one to start aborts the process ("OMP: Error #15"; faiss-wheels issues 40 and 73).
+    the second one to start aborts the process ("OMP: Error #15", reported to faiss-wheels on GitHub).
     On those platforms faiss runs on one thread, which gives the same neighbours (the search does
     not depend on the thread count), and the duplicate runtime is allowed unless the user set
     KMP_DUPLICATE_LIB_OK. On Linux the wheels bring GNU OpenMP, which makes no such check (CPU
