@@ -649,7 +649,7 @@ def train(
             f"Pass --n-clusters between 1 and {adata.n_obs}, or leave it out to choose it from the data",
         )
     check_fits(config, adata.n_obs, adata.n_vars, batch_size=batch_size)
-    from .workflow import train_model, train_worker
+    from .workflow import phase_line, train_model, train_worker
 
     if dist is not None and not dist.is_main:
 
@@ -706,6 +706,7 @@ def train(
             ("device", trained.device),
             ("final loss", f"{trained.manifest.training['final_loss'][0]:.5g}"),
             ("time", f"{time.perf_counter() - t:.1f} s (training {trained.seconds:.1f} s)"),
+            ("phases", phase_line(trained.phases)),
             ("written", ", ".join(outputs)),
         ],
     )

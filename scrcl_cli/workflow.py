@@ -10,6 +10,7 @@ import contextlib
 import csv
 import io
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -54,6 +55,7 @@ class TrainedModel:
     seconds: float
     n_genes: int
     extra_labels: dict[str, np.ndarray] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds per step, in run order
 
 
 def train_model(
@@ -81,8 +83,9 @@ def train_model(
 
     if dist is not None and not dist.is_main:
         raise ValueError("train_model runs on rank 0 only; the other processes call train_worker")
+    phases: dict[str, float] = {}
     prep, coords, inputs, result, dev = _prepare_and_fit(
-        adata, config, device, batch_size, spatial, on_epoch, on_graph, out_of_core, dist, n_clusters=n_clusters
+        adata, config, device, batch_size, spatial, on_epoch, on_graph, out_of_core, dist, n_clusters=n_clusters, phases=phases
     )
     n = prep.model_input.shape[0]
     assert result is not None  # rank 0 or a single process always has the result
@@ -94,6 +97,7 @@ def train_model(
         f" (peak GPU memory {peak_gpu / 2**30:.1f} GiB)" if peak_gpu is not None else "",
     )
 
+    clock = time.perf_counter()
     if n_clusters is None:
         k, scores = clustering.choose_n_clusters(
             prep.lognorm, seed=config.seed, n_neighbors=config.n_neighbors, adj=inputs.adj if spatial is None else None
@@ -101,7 +105,9 @@ def train_model(
         k_method = "leiden-count"
     else:
         k, scores, k_method = n_clusters, {}, "given"
+    phases["cluster count"] = time.perf_counter() - clock
     metric = clustering.EMBEDDING_METRIC[config.embedding]
+    clock = time.perf_counter()
     km = clustering.cluster_embedding(
         result.embedding,
         k,
@@ -110,6 +116,7 @@ def train_model(
         unsmoothed=prep.model_input,
         unsmoothed_weight=unsmoothed_weight(config.unsmoothed_weight, k_given=n_clusters is not None),
     )
+    phases["k-means"] = time.perf_counter() - clock
     log.info(
         "clustered the training cells into %d clusters (%s; %s on the %s embedding)",
         k,
@@ -195,7 +202,10 @@ def train_model(
             **({"processes": result.extra["processes"]} if "processes" in result.extra else {}),
         },
     )
+    clock = time.perf_counter()
     files = model_files(result, manifest, labels_kept=km.labels, obs_names=list(adata.obs_names[prep.cell_mask]), export=export)
+    phases["export"] = time.perf_counter() - clock
+    log.info("phases: %s", phase_line(phases))
     return TrainedModel(
         files=files,
         manifest=manifest,
@@ -205,7 +215,13 @@ def train_model(
         seconds=result.seconds,
         n_genes=len(prep.genes),
         extra_labels=extra_labels,
+        phases=phases,
     )
+
+
+def phase_line(phases: dict[str, float]) -> str:
+    """'preprocess 1.2 s · graphs 3.4 s · …': a run's phases in one line."""
+    return " · ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items())
 
 
 def train_worker(
@@ -239,8 +255,11 @@ def _prepare_and_fit(
     dist: DistEnv | None,
     *,
     n_clusters: int | None,
+    phases: dict[str, float] | None = None,
 ) -> tuple[Any, np.ndarray | None, TrainInputs, TrainResult | None, torch.device]:
     """Preprocessing, graphs and training: (prep, spatial coordinates or None, inputs, result, device).
+
+    phases: filled with the wall seconds of "preprocess", "graphs" and "training" when given.
 
     With `dist`, every process preprocesses and builds the graphs itself (deterministic; the
     processes compare fingerprints of the graphs before training) and trains with DDP; the
@@ -252,6 +271,8 @@ def _prepare_and_fit(
     dev = resolve_torch_device(device)
     if dist is not None:
         dev = distributed.local_device(dev, dist)
+    phases = {} if phases is None else phases
+    clock = time.perf_counter()
     x = sp.csr_matrix(adata.X, dtype=np.float32)
     names = [str(v) for v in adata.var_names]
     spatial_adj = None
@@ -277,7 +298,9 @@ def _prepare_and_fit(
             f"only {n} cells have counts, fewer than --n-neighbors + 1 = {config.n_neighbors + 1}",
             "Use more cells or a smaller --n-neighbors",
         )
+    phases["preprocess"] = time.perf_counter() - clock
     with contextlib.ExitStack() as stack:
+        clock = time.perf_counter()
         scratch = stack.enter_context(scratch_inputs(out_of_core)) if out_of_core is not None else None
         inputs = build_inputs(
             prep.model_input,
@@ -288,13 +311,16 @@ def _prepare_and_fit(
             adj=spatial_adj,
             scratch_dir=scratch,
         )
+        phases["graphs"] = time.perf_counter() - clock
         log.info("cell graph: %d cells, %d edges; training on %s", n, inputs.adj.nnz // 2, describe_torch_device(dev))
+        clock = time.perf_counter()
         result: TrainResult | None
         if dist is None:
             result = fit(inputs, config, device=dev, on_epoch=on_epoch, batch_size=batch_size)
         else:
             with distributed.process_group(dist, dev):
                 result = fit_distributed(inputs, config, device=dev, dist=dist, batch_size=batch_size, on_epoch=on_epoch)
+        phases["training"] = time.perf_counter() - clock
     return prep, coords, inputs, result, dev
 
 

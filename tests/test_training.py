@@ -269,3 +269,19 @@ def test_train_out_of_core_cli_leaves_no_scratch(tmp_path):
     assert res.exit_code == 0, res.output
     assert (out / "weights.pt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_train_model_reports_every_phase_in_run_order():
+    """The phase table `train` prints: every step, in the order it ran, within the wall time."""
+    import time
+
+    from scrcl_cli.workflow import phase_line
+
+    clock = time.perf_counter()
+    trained = train_model(_example(), CFG, device="cpu", export=True)
+    wall = time.perf_counter() - clock
+    assert list(trained.phases) == ["preprocess", "graphs", "training", "cluster count", "k-means", "export"]
+    assert all(s >= 0 for s in trained.phases.values())
+    assert sum(trained.phases.values()) <= wall
+    assert trained.phases["training"] >= trained.seconds  # fit's own clock runs inside the phase
+    assert phase_line(trained.phases).startswith("preprocess ") and phase_line(trained.phases).endswith(" s")
