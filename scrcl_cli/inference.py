@@ -596,7 +596,6 @@ def embed_file(
         min_gene_overlap=min_gene_overlap,
         key_added=key_added,
         progress=progress,
-        name="the query",
     )
     return rep
 

@@ -11,7 +11,7 @@ import csv
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,26 +97,24 @@ def train_model(
         f" (peak GPU memory {peak_gpu / 2**30:.1f} GiB)" if peak_gpu is not None else "",
     )
 
-    clock = time.perf_counter()
-    if n_clusters is None:
-        k, scores = clustering.choose_n_clusters(
-            prep.lognorm, seed=config.seed, n_neighbors=config.n_neighbors, adj=inputs.adj if spatial is None else None
-        )
-        k_method = "leiden-count"
-    else:
-        k, scores, k_method = n_clusters, {}, "given"
-    phases["cluster count"] = time.perf_counter() - clock
+    with _phase(phases, "cluster count"):
+        if n_clusters is None:
+            k, scores = clustering.choose_n_clusters(
+                prep.lognorm, seed=config.seed, n_neighbors=config.n_neighbors, adj=inputs.adj if spatial is None else None
+            )
+            k_method = "leiden-count"
+        else:
+            k, scores, k_method = n_clusters, {}, "given"
     metric = clustering.EMBEDDING_METRIC[config.embedding]
-    clock = time.perf_counter()
-    km = clustering.cluster_embedding(
-        result.embedding,
-        k,
-        seed=config.seed,
-        metric=metric,
-        unsmoothed=prep.model_input,
-        unsmoothed_weight=unsmoothed_weight(config.unsmoothed_weight, k_given=n_clusters is not None),
-    )
-    phases["k-means"] = time.perf_counter() - clock
+    with _phase(phases, "k-means"):
+        km = clustering.cluster_embedding(
+            result.embedding,
+            k,
+            seed=config.seed,
+            metric=metric,
+            unsmoothed=prep.model_input,
+            unsmoothed_weight=unsmoothed_weight(config.unsmoothed_weight, k_given=n_clusters is not None),
+        )
     log.info(
         "clustered the training cells into %d clusters (%s; %s on the %s embedding)",
         k,
@@ -202,9 +200,10 @@ def train_model(
             **({"processes": result.extra["processes"]} if "processes" in result.extra else {}),
         },
     )
-    clock = time.perf_counter()
-    files = model_files(result, manifest, labels_kept=km.labels, obs_names=list(adata.obs_names[prep.cell_mask]), export=export)
-    phases["export"] = time.perf_counter() - clock
+    with _phase(phases, "export"):
+        files = model_files(
+            result, manifest, labels_kept=km.labels, obs_names=list(adata.obs_names[prep.cell_mask]), export=export
+        )
     log.info("phases: %s", phase_line(phases))
     return TrainedModel(
         files=files,
@@ -217,6 +216,14 @@ def train_model(
         extra_labels=extra_labels,
         phases=phases,
     )
+
+
+@contextlib.contextmanager
+def _phase(phases: dict[str, float], name: str) -> Iterator[None]:
+    """Record the wall seconds of the block as `phases[name]` (a step that raised records nothing)."""
+    clock = time.perf_counter()
+    yield
+    phases[name] = time.perf_counter() - clock
 
 
 def phase_line(phases: dict[str, float]) -> str:
@@ -272,7 +279,43 @@ def _prepare_and_fit(
     if dist is not None:
         dev = distributed.local_device(dev, dist)
     phases = {} if phases is None else phases
-    clock = time.perf_counter()
+    with _phase(phases, "preprocess"):
+        prep, coords, spatial_adj = _prepare(adata, config, spatial)
+    n = prep.model_input.shape[0]
+    clustering.check_n_clusters(n_clusters, n)
+    if n < config.n_neighbors + 1:
+        raise ScrclError(
+            f"only {n} cells have counts, fewer than --n-neighbors + 1 = {config.n_neighbors + 1}",
+            "Use more cells or a smaller --n-neighbors",
+        )
+    with contextlib.ExitStack() as stack:
+        scratch = stack.enter_context(scratch_inputs(out_of_core)) if out_of_core is not None else None
+        with _phase(phases, "graphs"):
+            inputs = build_inputs(
+                prep.model_input,
+                prep.lognorm,
+                config,
+                graph_device=dev if dev.type == "cuda" else None,
+                progress=on_graph,
+                adj=spatial_adj,
+                scratch_dir=scratch,
+            )
+        log.info("cell graph: %d cells, %d edges; training on %s", n, inputs.adj.nnz // 2, describe_torch_device(dev))
+        result: TrainResult | None
+        with _phase(phases, "training"):
+            if dist is None:
+                result = fit(inputs, config, device=dev, on_epoch=on_epoch, batch_size=batch_size)
+            else:
+                with distributed.process_group(dist, dev):
+                    result = fit_distributed(inputs, config, device=dev, dist=dist, batch_size=batch_size, on_epoch=on_epoch)
+    return prep, coords, inputs, result, dev
+
+
+def _prepare(
+    adata: AnnData, config: TrainConfig, spatial: dict[str, Any] | None
+) -> tuple[Any, np.ndarray | None, sp.csr_matrix | None]:
+    """Preprocessed cells, the spatial coordinates and the spatial graph of their kept cells
+    (both None without `spatial`)."""
     x = sp.csr_matrix(adata.X, dtype=np.float32)
     names = [str(v) for v in adata.var_names]
     spatial_adj = None
@@ -291,37 +334,7 @@ def _prepare_and_fit(
             input_mode=config.input_mode,
             expression=config.expression,
         )
-    n = prep.model_input.shape[0]
-    clustering.check_n_clusters(n_clusters, n)
-    if n < config.n_neighbors + 1:
-        raise ScrclError(
-            f"only {n} cells have counts, fewer than --n-neighbors + 1 = {config.n_neighbors + 1}",
-            "Use more cells or a smaller --n-neighbors",
-        )
-    phases["preprocess"] = time.perf_counter() - clock
-    with contextlib.ExitStack() as stack:
-        clock = time.perf_counter()
-        scratch = stack.enter_context(scratch_inputs(out_of_core)) if out_of_core is not None else None
-        inputs = build_inputs(
-            prep.model_input,
-            prep.lognorm,
-            config,
-            graph_device=dev if dev.type == "cuda" else None,
-            progress=on_graph,
-            adj=spatial_adj,
-            scratch_dir=scratch,
-        )
-        phases["graphs"] = time.perf_counter() - clock
-        log.info("cell graph: %d cells, %d edges; training on %s", n, inputs.adj.nnz // 2, describe_torch_device(dev))
-        clock = time.perf_counter()
-        result: TrainResult | None
-        if dist is None:
-            result = fit(inputs, config, device=dev, on_epoch=on_epoch, batch_size=batch_size)
-        else:
-            with distributed.process_group(dist, dev):
-                result = fit_distributed(inputs, config, device=dev, dist=dist, batch_size=batch_size, on_epoch=on_epoch)
-        phases["training"] = time.perf_counter() - clock
-    return prep, coords, inputs, result, dev
+    return prep, coords, spatial_adj
 
 
 def spatial_coords(adata: AnnData) -> np.ndarray:
