@@ -134,6 +134,46 @@ def test_cut_joint_candidate_keeps_a_type_the_embedding_merges(bench_pkg: None):
     assert set(cut.CUTS) | set(cut.PACKAGE_JOINT) <= set(names)
 
 
+def test_cut_modularity_merge_joins_a_split_type_before_an_isolated_small_one(bench_pkg: None):
+    """A large clique cut in two and a small separate clique: merging to two clusters joins the halves."""
+    import scipy.sparse as sp
+
+    from benchmarks import cut
+
+    big, small = np.arange(40), np.arange(40, 46)
+    adj = sp.lil_matrix((46, 46))
+    for group in (big, small):
+        adj[np.ix_(group, group)] = 1
+    adj[0, 40] = adj[40, 0] = 1  # one edge joins the small group to the large one
+    adj.setdiag(0)
+    labels = np.r_[np.zeros(20), np.ones(20), np.full(6, 2)].astype(int)
+    merged = cut.merge_by_modularity(labels, adj.tocsr(), 2)
+    assert np.unique(merged[big]).size == 1 and np.unique(merged[small]).size == 1
+    assert merged[0] != merged[40]
+    assert (cut.merge_by_modularity(labels, adj.tocsr(), 3) == labels).all()  # already k: unchanged
+
+
+def test_cut_clipped_components_match_scanpy_scale_with_max_value(bench_pkg: None):
+    """Sparse scaling with the cap on stored values gives the components of scanpy's dense, clipped pp.scale."""
+    import anndata as ad
+    import scanpy as sc
+    import scipy.sparse as sp
+    from sklearn.decomposition import PCA
+
+    from benchmarks import cut
+
+    x = sp.random(400, 30, density=0.2, random_state=1, format="lil") * 5.0
+    x[0, 3] = 500.0  # one cell far out in one gene: about 20 standard deviations before the clip
+    x = x.tocsr()
+    a = ad.AnnData(x.toarray())
+    sc.pp.scale(a, max_value=3)
+    assert a.X.max() == pytest.approx(3.0)
+    want = PCA(n_components=5, svd_solver="covariance_eigh").fit_transform(np.asarray(a.X, dtype=np.float64))
+    got = cut.clipped_components(x, 3.0, n_components=5)
+    signs = np.sign((want * got).sum(0))
+    np.testing.assert_allclose(got * signs, want, atol=1e-6)
+
+
 def test_cut_leave_one_out_picks_on_the_other_datasets_only(bench_pkg: None):
     from benchmarks import cut
 
