@@ -120,8 +120,15 @@ def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
     log.info("process %d of %d joined the %s process group on %s", env.rank, env.world_size, backend(device), device)
     try:
         yield
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the peers may be the ones that failed
+        raise
+    # Rank 0 still embeds every cell after the last step while the others are done. A process that
+    # tears down its gloo connections in that window and aborts (seen once in CI: "terminate called
+    # without an active exception") makes torchrun stop rank 0 mid-work, so on success no rank
+    # leaves before all are done.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def digest(*arrays: np.ndarray) -> int:
