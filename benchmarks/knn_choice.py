@@ -27,18 +27,6 @@ from benchmarks import make_large
 from benchmarks.benchutil import cpu_name, emit_markdown, loadavg
 
 
-def exact_sample(unit: np.ndarray, rows: np.ndarray, kk: int) -> np.ndarray:
-    """Exact k-1 nearest other cells of `rows` (R,) by cosine, (R, kk); 100 rows at a time, so the
-    similarity block stays at 100 x N."""
-    out = np.empty((rows.size, kk), dtype=np.int64)
-    for s in range(0, rows.size, 100):
-        part = rows[s : s + 100]
-        sim = unit[part] @ unit.T
-        sim[np.arange(part.size), part] = -np.inf
-        out[s : s + part.size] = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
-    return out
-
-
 def recall(found: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([np.intersect1d(f, e).size / e.size for f, e in zip(found, exact)]))
 
@@ -85,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         unit = unit_rows(feats, np.float32)
         kk = args.k - 1
         rows = np.random.default_rng(1).choice(n, size=min(args.sample, n), replace=False)
-        exact = exact_sample(unit, rows, kk)
+        exact = graphs.knn_cosine_rows(unit, rows, kk)
         t = time.perf_counter()
         own = graphs.knn_cosine_approx(unit, args.k, seed=0)
         own_s = time.perf_counter() - t

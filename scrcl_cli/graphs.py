@@ -245,14 +245,27 @@ def _drop_self(found: np.ndarray, rows: np.ndarray, unit: np.ndarray) -> np.ndar
     keep[np.arange(found.shape[0]), drop] = False
     out = found[keep].reshape(found.shape[0], kk)
     short = np.flatnonzero((out < 0).any(1))
+    if short.size:
+        out[short] = knn_cosine_rows(unit, rows[short], kk)
+    return out
+
+
+def knn_cosine_rows(unit: np.ndarray, rows: np.ndarray, kk: int) -> np.ndarray:
+    """Exact cosine neighbours of some cells: the `kk` nearest other rows of `unit` for each of
+    `rows`, nearest first.
+
+    unit: unit rows, float32 (N, d); rows: int (R,). Returns int64 (R, kk). The similarities are
+    formed in blocks of `_CHUNK_ELEMENTS`, so memory stays bounded at any N.
+    """
+    out = np.empty((rows.size, kk), dtype=np.int64)
     step = max(1, _CHUNK_ELEMENTS // unit.shape[0])
-    for s in range(0, short.size, step):
-        part = short[s : s + step]
-        sim = unit[rows[part]] @ unit.T
-        sim[np.arange(part.size), rows[part]] = -np.inf
+    for s in range(0, rows.size, step):
+        part = rows[s : s + step]
+        sim = unit[part] @ unit.T
+        sim[np.arange(part.size), part] = -np.inf
         top = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
         order = np.argsort(-np.take_along_axis(sim, top, 1), axis=1, kind="stable")
-        out[part] = np.take_along_axis(top, order, 1)
+        out[s : s + part.size] = np.take_along_axis(top, order, 1)
     return out
 
 
