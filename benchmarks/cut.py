@@ -33,6 +33,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -199,31 +200,47 @@ def cut_joint(e: np.ndarray, k: int, seed: int, pca: np.ndarray, weight: float) 
     return clustering.ward_kmeans(clustering.joint_embedding(e, pca, weight), k, seed=seed).labels
 
 
-def cut_package_joint(e: np.ndarray, k: int, seed: int, unsmoothed: Any, weight: float) -> np.ndarray:
+@dataclass(frozen=True)
+class Unsmoothed:
+    """One cached run's unsmoothed model input, raw (N, G), and its scaled principal components
+    (N, 50, `clustering.unsmoothed_components`), computed once for all the cuts that use them."""
+
+    raw: Any
+    scaled: np.ndarray
+
+
+def cut_package_joint(e: np.ndarray, k: int, seed: int, unsmoothed: Unsmoothed, weight: float) -> np.ndarray:
     """What `train` runs with an unsmoothed weight: `clustering.cluster_embedding` beside the
-    principal components of the scaled, unsmoothed model input."""
+    principal components of the scaled, unsmoothed model input (the package's own path)."""
     from scrcl_cli import clustering
 
-    return clustering.cluster_embedding(e, k, seed=seed, metric="euclidean", unsmoothed=unsmoothed,
+    return clustering.cluster_embedding(e, k, seed=seed, metric="euclidean", unsmoothed=unsmoothed.raw,
                                         unsmoothed_weight=weight).labels
 
 
-def cut_joint_unscaled(e: np.ndarray, k: int, seed: int, unsmoothed: Any, weight: float) -> np.ndarray:
+def cut_scaled_joint(e: np.ndarray, k: int, seed: int, unsmoothed: Unsmoothed, weight: float) -> np.ndarray:
+    """The labels of `cut_package_joint` at another weight, from the components computed once."""
+    from scrcl_cli import clustering
+
+    return clustering.ward_kmeans(clustering.joint_embedding(e, unsmoothed.scaled, weight), k, seed=seed).labels
+
+
+def cut_joint_unscaled(e: np.ndarray, k: int, seed: int, unsmoothed: Unsmoothed, weight: float) -> np.ndarray:
     """As `cut_package_joint` without scaling the genes first."""
     from scrcl_cli import clustering
 
-    z = clustering.joint_embedding(e, clustering.unsmoothed_components(unsmoothed, scale=False), weight)
+    z = clustering.joint_embedding(e, clustering.unsmoothed_components(unsmoothed.raw, scale=False), weight)
     return clustering.ward_kmeans(z, k, seed=seed).labels
 
 
-def cut_joint_kmeanspp(e: np.ndarray, k: int, seed: int, unsmoothed: Any, weight: float) -> np.ndarray:
+def cut_joint_kmeanspp(e: np.ndarray, k: int, seed: int, unsmoothed: Unsmoothed, weight: float) -> np.ndarray:
     """k-means with ten k-means++ restarts (what PCA + k-means runs) on the default K-given joint
     space, instead of the Ward-initialised k-means: k-means++ seeds far-off points first."""
     from sklearn.cluster import KMeans
 
     from scrcl_cli import clustering
 
-    z = clustering.joint_embedding(e, clustering.unsmoothed_components(unsmoothed), weight)
+    z = clustering.joint_embedding(e, unsmoothed.scaled, weight)
     return np.asarray(KMeans(k, n_init=10, random_state=seed).fit(z).labels_, dtype=np.int64)
 
 
@@ -248,12 +265,13 @@ def clipped_components(x: Any, max_value: float, n_components: int = 50) -> np.n
     return np.asarray(PCA(n_components=d, svd_solver="covariance_eigh").fit_transform(xs), dtype=np.float64)
 
 
-def cut_joint_clipped(e: np.ndarray, k: int, seed: int, unsmoothed: Any, weight: float, max_value: float) -> np.ndarray:
+def cut_joint_clipped(e: np.ndarray, k: int, seed: int, unsmoothed: Unsmoothed, weight: float,
+                      max_value: float) -> np.ndarray:
     """The default K-given cut with the scaled genes clipped at `max_value` (`clipped_components`)."""
     from scrcl_cli import clustering
 
-    return clustering.ward_kmeans(clustering.joint_embedding(e, clipped_components(unsmoothed, max_value), weight),
-                                  k, seed=seed).labels
+    z = clustering.joint_embedding(e, clipped_components(unsmoothed.raw, max_value), weight)
+    return clustering.ward_kmeans(z, k, seed=seed).labels
 
 
 def merge_by_modularity(labels: np.ndarray, adj: Any, k: int) -> np.ndarray:
@@ -278,7 +296,7 @@ def merge_by_modularity(labels: np.ndarray, adj: Any, k: int) -> np.ndarray:
     return lab
 
 
-def cut_joint_modularity_merge(e: np.ndarray, k: int, seed: int, unsmoothed: Any, weight: float) -> np.ndarray:
+def cut_joint_modularity_merge(e: np.ndarray, k: int, seed: int, unsmoothed: Unsmoothed, weight: float) -> np.ndarray:
     """Over-cluster the default K-given joint space into 2k (Ward-initialised k-means), then merge
     down to k by modularity on the joint space's Euclidean 15-NN graph (`merge_by_modularity`):
     a criterion that splits a large type first and keeps a separated rare group apart."""
@@ -287,7 +305,7 @@ def cut_joint_modularity_merge(e: np.ndarray, k: int, seed: int, unsmoothed: Any
     from scrcl_cli import clustering
     from scrcl_cli.graphs import knn_to_adjacency
 
-    z = clustering.joint_embedding(e, clustering.unsmoothed_components(unsmoothed), weight)
+    z = clustering.joint_embedding(e, unsmoothed.scaled, weight)
     micro = clustering.ward_kmeans(z, min(2 * k, max(k, z.shape[0] // 5)), seed=seed).labels
     nbrs = NearestNeighbors(n_neighbors=min(16, z.shape[0])).fit(z).kneighbors(z, return_distance=False)[:, 1:]
     return merge_by_modularity(micro, knn_to_adjacency(nbrs), k)
@@ -295,8 +313,8 @@ def cut_joint_modularity_merge(e: np.ndarray, k: int, seed: int, unsmoothed: Any
 
 PACKAGE_JOINT: dict[str, tuple[Callable[..., np.ndarray], float]] = {"unscaled unsmoothed input, weight 0.5": (cut_joint_unscaled, 0.5),
                  "scaled unsmoothed input, weight 0.5 (default, K given)": (cut_package_joint, 0.5),
-                 "scaled unsmoothed input, weight 0.75": (cut_package_joint, 0.75),
-                 "scaled unsmoothed input, weight 1": (cut_package_joint, 1.0),
+                 "scaled unsmoothed input, weight 0.75": (cut_scaled_joint, 0.75),
+                 "scaled unsmoothed input, weight 1": (cut_scaled_joint, 1.0),
                  "scaled unsmoothed input, weight 0.5, k-means++ (10 restarts)": (cut_joint_kmeanspp, 0.5),
                  "scaled unsmoothed input, weight 0.5, 2K merged by modularity": (cut_joint_modularity_merge, 0.5),
                  "scaled unsmoothed input clipped at 10, weight 0.5":
@@ -332,8 +350,11 @@ def evaluate_cache(job: dict[str, Any]) -> dict[str, Any]:
     for name, w in JOINT_CUTS.items():
         out[f"{name}|given"] = score(y, cut_joint(e, k, seed, pca, w))
         out[f"{name}|free"] = score(y, cut_joint(e, k_free, seed, pca, w))
-    unsmoothed = _prepared(job)[3].model_input  # deterministic: the input the cached run trained on
-    assert unsmoothed.shape[0] == e.shape[0]
+    raw = _prepared(job)[3].model_input  # deterministic: the input the cached run trained on
+    assert raw.shape[0] == e.shape[0]
+    from scrcl_cli import clustering
+
+    unsmoothed = Unsmoothed(raw=raw, scaled=clustering.unsmoothed_components(raw))
     for name, (joint_cut, w) in PACKAGE_JOINT.items():
         out[f"{name}|given"] = score(y, joint_cut(e, k, seed, unsmoothed, w))
         out[f"{name}|free"] = score(y, joint_cut(e, k_free, seed, unsmoothed, w))
