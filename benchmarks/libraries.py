@@ -2,6 +2,7 @@
 
     python -m benchmarks libraries [--parts communities,kmeans,large] [--data-dir ../shared/data]
                                    [--embeddings bench/cut/H256_E100_C2000] [--large-n 200000]
+    python -m benchmarks libraries --parts scaled-pca --pca-h5ad bench/pbmc_1m.h5ad
 
 communities: for each shared scRNA-seq dataset, the expression cell graph of `clustering.choose_n_clusters`
 (cosine kNN on 50 PCs of the log-normalised HVGs) gets its communities at resolution 1 from the
@@ -15,6 +16,13 @@ KMeans (microclusters, and the final Lloyd from the merged start) and by scipy's
 linkage, on the trained embeddings `python -m benchmarks cut --stress` caches (labels, stored beside
 each embedding, only score the result). large: the time of each at --large-n rows resampled from
 one of those embeddings.
+
+scaled-pca: the principal components of the scaled, unsmoothed model input that the K-given cut
+clusters beside the embedding (`clustering.unsmoothed_components`: the package's blocked Gram matrix,
+with the scaling folded into the loadings) against scikit-learn's sparse StandardScaler and
+``covariance_eigh`` PCA, which computed them before, on every cell of --pca-h5ad (a raw-count file,
+e.g. from `python -m benchmarks make-large`): seconds of each and the largest difference of the
+components relative to each component's largest absolute score (up to sign).
 """
 
 from __future__ import annotations
@@ -272,10 +280,42 @@ def large_part(emb_dir: Path, sizes: list[int], large_from: str) -> list[str]:
     return lines
 
 
+def scaled_pca_part(path: Path) -> list[str]:
+    """Seconds of the scaled PCA, package against scikit-learn, on every cell of one raw-count file."""
+    import anndata as ad
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    from scrcl_cli import clustering
+    from scrcl_cli.preprocessing import prepare
+
+    a = ad.read_h5ad(path)
+    x = prepare(sp.csr_matrix(a.X, dtype=np.float32), [str(g) for g in a.var_names]).model_input
+    n, g = x.shape
+    t = time.perf_counter()
+    ref = PCA(50, svd_solver="covariance_eigh").fit_transform(StandardScaler(with_mean=False).fit_transform(
+        sp.csr_matrix(x, dtype=np.float64)))
+    t_ref = time.perf_counter() - t
+    t = time.perf_counter()
+    ours = clustering.unsmoothed_components(x)
+    t_ours = time.perf_counter() - t
+    # Per component, relative to its largest score: trailing components with nearly equal variances
+    # may rotate into each other under rounding, so the first ten are reported apart.
+    diff = np.abs(np.abs(ours) - np.abs(ref)).max(0) / np.abs(ref).max(0)
+    lines = [f"{path.name}: {n:,} cells x {g:,} genes, {x.nnz:,} stored values, 50 components:", "",
+             "| implementation | s | largest relative difference to scikit-learn, components 1-10 / 1-50 |",
+             "|---|---|---|",
+             f"| scikit-learn StandardScaler + PCA (covariance_eigh) | {t_ref:.1f} | – |",
+             f"| clustering.unsmoothed_components (blocked Gram) | {t_ours:.1f} | {diff[:10].max():.1e} / {diff.max():.1e} |"]
+    print("\n".join(lines), flush=True)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks libraries", description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="communities,kmeans,large",
-                    help="comma-separated: communities (Louvain/Leiden), kmeans (per dataset), large (k-means time at --large-n)")
+                    help="comma-separated: communities (Louvain/Leiden), kmeans (per dataset), large (k-means time at "
+                         "--large-n), scaled-pca (the K-given cut's PCA on --pca-h5ad)")
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--seed", type=int, default=0, help="the communities' seed")
     ap.add_argument("--embeddings", type=Path, default=Path("bench/cut/H256_E100_C2000"),
@@ -283,11 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2", help="the clustering seeds on each embedding")
     ap.add_argument("--large-n", default="200000", help="comma-separated rows of the timings at large N (empty: none)")
     ap.add_argument("--large-from", default="cite_cbmc_top2000.whole.0", help="the embedding resampled for it")
+    ap.add_argument("--pca-h5ad", type=Path, default=None, help="raw-count .h5ad of the scaled-pca part")
     ap.add_argument("--output", type=Path, default=None, help="also write the markdown report here")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
-    if parts - {"communities", "kmeans", "large"}:
-        ap.error(f"--parts: unknown {sorted(parts - {'communities', 'kmeans', 'large'})}")
+    known = {"communities", "kmeans", "large", "scaled-pca"}
+    if parts - known:
+        ap.error(f"--parts: unknown {sorted(parts - known)}")
+    if "scaled-pca" in parts and (args.pca_h5ad is None or not args.pca_h5ad.is_file()):
+        ap.error("--parts scaled-pca needs --pca-h5ad FILE, a raw-count .h5ad (python -m benchmarks make-large)")
     command = "python -m benchmarks libraries " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [f"Command: `{command.strip()}`", "", f"CPU: {cpu_name()}, {os.cpu_count()} cores; BLAS/OpenMP threads "
              f"{os.environ.get('OMP_NUM_THREADS', 'unset')}.", ""]
@@ -300,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(v) for v in args.large_n.split(",") if v.strip()]
     if "large" in parts and sizes:
         lines += ["## K given at large N: time", "", *large_part(args.embeddings, sizes, args.large_from), ""]
+    if "scaled-pca" in parts:
+        lines += ["## K given: the scaled PCA, package against scikit-learn", "", *scaled_pca_part(args.pca_h5ad), ""]
     lines.append(f"Load average at the end: {loadavg():.1f}.")
     emit_markdown("\n".join(lines) + "\n", args.output)
     return 0

@@ -88,23 +88,47 @@ def torch_csr(m: sp.spmatrix, device: Any) -> Any:
         ).to(device)
 
 
-def pca_scores(x: sp.csr_matrix | np.ndarray, n_comps: int = 50, *, gram: np.ndarray | None = None) -> np.ndarray:
-    """Centred PCA scores from the gene-gene covariance, without densifying `x` whole.
+def pca_projection(
+    x: sp.csr_matrix | np.ndarray, n_comps: int = 50, *, gram: np.ndarray | None = None, standardize: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """The centred PCA of x's rows as a linear map, from the gene-gene covariance.
 
-    x: shape (N, G). gram: `gram_matrix(x)` when the caller has it. Returns float32 scores,
-    shape (N, min(n_comps, G)). Memory O(G^2 + N*n_comps). The covariance eigendecomposition is
-    deterministic, so no seed is needed.
+    x: shape (N, G). gram: `gram_matrix(x)` when the caller has it. standardize: first divide each
+    gene by its standard deviation (population, as scanpy's ``pp.scale``; genes that do not vary
+    keep scale 1), which is the PCA of the gene correlation matrix. Returns loadings (G, d) and
+    offset (d,), both float64, d = min(n_comps, G), such that the scores are ``x @ loadings -
+    offset``: the scaling is folded into the loadings, so x is never copied or densified.
+    The eigendecomposition is deterministic (no seed), and each component's largest loading is
+    positive, so the result does not depend on the LAPACK build.
     """
     n, g = x.shape
     mean = np.asarray(x.mean(axis=0), dtype=np.float64).ravel()
     gram = gram_matrix(x) if gram is None else gram
     cov = gram / n - np.outer(mean, mean)
+    inv_sd = np.ones(g)
+    if standardize:
+        var = np.diag(cov)
+        # The Gram matrix sums float32 products, so a constant gene's variance comes out as
+        # rounding (~1e-7 of its mean square), not 0: below that it is treated as constant.
+        varies = var > 1e-6 * np.maximum(np.diag(gram) / max(n, 1), np.finfo(np.float64).tiny)
+        inv_sd[varies] = 1.0 / np.sqrt(var[varies])
+        cov = cov * np.outer(inv_sd, inv_sd)
     vals, vecs = np.linalg.eigh(cov)
     top = vecs[:, np.argsort(vals)[::-1][: min(n_comps, g)]]
-    # Fix the sign of each component so results do not depend on the LAPACK build.
     top *= np.sign(top[np.argmax(np.abs(top), axis=0), np.arange(top.shape[1])])
-    scores = np.asarray(x @ top) - mean @ top
-    return scores.astype(np.float32)
+    loadings = top * inv_sd[:, None]
+    return loadings, mean @ loadings
+
+
+def pca_scores(x: sp.csr_matrix | np.ndarray, n_comps: int = 50, *, gram: np.ndarray | None = None) -> np.ndarray:
+    """Centred PCA scores from the gene-gene covariance, without densifying `x` whole.
+
+    x: shape (N, G). gram: `gram_matrix(x)` when the caller has it. Returns float32 scores,
+    shape (N, min(n_comps, G)). Memory O(G^2 + N*n_comps). The covariance eigendecomposition is
+    deterministic, so no seed is needed (`pca_projection`).
+    """
+    loadings, offset = pca_projection(x, n_comps, gram=gram)
+    return (np.asarray(x @ loadings) - offset).astype(np.float32)
 
 
 def knn_cosine(

@@ -656,6 +656,7 @@ def _cluster_query(
     # Models written before the gcn-pca embedding have no metric recorded: they cluster by cosine.
     metric = bundle.manifest.clusters.metric
     if denovo:
+        clock = time.perf_counter()
         k = n_clusters
         method = "given"
         if k is None:
@@ -671,6 +672,7 @@ def _cluster_query(
         )
         labels = res.labels
         conf = clustering.assignment_confidence(emb, res.centroids, labels, metric)
+        log.info("de novo clustering (%s, %d clusters) of %d cells: %.1f s", method, k, labels.size, time.perf_counter() - clock)
     else:
         cents = bundle.manifest.clusters.centroids(rep.view)
         labels, conf = clustering.nearest_centroid(emb, cents, metric)

@@ -272,9 +272,28 @@ def test_unsmoothed_components_scale_genes_to_unit_variance_first():
     z = (raw - raw.mean(0)) / np.where(sd > 0, sd, 1.0)
     u, s, _ = np.linalg.svd(z, full_matrices=False)
     want = u[:, :4] * s[:4]
-    assert np.allclose(np.abs(got), np.abs(want), atol=1e-8)
+    # 1e-5: the covariance comes from a Gram matrix of float32 products (graphs.gram_matrix)
+    assert np.allclose(np.abs(got), np.abs(want), atol=1e-5)
     unscaled = clustering.unsmoothed_components(raw, n_components=4, scale=False)
     assert not np.allclose(np.abs(unscaled), np.abs(want), atol=1e-3)  # scaling changed the components
+
+
+def test_unsmoothed_components_match_scikit_learn_on_real_data():
+    """The Gram-matrix PCA of the scaled genes equals scikit-learn's sparse scaler + covariance PCA
+    (the implementation it replaced) on a real dataset, up to each component's sign."""
+    import anndata as ad
+    from conftest import shared
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    from scrcl_cli.preprocessing import prepare
+
+    a = ad.read_h5ad(shared("pbmc68k_reduced_700.h5ad"))
+    x = prepare(sp.csr_matrix(a.X, dtype=np.float32), [str(g) for g in a.var_names]).model_input
+    got = clustering.unsmoothed_components(x, n_components=20)
+    want = PCA(20, svd_solver="covariance_eigh").fit_transform(StandardScaler(with_mean=False).fit_transform(sp.csr_matrix(x, dtype=np.float64)))
+    scale = np.abs(want).max(0)
+    assert (np.abs(np.abs(got) - np.abs(want)).max(0) / scale).max() < 1e-3
 
 
 def test_unsmoothed_weight_default_is_on_with_k_given_only():
