@@ -365,6 +365,48 @@ def evaluate_cache(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def seed_sources(jobs: list[dict[str, Any]]) -> dict[str, float]:
+    """Where the default K-given cut's seed-to-seed disagreement comes from, on one dataset.
+
+    jobs: that dataset's cached runs, one per training seed. Each embedding is cut with every
+    clustering seed of the list (`cut_scaled_joint` at weight 0.5: the labels `train` gives with K,
+    from components computed once). Returns mean pairwise ARI between seeds when both the training
+    and the clustering seed differ ("both", what `_agreement` reports), when only the clustering seed
+    differs (same embedding), and when only the training seed does (clustering seed fixed at the first).
+    """
+    from itertools import combinations
+
+    from scrcl_cli import clustering
+    from scrcl_cli.metrics import ari
+
+    seeds = [j["seed"] for j in jobs]
+    labels: dict[tuple[int, int], np.ndarray] = {}
+    for job in jobs:
+        d = np.load(job["cache"])
+        e, y = d["embedding"], d["labels"].astype(str)
+        unsmoothed = Unsmoothed(raw=None, scaled=clustering.unsmoothed_components(_prepared(job)[3].model_input))
+        for c in seeds:
+            labels[job["seed"], c] = cut_scaled_joint(e, int(np.unique(y).size), c, unsmoothed, 0.5)
+    pairs = list(combinations(seeds, 2))
+    return {
+        "both": float(np.mean([ari(labels[a, a], labels[b, b]) for a, b in pairs])),
+        "clustering seed only": float(np.mean([ari(labels[t, a], labels[t, b]) for t in seeds for a, b in pairs])),
+        "training seed only": float(np.mean([ari(labels[a, seeds[0]], labels[b, seeds[0]]) for a, b in pairs])),
+    }
+
+
+def seed_sources_report(rows: dict[str, dict[str, float]], tuning: list[str], command: str) -> str:
+    """Markdown table of `seed_sources` per dataset, with the mean over datasets."""
+    cols = ["both", "clustering seed only", "training seed only"]
+    lines = ["```", command, "```", "",
+             "| dataset | group | " + " | ".join(f"seeds differ: {c}" for c in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for ds, r in rows.items():
+        lines.append(f"| {ds} | {'tuning' if ds in tuning else 'confirmation'} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+    lines.append("| **mean** | | " + " | ".join(f"**{np.mean([r[c] for r in rows.values()]):.3f}**" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -476,6 +518,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", default="bench/cut", help="cache of the trained embeddings (reused when present)")
     p.add_argument("--from-json", default=None, metavar="JSON",
                    help="write the report from the scores a previous run saved with --json (nothing is trained or cut)")
+    p.add_argument("--seed-sources", action="store_true",
+                   help="only split the default K-given cut's disagreement between seeds into its training and "
+                        "clustering parts (whole datasets)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="a TrainConfig field to change from its default for every training (repeatable), e.g. t0=2")
     add_report_args(p)
@@ -532,6 +577,15 @@ def main(argv: list[str] | None = None) -> int:
                              "hidden_dim": args.hidden_dim, "epochs": args.epochs, "max_cells": args.max_cells,
                              "device": args.device, "overrides": args.overrides, "threads": max(1, (os.cpu_count() or 1) // args.jobs)})
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    command = "python -m benchmarks cut " + " ".join(argv if argv is not None else [])
+    if args.seed_sources:
+        whole = [j for j in jobs if j["variant"] == "whole"]
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(train_one, whole))
+            per_ds = [[j for j in whole if j["dataset"] == ds] for ds in names]
+            rows = dict(zip(names, pool.map(seed_sources, per_ds)))
+        emit_markdown(seed_sources_report(rows, tuning, command.strip()), args.output)
+        return 0
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
     else:
@@ -540,7 +594,6 @@ def main(argv: list[str] | None = None) -> int:
             scored = list(pool.map(evaluate_cache, jobs))
         for job, res in zip(jobs, scored):
             results.setdefault(job["variant"], {}).setdefault(job["dataset"], []).append(res)
-    command = "python -m benchmarks cut " + " ".join(argv if argv is not None else [])
     md = report(results, [d for d in tuning if d in names], [d for d in confirmation if d in names], args, command.strip(),
                 (time.perf_counter() - tic) / 60)
     if args.json and not args.from_json:

@@ -199,3 +199,26 @@ def test_cut_agreement_is_the_mean_ari_between_pairs_of_seeds(bench_pkg: None):
     split = [*same, {m: {"pred": [0, 1, 0, 1]}}]  # ARI -1/2 against each of the other two
     assert cut._agreement(split, m) == pytest.approx((1.0 - 0.5 - 0.5) / 3)
     assert cut._agreement([{m: {"ari": 0.5}}, {m: {"ari": 0.6}}], m) is None  # reports without labels
+
+
+def test_cut_seed_sources_separate_training_from_clustering_seeds(bench_pkg: None, tmp_path: Path):
+    """Two training seeds with the same cached embedding: the training seed alone changes nothing,
+    so all disagreement between runs is the clustering seed's."""
+    from conftest import shared
+
+    from benchmarks import cut
+
+    data = shared("pollen_log_simlr.h5ad").parent
+    jobs = [{"dataset": "pollen_log_simlr", "variant": "whole", "seed": s, "cache": str(tmp_path / f"p.{s}.npz"),
+             "data_dir": str(data), "max_cells": 2000, "overrides": {}} for s in (0, 1)]
+    n_cells = cut._prepared(jobs[0])[3].model_input.shape[0]
+    y = np.arange(n_cells) % 5
+    emb = np.random.default_rng(0).normal(size=(n_cells, 8)) + 3.0 * np.eye(8)[y]
+    for job in jobs:
+        np.savez(job["cache"], embedding=emb.astype(np.float32), labels=y.astype(str))
+    got = cut.seed_sources(jobs)
+    assert got["training seed only"] == pytest.approx(1.0)
+    assert got["both"] == pytest.approx(got["clustering seed only"])
+    assert 0.0 < got["both"] <= 1.0
+    md = cut.seed_sources_report({"pollen_log_simlr": got}, [], "python -m benchmarks cut --seed-sources")
+    assert "| pollen_log_simlr | confirmation | " in md and "**mean**" in md
