@@ -9,6 +9,7 @@ collective. torch is imported inside the functions, so `detect` costs nothing.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -123,10 +124,14 @@ def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
     except BaseException:
         dist.destroy_process_group()  # no barrier: the peers may be the ones that failed
         raise
-    # Rank 0 still embeds every cell after the last step while the others are done. A process that
-    # tears down its gloo connections in that window and aborts (seen once in CI: "terminate called
-    # without an active exception") makes torchrun stop rank 0 mid-work, so on success no rank
-    # leaves before all are done.
+    # A DistributedDataParallel wrapper sits in a reference cycle, so it outlives the training
+    # function until a garbage collection, which could come after the group is gone or during
+    # interpreter shutdown; its reducer then releases gloo work on a destroyed group, and the
+    # process can abort ("terminate called without an active exception", seen in CI). Collect
+    # it here, while the group is alive.
+    gc.collect()
+    # Rank 0 still embeds every cell after the last step while the others are done: on success no
+    # rank leaves before all are done, so none tears down its connections under rank 0's work.
     dist.barrier()
     dist.destroy_process_group()
 
