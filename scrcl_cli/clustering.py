@@ -266,7 +266,7 @@ def unsmoothed_components(x: np.ndarray | sp.spmatrix, n_components: int = 50, *
     gene is first divided by its standard deviation (unit variance, as scanpy's ``pp.scale`` but
     without its clip; constant genes are left as they are). The PCA is `graphs.pca_projection`:
     the eigenvectors of the G x G covariance (correlation when scaled) from the blocked Gram
-    matrix, with the scaling folded into the loadings, so x is neither copied nor densified,
+    matrix, with the scaling folded into the loadings, so x is neither copied nor densified whole,
     memory stays linear in N and no seed is needed. At 1,000,000 cells x 2,000 genes on 2 cores
     this is several times faster than scikit-learn's sparse scaler and ``covariance_eigh`` PCA
     (docs/benchmarks.md, "Clustering at scale").

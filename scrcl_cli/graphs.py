@@ -97,7 +97,8 @@ def pca_projection(
     gene by its standard deviation (population, as scanpy's ``pp.scale``; genes that do not vary
     keep scale 1), which is the PCA of the gene correlation matrix. Returns loadings (G, d) and
     offset (d,), both float64, d = min(n_comps, G), such that the scores are ``x @ loadings -
-    offset``: the scaling is folded into the loadings, so x is never copied or densified.
+    offset``: the scaling is folded into the loadings, so x is not copied (and the Gram matrix
+    densifies it a row block at a time).
     The eigendecomposition is deterministic (no seed), and each component's largest loading is
     positive, so the result does not depend on the LAPACK build.
     """
