@@ -124,9 +124,9 @@ def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
     except BaseException:
         dist.destroy_process_group()  # no barrier: the peers may be the ones that failed
         raise
-    # A DistributedDataParallel wrapper sits in a reference cycle, so it outlives the training
-    # function until a garbage collection, which could come after the group is gone or during
-    # interpreter shutdown; its reducer then releases gloo work on a destroyed group, and the
+    # A DistributedDataParallel wrapper can sit in a reference cycle (it does in a fresh process
+    # with torch 2.13), so it outlives the training function until a garbage collection, which
+    # could come after the group is gone or during interpreter shutdown; its reducer then releases gloo work on a destroyed group, and the
     # process can abort ("terminate called without an active exception", seen in CI). Collect
     # it here, while the group is alive.
     gc.collect()
