@@ -259,7 +259,9 @@ def ward_kmeans(
 CLUSTER_ALGORITHM = {"euclidean": "ward-kmeans", "cosine": "spherical-kmeans"}
 
 
-def unsmoothed_components(x: np.ndarray | sp.spmatrix, n_components: int = 50, *, scale: bool = True) -> np.ndarray:
+def unsmoothed_components(
+    x: np.ndarray | sp.spmatrix, n_components: int = 50, *, scale: bool = True, gram: np.ndarray | None = None
+) -> np.ndarray:
     """Principal components of the unsmoothed model input (log-normalised HVGs).
 
     x: (N, G) sparse or dense -> float64 (N, min(n_components, N - 1, G)). With `scale`, every
@@ -269,7 +271,8 @@ def unsmoothed_components(x: np.ndarray | sp.spmatrix, n_components: int = 50, *
     matrix, with the scaling folded into the loadings, so x is neither copied nor densified whole,
     memory stays linear in N and no seed is needed. At 1,000,000 cells x 2,000 genes on 2 cores
     this is several times faster than scikit-learn's sparse scaler and ``covariance_eigh`` PCA
-    (docs/benchmarks.md, "Clustering at scale").
+    (docs/benchmarks.md, "Clustering at scale"). gram: `graphs.gram_matrix(x)` when the caller has
+    it (training computed it for the gene graph).
     Why scaled: unscaled, a few highly expressed genes dominate the components and the rare types
     they were meant to keep apart are lost again (docs/defaults.md).
     """
@@ -278,7 +281,7 @@ def unsmoothed_components(x: np.ndarray | sp.spmatrix, n_components: int = 50, *
     n, g = x.shape
     d = max(1, min(n_components, n - 1, g))
     xs = sp.csr_matrix(x) if sp.issparse(x) else np.asarray(x)
-    loadings, offset = pca_projection(xs, d, standardize=scale)
+    loadings, offset = pca_projection(xs, d, gram=gram, standardize=scale)
     return np.asarray(xs @ loadings, dtype=np.float64) - offset
 
 
@@ -306,6 +309,7 @@ def cluster_embedding(
     metric: str,
     unsmoothed: np.ndarray | sp.spmatrix | None = None,
     unsmoothed_weight: float = 0.0,
+    unsmoothed_gram: np.ndarray | None = None,
 ) -> KMeansResult:
     """The clustering `train` and `cluster --denovo` apply to an embedding of `metric`.
 
@@ -315,11 +319,12 @@ def cluster_embedding(
     euclidean embedding, the cells are clustered on `joint_embedding` of x and the principal
     components of `unsmoothed`; the centroids returned are still in the space of x (each
     cluster's mean of x), so nearest-centroid mapping of new cells needs x alone.
+    unsmoothed_gram: the Gram matrix of `unsmoothed` when the caller has it, so it is not summed again.
     """
     if metric == "euclidean":
         if unsmoothed is None or unsmoothed_weight <= 0:
             return ward_kmeans(x, k, seed=seed)
-        z = joint_embedding(x, unsmoothed_components(unsmoothed), unsmoothed_weight)
+        z = joint_embedding(x, unsmoothed_components(unsmoothed, gram=unsmoothed_gram), unsmoothed_weight)
         res = ward_kmeans(z, k, seed=seed)
         xd = np.asarray(x, dtype=np.float64)
         n_k = res.centroids.shape[0]

@@ -38,7 +38,9 @@ class TrainInputs:
     """Arrays for `fit`.
 
     x0, x1: Â^t0 X and Â^t1 X, float32 (N, G); adj: binary cell adjacency CSR (N, N), no self
-    loops; a_hat: its GCN normalisation CSR (N, N); gene_prop: gene-graph propagation CSR (G, G).
+    loops; a_hat: its GCN normalisation CSR (N, N); gene_prop: gene-graph propagation CSR (G, G);
+    model_gram: X^T X of the unsmoothed model input X, float64 (G, G), which the gene graph needed
+    and the K-given cut's scaled PCA reuses (`clustering.cluster_embedding`); None when not kept.
     """
 
     x0: np.ndarray
@@ -46,6 +48,7 @@ class TrainInputs:
     adj: sp.csr_matrix
     a_hat: sp.csr_matrix
     gene_prop: sp.csr_matrix
+    model_gram: np.ndarray | None = None
 
 
 def build_inputs(
@@ -72,13 +75,14 @@ def build_inputs(
     if adj is None:
         adj = graphs.cell_graph(lognorm, config.n_neighbors, device=graph_device, progress=progress, gram=gram)
     a_hat = graphs.gcn_norm(adj)
-    gene_prop = graphs.gene_graph(
-        model_input, config.gene_neighbors, gram=gram if shared else graphs.gram_matrix(model_input, device=graph_device)
-    )
+    model_gram = gram if shared else graphs.gram_matrix(model_input, device=graph_device)
+    gene_prop = graphs.gene_graph(model_input, config.gene_neighbors, gram=model_gram)
     smoothed = graphs.smooth_powers(
         sp.csr_matrix(model_input, dtype=np.float32), a_hat, (config.t0, config.t1), device=graph_device, out_dir=scratch_dir
     )
-    return TrainInputs(x0=smoothed[config.t0], x1=smoothed[config.t1], adj=adj, a_hat=a_hat, gene_prop=gene_prop)
+    return TrainInputs(
+        x0=smoothed[config.t0], x1=smoothed[config.t1], adj=adj, a_hat=a_hat, gene_prop=gene_prop, model_gram=model_gram
+    )
 
 
 @contextlib.contextmanager

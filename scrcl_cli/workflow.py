@@ -114,6 +114,7 @@ def train_model(
             metric=metric,
             unsmoothed=prep.model_input,
             unsmoothed_weight=unsmoothed_weight(config.unsmoothed_weight, k_given=n_clusters is not None),
+            unsmoothed_gram=inputs.model_gram,
         )
     log.info(
         "clustered the training cells into %d clusters (%s; %s on the %s embedding)",

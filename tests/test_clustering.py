@@ -278,6 +278,19 @@ def test_unsmoothed_components_scale_genes_to_unit_variance_first():
     assert not np.allclose(np.abs(unscaled), np.abs(want), atol=1e-3)  # scaling changed the components
 
 
+def test_cluster_embedding_reuses_a_given_gram_matrix_with_the_same_result():
+    """Training passes the model input's Gram matrix (computed for the gene graph): same labels."""
+    from scrcl_cli import graphs
+
+    emb, raw, _ = _rare_hidden_by_smoothing()
+    raw = sp.csr_matrix(np.maximum(raw, 0), dtype=np.float32)
+    own = clustering.cluster_embedding(emb, 3, seed=0, metric="euclidean", unsmoothed=raw, unsmoothed_weight=0.5)
+    given = clustering.cluster_embedding(
+        emb, 3, seed=0, metric="euclidean", unsmoothed=raw, unsmoothed_weight=0.5, unsmoothed_gram=graphs.gram_matrix(raw)
+    )
+    assert np.array_equal(own.labels, given.labels)
+
+
 def test_unsmoothed_components_match_scikit_learn_on_real_data():
     """The Gram-matrix PCA of the scaled genes equals scikit-learn's sparse scaler + covariance PCA
     (the implementation it replaced) on a real dataset, up to each component's sign."""
