@@ -380,11 +380,13 @@ def seed_sources(jobs: list[dict[str, Any]]) -> dict[str, float]:
     from scrcl_cli.metrics import ari
 
     seeds = [j["seed"] for j in jobs]
+    # The cells and their input do not depend on the seed: one set of components serves every run.
+    raw = _prepared(jobs[0])[3].model_input
+    unsmoothed = Unsmoothed(raw=raw, scaled=clustering.unsmoothed_components(raw))
     labels: dict[tuple[int, int], np.ndarray] = {}
     for job in jobs:
         d = np.load(job["cache"])
         e, y = d["embedding"], d["labels"].astype(str)
-        unsmoothed = Unsmoothed(raw=None, scaled=clustering.unsmoothed_components(_prepared(job)[3].model_input))
         for c in seeds:
             labels[job["seed"], c] = cut_scaled_joint(e, int(np.unique(y).size), c, unsmoothed, 0.5)
     pairs = list(combinations(seeds, 2))

@@ -126,9 +126,9 @@ def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
         raise
     # A DistributedDataParallel wrapper can sit in a reference cycle (it does in a fresh process
     # with torch 2.13), so it outlives the training function until a garbage collection, which
-    # could come after the group is gone or during interpreter shutdown; its reducer then releases gloo work on a destroyed group, and the
-    # process can abort ("terminate called without an active exception", seen in CI). Collect
-    # it here, while the group is alive.
+    # could come after the group is gone or during interpreter shutdown; its reducer then
+    # releases gloo work on a destroyed group, and the process can abort ("terminate called
+    # without an active exception", seen in CI). Collect it here, while the group is alive.
     gc.collect()
     # Rank 0 still embeds every cell after the last step while the others are done: on success no
     # rank leaves before all are done, so none tears down its connections under rank 0's work.
