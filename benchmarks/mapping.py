@@ -176,6 +176,11 @@ def run_split(adata: Any, name: str, mask: np.ndarray, k: int, seed: int, args: 
     return out
 
 
+# The scored columns of the report, in order (keys of `run_split`'s rows).
+COLUMNS = ("scrcl_query", "pca_projection_query", "ingest_query", "scrcl_denovo_query", "query_alone", "scrcl_ref",
+           "pca_projection_ref", "scrcl_map_vs_denovo", "halves_agreement")
+
+
 def _m(rows: list[dict[str, Any]], key: str) -> str:
     return f"{np.mean([r[key] for r in rows]):.3f}"
 
@@ -191,15 +196,14 @@ def report(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, c
         "PCA + k-means, query alone | scrcl-cli reference | PCA reference | mapping vs de novo | whole vs halves |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    def cells(rows: list[dict[str, Any]], bold: tuple[str, ...] = ()) -> str:
+        return " | ".join(f"**{_m(rows, key)}**" if key in bold else _m(rows, key) for key in COLUMNS)
+
     for ds, rows in results.items():
         for split in dict.fromkeys(r["split"] for r in rows):
             rs = [r for r in rows if r["split"] == split]
-            lines.append(f"| {ds} | {split} | {rs[0]['n_query']} | {_m(rs, 'scrcl_query')} | {_m(rs, 'pca_projection_query')} | "
-                         f"{_m(rs, 'ingest_query')} | {_m(rs, 'scrcl_denovo_query')} | {_m(rs, 'query_alone')} | {_m(rs, 'scrcl_ref')} | "
-                         f"{_m(rs, 'pca_projection_ref')} | {_m(rs, 'scrcl_map_vs_denovo')} | {_m(rs, 'halves_agreement')} |")
-        lines.append(f"| {ds} | **mean** | | **{_m(rows, 'scrcl_query')}** | **{_m(rows, 'pca_projection_query')}** | "
-                     f"{_m(rows, 'ingest_query')} | {_m(rows, 'scrcl_denovo_query')} | {_m(rows, 'query_alone')} | {_m(rows, 'scrcl_ref')} | "
-                     f"{_m(rows, 'pca_projection_ref')} | {_m(rows, 'scrcl_map_vs_denovo')} | {_m(rows, 'halves_agreement')} |")
+            lines.append(f"| {ds} | {split} | {rs[0]['n_query']} | {cells(rs)} |")
+        lines.append(f"| {ds} | **mean** | | {cells(rows, bold=('scrcl_query', 'pca_projection_query'))} |")
     lines += ["", "*scrcl-cli de novo, query alone*: `cluster --denovo --n-clusters K` of the query with the reference's "
               "model (the query's own clusters, no centroids from the reference). *whole vs halves*: fraction of query "
               "cells with the same label when the query is mapped whole and as two random halves."]
