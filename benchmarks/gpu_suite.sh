@@ -13,6 +13,10 @@
 #      provider, verified) vs torch on CUDA, reusing the model trained in 2.
 #   4. benchmarks/end_to_end.py --device cuda: `scrcl-cli train` (every default) + `cluster`
 #      wall time and peak RSS against N (full suite: up to 1,000,000 cells), with log-log slopes.
+# SUITE=scale: the GPU-marked graph and DDP tests (two processes sharing GPU 0 through gloo), the
+#   training step at 40,000 cells against dense (SCALE_STEP=0 leaves it out), then every-default
+#   `train` of SCALE_N (1,000,000) resampled cells with a timestamped --log-file, scored against
+#   the source cells' types; BUDGET_S as for SUITE=short.
 # SUITE=short fits a short GPU allocation (BUDGET_S seconds, default 540, checked before each step):
 #   a. benchmarks/accuracy.py at the full defaults (H 1500, 100 epochs) on CUDA, three seeds, with the
 #      baselines taken from BASELINES_JSON (a CPU run of `accuracy.py --json`), so the GPU host needs
@@ -131,10 +135,14 @@ EOF
     $PY benchmarks/make_large.py -n "$SCALE_N" -o "$BIG" --source "$SRC" > "$RESULTS/make_large.log" 2>&1 &
     MK=$!
     echo >> "$SUMMARY"; echo "## Steps" >> "$SUMMARY"; echo >> "$SUMMARY"
-    step gpu_graph_tests 60 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_graphs.py
-    step train_memory_40k "${STEP_S:-150}" $PY benchmarks/train_memory.py --device "$DEVICE" --hidden-dim "${STEP_H:-1500}" \
-      --out-dim 16 --sizes "${STEP_SIZES:-40000}" --parts step --steps 3 --child-timeout 100 --source "$SRC" \
-      --json "$RESULTS/train_memory_40k.jsonl" --md "$RESULTS/train_memory_40k.md"
+    # The CUDA graph algebra against scipy, and DDP with two processes sharing GPU 0 (gloo)
+    # against one process's gradient averaging.
+    step gpu_checks 90 $PY -m pytest -q -s -m gpu -p no:cacheprovider tests/test_graphs.py tests/test_distributed.py
+    if [ "${SCALE_STEP:-1}" != 0 ]; then  # SCALE_STEP=0 leaves the 40k step benchmark out
+      step train_memory_40k "${STEP_S:-150}" $PY benchmarks/train_memory.py --device "$DEVICE" --hidden-dim "${STEP_H:-1500}" \
+        --out-dim 16 --sizes "${STEP_SIZES:-40000}" --parts step --steps 3 --child-timeout 100 --source "$SRC" \
+        --json "$RESULTS/train_memory_40k.jsonl" --md "$RESULTS/train_memory_40k.md"
+    fi
     wait "$MK"; say "make_large: exit $? ($(tail -n 1 "$RESULTS/make_large.log"))"
     rm -rf "$SCRCL_BENCH_DIR/model_scale"
     step train_scale $(( $(left) - 15 )) $PY benchmarks/benchutil.py --json "$RESULTS/train_scale.json" -- \

@@ -590,6 +590,13 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
     default=C.DIST_TIMEOUT_S,
     help="With --distributed: seconds a process waits for the others before failing instead of hanging.",
 )
+@_opt(
+    "--dist-backend",
+    type=click.Choice(C.DIST_BACKENDS),
+    default="auto",
+    help="With --distributed: torch's collective backend. auto: nccl between GPUs, gloo between CPU "
+    "processes; gloo also lets more processes than GPUs share them (a check on a one-GPU machine).",
+)
 @seed_option
 @device_option
 @threads_option
@@ -609,6 +616,7 @@ def train(
     no_export: bool,
     distributed: bool,
     dist_timeout: int,
+    dist_backend: str,
     seed: int,
     device: str,
     threads: int,
@@ -621,7 +629,7 @@ def train(
     from .io.output import check_stop
 
     t = time.perf_counter()
-    dist = _distributed_env(ctx, distributed, dist_timeout)
+    dist = _distributed_env(ctx, distributed, dist_timeout, dist_backend)
     _guard(ctx, [(output, "-o/--output", "model"), (out_h5ad, "--out-h5ad", "file")], (input_h5ad,), overwrite=overwrite)
     adata = read_h5ad_checked(input_h5ad, expression=hyper["expression"], check_names=True)
     # torch is imported only now, so that bad input fails in about a second instead of after its import.
@@ -712,7 +720,7 @@ def train(
     )
 
 
-def _distributed_env(ctx: click.Context, requested: bool, timeout_s: int) -> Any:
+def _distributed_env(ctx: click.Context, requested: bool, timeout_s: int, backend_choice: str = "auto") -> Any:
     """This process's `distributed.DistEnv`, or None for an ordinary single-process run.
 
     torchrun's variables decide: --distributed without them is an error, and more than one
@@ -721,7 +729,7 @@ def _distributed_env(ctx: click.Context, requested: bool, timeout_s: int) -> Any
     """
     from . import distributed
 
-    env = distributed.detect(timeout_s=timeout_s)
+    env = distributed.detect(timeout_s=timeout_s, backend_choice=backend_choice)
     if requested and env is None:
         raise ScrclError("--distributed needs torchrun's WORLD_SIZE, RANK and LOCAL_RANK", distributed.LAUNCH_HINT)
     if env is None or (not requested and env.world_size == 1):

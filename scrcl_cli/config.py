@@ -157,6 +157,8 @@ MIN_GENE_OVERLAP = 0.5
 # `train --distributed`: how long a process waits for the others at a collective (and at start-up)
 # before it fails instead of hanging; long enough for one process's graph build to lag the others'.
 DIST_TIMEOUT_S = 1800
+# torch's collective backends for train --distributed; "auto": nccl between GPUs, gloo between CPU processes.
+DIST_BACKENDS = ("auto", "nccl", "gloo")
 KEY_ADDED = "X_scrcl"
 CLUSTER_KEY = "scrcl_cluster"
 REFINE_NEIGHBOURS = 50

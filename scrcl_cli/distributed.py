@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import DIST_TIMEOUT_S
+from .config import DIST_BACKENDS, DIST_TIMEOUT_S
 from .errors import ScrclError
 
 if TYPE_CHECKING:
@@ -39,20 +39,24 @@ class DistEnv:
     """This process's place among the training processes.
 
     rank: 0 .. world_size - 1 (rank 0 writes every output); local_rank: its index on its node,
-    which picks its GPU; timeout_s: how long a collective may wait for the other processes.
+    which picks its GPU; timeout_s: how long a collective may wait for the other processes;
+    backend_choice: one of config.DIST_BACKENDS ("auto": nccl between GPUs, gloo between CPU processes).
     """
 
     rank: int
     world_size: int
     local_rank: int
     timeout_s: float = DIST_TIMEOUT_S
+    backend_choice: str = "auto"
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def detect(environ: Mapping[str, str] | None = None, *, timeout_s: float = DIST_TIMEOUT_S) -> DistEnv | None:
+def detect(
+    environ: Mapping[str, str] | None = None, *, timeout_s: float = DIST_TIMEOUT_S, backend_choice: str = "auto"
+) -> DistEnv | None:
     """The DistEnv torchrun's variables describe, or None outside torchrun (none of them set).
 
     A partial or malformed set (e.g. RANK without WORLD_SIZE) is a ScrclError, not a guess.
@@ -71,27 +75,47 @@ def detect(environ: Mapping[str, str] | None = None, *, timeout_s: float = DIST_
         raise ScrclError(f"torchrun variables are not integers ({values})", LAUNCH_HINT) from None
     if world < 1 or not 0 <= rank < world or local < 0:
         raise ScrclError(f"inconsistent torchrun variables WORLD_SIZE={world} RANK={rank} LOCAL_RANK={local}", LAUNCH_HINT)
-    return DistEnv(rank=rank, world_size=world, local_rank=local, timeout_s=timeout_s)
+    if backend_choice not in DIST_BACKENDS:
+        raise ScrclError(f"unknown process-group backend {backend_choice!r}", f"Use one of {', '.join(DIST_BACKENDS)}")
+    return DistEnv(rank=rank, world_size=world, local_rank=local, timeout_s=timeout_s, backend_choice=backend_choice)
 
 
-def backend(device: torch.device) -> str:
-    """nccl between GPUs, gloo between CPU processes."""
-    return "nccl" if device.type == "cuda" else "gloo"
+def backend(device: torch.device, choice: str = "auto") -> str:
+    """The process group's backend: `choice`, or for "auto" nccl between GPUs and gloo between
+    CPU processes. nccl needs a GPU per process; gloo also runs on GPU tensors, so processes that
+    share a GPU (a correctness check on a one-GPU machine) use gloo."""
+    if choice == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if choice == "nccl" and device.type != "cuda":
+        raise ScrclError(
+            "the nccl backend needs GPUs, and this run is on the CPU", "Use --dist-backend gloo (or auto) with --device cpu"
+        )
+    return choice
 
 
 def local_device(device: torch.device, env: DistEnv) -> torch.device:
-    """This process's device: GPU LOCAL_RANK on a CUDA node, else the CPU."""
+    """This process's device: GPU LOCAL_RANK on a CUDA node, else the CPU.
+
+    With the gloo backend, more processes than GPUs share them (process i on GPU i mod count):
+    nccl refuses two processes on one GPU, gloo does not.
+    """
     import torch
 
+    name = backend(device, env.backend_choice)  # an impossible choice fails before any work
     if device.type != "cuda":
         return device
     count = torch.cuda.device_count()
-    if env.local_rank >= count:
-        raise ScrclError(
-            f"process LOCAL_RANK={env.local_rank} has no GPU of its own: {count} CUDA device(s) visible",
-            "Start at most one process per GPU (torchrun --nproc_per_node <number of GPUs>)",
-        )
-    return torch.device("cuda", env.local_rank)
+    if env.local_rank < count:
+        return torch.device("cuda", env.local_rank)
+    if name == "gloo" and count > 0:
+        shared = torch.device("cuda", env.local_rank % count)
+        log.warning("process LOCAL_RANK=%d shares %s with another process (gloo backend)", env.local_rank, shared)
+        return shared
+    raise ScrclError(
+        f"process LOCAL_RANK={env.local_rank} has no GPU of its own: {count} CUDA device(s) visible",
+        "Start at most one process per GPU (torchrun --nproc_per_node <number of GPUs>), "
+        "or add --dist-backend gloo to let processes share GPUs",
+    )
 
 
 @contextlib.contextmanager
@@ -108,17 +132,18 @@ def process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
     missing = [k for k in RENDEZVOUS_VARS if k not in os.environ]
     if missing:
         raise ScrclError(f"{', '.join(missing)} not set: the processes cannot find each other", LAUNCH_HINT)
+    name = backend(device, env.backend_choice)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(
-        backend(device),
+        name,
         rank=env.rank,
         world_size=env.world_size,
         timeout=timedelta(seconds=env.timeout_s),
-        # binds this process to its GPU from the start (nccl); None on the CPU
-        device_id=device if device.type == "cuda" else None,
+        # binds an nccl process to its GPU from the start; gloo takes no device
+        device_id=device if name == "nccl" else None,
     )
-    log.info("process %d of %d joined the %s process group on %s", env.rank, env.world_size, backend(device), device)
+    log.info("process %d of %d joined the %s process group on %s", env.rank, env.world_size, name, device)
     try:
         yield
     except BaseException:

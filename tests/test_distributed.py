@@ -47,6 +47,9 @@ BATCH = 150  # cells per process per step
 # ||ddp - ref|| / ||ref||. Both sum the same two float32 gradients (a + b == b + a) and halve them
 # exactly, so they agree to float32 rounding or better.
 RTOL = 1e-5
+# The same on one GPU, both processes sharing it (gloo): CUDA's sparse products add in a run-dependent
+# order (atomic adds), so the two sides differ by more than rounding after a few Adam steps.
+RTOL_CUDA = 1e-3
 
 pytestmark = pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(), reason="torch without gloo")
 
@@ -75,24 +78,25 @@ def _inputs():
     return build_inputs(prep.model_input, prep.lognorm, CFG)
 
 
-def _reference(inputs, world: int = 2) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+def _reference(inputs, world: int = 2, device: str = "cpu") -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """One process: each step runs every rank's batch (its seed shard, its dropout generator),
     accumulates the gradients, divides them by `world` and takes one Adam step."""
     n, g = inputs.x0.shape
-    cpu = torch.device("cpu")
+    dev = torch.device(device)
     csr = inputs.adj.tocsr()
     plan = minibatch_plan(csr, BATCH, CFG.lr, world_size=world)
-    model = ScRCL(g, n, CFG.hidden_dim, CFG.out_dim, CFG.dropout, CFG.seed)
+    model = ScRCL(g, n, CFG.hidden_dim, CFG.out_dim, CFG.dropout, CFG.seed).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=plan.lr, weight_decay=CFG.weight_decay)
     perm_seed = distributed_seeds(CFG.seed, 0)[0]
-    shards = [shard_seed_chunks(n, plan.n_seeds, world, r, torch.Generator().manual_seed(perm_seed), cpu) for r in range(world)]
-    drops = [torch.Generator().manual_seed(distributed_seeds(CFG.seed, r)[1]) for r in range(world)]
-    indptr, indices = torch.from_numpy(csr.indptr.astype(np.int64)), torch.from_numpy(csr.indices.astype(np.int64))
-    row, col = _edges(inputs.adj, cpu)
-    inv_pi = torch.from_numpy((1.0 / plan.pi).astype(np.float32))
-    x0, x1 = torch.from_numpy(inputs.x0), torch.from_numpy(inputs.x1)
+    shards = [shard_seed_chunks(n, plan.n_seeds, world, r, torch.Generator().manual_seed(perm_seed), dev) for r in range(world)]
+    drops = [torch.Generator(device=dev).manual_seed(distributed_seeds(CFG.seed, r)[1]) for r in range(world)]
+    indptr = torch.from_numpy(csr.indptr.astype(np.int64)).to(dev)
+    indices = torch.from_numpy(csr.indices.astype(np.int64)).to(dev)
+    row, col = _edges(inputs.adj, dev)
+    inv_pi = torch.from_numpy((1.0 / plan.pi).astype(np.float32)).to(dev)
+    x0, x1 = torch.from_numpy(inputs.x0).to(dev), torch.from_numpy(inputs.x1).to(dev)
     losses = np.zeros((CFG.epochs, 4))
-    gene_prop = to_torch_sparse(inputs.gene_prop)
+    gene_prop = to_torch_sparse(inputs.gene_prop, dev)
     model.train()
     for epoch in range(CFG.epochs):
         for _ in range(plan.steps):
@@ -104,11 +108,11 @@ def _reference(inputs, world: int = 2) -> tuple[dict[str, torch.Tensor], np.ndar
                 t = scrcl_loss(out.h1, out.h2, out.z1, out.z2, adj_b, temperature=CFG.temperature,
                                lambda1=CFG.lambda1, lambda2=CFG.lambda2)
                 t.total.backward()
-                losses[epoch] += torch.stack([t.total, t.eda, t.nca, t.cvc]).detach().double().numpy() / (plan.steps * world)
+                losses[epoch] += torch.stack([t.total, t.eda, t.nca, t.cvc]).detach().double().cpu().numpy() / (plan.steps * world)
             for p in model.parameters():
                 p.grad /= world
             opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, losses
 
 
 # ---------------------------------------------------------------- torchrun's environment
@@ -125,6 +129,36 @@ def test_detect_reads_torchrun_variables():
         distributed.detect({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"})
     with pytest.raises(ScrclError, match="not integers"):
         distributed.detect({"WORLD_SIZE": "two", "RANK": "0", "LOCAL_RANK": "0"})
+    with pytest.raises(ScrclError, match="unknown process-group backend 'mpi'"):
+        distributed.detect({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}, backend_choice="mpi")
+
+
+def test_backend_follows_the_device_unless_chosen():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert distributed.backend(cpu) == "gloo" and distributed.backend(gpu) == "nccl"
+    assert distributed.backend(gpu, "gloo") == "gloo" and distributed.backend(gpu, "nccl") == "nccl"
+    with pytest.raises(ScrclError, match="nccl backend needs GPUs") as err:
+        distributed.backend(cpu, "nccl")
+    assert "--dist-backend gloo" in err.value.fix
+
+
+@pytest.mark.parametrize("choice", ["auto", "nccl", "gloo"])
+def test_processes_share_a_gpu_only_with_gloo(monkeypatch, choice):
+    """Two processes on a node with one GPU: process 1 has no GPU of its own. gloo puts it on
+    GPU 0 beside process 0; nccl (also what auto picks on GPUs) refuses, naming the way out."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    gpu = torch.device("cuda")
+    first = distributed.DistEnv(rank=0, world_size=2, local_rank=0, backend_choice=choice)
+    second = distributed.DistEnv(rank=1, world_size=2, local_rank=1, backend_choice=choice)
+    assert distributed.local_device(gpu, first) == torch.device("cuda", 0)
+    if choice == "gloo":
+        assert distributed.local_device(gpu, second) == torch.device("cuda", 0)
+    else:
+        with pytest.raises(ScrclError, match="LOCAL_RANK=1 has no GPU of its own: 1 CUDA") as err:
+            distributed.local_device(gpu, second)
+        assert "--dist-backend gloo" in err.value.fix
+    if choice != "nccl":  # CPU processes never need a GPU of their own
+        assert distributed.local_device(torch.device("cpu"), second) == torch.device("cpu")
 
 
 def test_shards_are_disjoint_slices_of_one_step_of_seeds():
@@ -161,6 +195,20 @@ def test_distributed_without_torchrun_is_one_error_line(tmp_path, monkeypatch):
     assert not (tmp_path / "m").exists()
 
 
+def test_nccl_on_the_cpu_is_one_error_line_before_any_work(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from scrcl_cli.cli import cli
+
+    for var, value in zip(distributed.TORCHRUN_VARS, ("1", "0", "0")):
+        monkeypatch.setenv(var, value)
+    args = ["-q", "train", str(EXAMPLE), "-o", str(tmp_path / "m"), "--distributed", "--dist-backend", "nccl", "--device", "cpu"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 1, res.output
+    assert "error: the nccl backend needs GPUs" in res.output and "--dist-backend gloo" in res.output
+    assert not (tmp_path / "m").exists()
+
+
 def test_process_group_frees_ddp_wrappers_before_leaving(monkeypatch):
     """A DDP wrapper that is garbage in a reference cycle when training returns is collected
     while the group is still alive, not later on a destroyed group (or at exit)."""
@@ -192,23 +240,35 @@ def test_process_group_frees_ddp_wrappers_before_leaving(monkeypatch):
 # ---------------------------------------------------------------- two processes
 
 
-def test_ddp_equals_single_process_gradient_averaging(tmp_path):
+def _ddp_against_reference(tmp_path: Path, device: str, rtol: float) -> None:
     inputs = _inputs()
     with open(tmp_path / "inputs.pkl", "wb") as fh:
         pickle.dump((inputs, CFG, BATCH), fh)
-    res = _torchrun(TESTS / "distributed_helpers.py", "train", tmp_path, cwd=tmp_path)
+    res = _torchrun(TESTS / "distributed_helpers.py", "train", tmp_path, device, cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     ddp = torch.load(tmp_path / "state.pt")
-    ref, ref_losses = _reference(inputs)
+    ref, ref_losses = _reference(inputs, device=device)
     init = ScRCL(inputs.x0.shape[1], inputs.x0.shape[0], CFG.hidden_dim, CFG.out_dim, CFG.dropout, CFG.seed).state_dict()
     worst = max(float((ddp[k] - want).norm() / want.norm().clamp_min(1e-12)) for k, want in ref.items())
     # how far training took the whole parameter vector from the (shared) initialisation
     flat = torch.cat([ref[k].flatten() for k in init]), torch.cat([init[k].flatten() for k in init])
     moved = float((flat[0] - flat[1]).norm() / flat[1].norm())
-    print(f"DDP vs gradient averaging: max relative parameter difference {worst:.3g} (training moved them {moved:.3g})")
-    assert worst <= RTOL
-    assert moved > 100 * RTOL  # the comparison is about trained weights, not the shared initialisation
-    np.testing.assert_allclose(np.load(tmp_path / "losses.npy"), ref_losses, rtol=RTOL)
+    print(f"DDP on {device} vs gradient averaging: max relative parameter difference {worst:.3g} (training moved them {moved:.3g})")
+    assert worst <= rtol
+    assert moved > 100 * rtol  # the comparison is about trained weights, not the shared initialisation
+    np.testing.assert_allclose(np.load(tmp_path / "losses.npy"), ref_losses, rtol=rtol)
+
+
+def test_ddp_equals_single_process_gradient_averaging(tmp_path):
+    _ddp_against_reference(tmp_path, "cpu", RTOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ddp_on_one_shared_gpu_equals_gradient_averaging(tmp_path):
+    """Two processes on GPU 0 (gloo lets them share it; nccl would refuse): the machine with one
+    GPU checks that DDP on CUDA takes the gradient-averaged steps of one process."""
+    _ddp_against_reference(tmp_path, "cuda", RTOL_CUDA)
 
 
 def test_cli_under_torchrun_writes_one_model_from_rank_0(tmp_path):
