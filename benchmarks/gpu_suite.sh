@@ -149,11 +149,13 @@ EOF
       scrcl-cli --log-file "$RESULTS/train_scale_events.log" train "$BIG" -o "$SCRCL_BENCH_DIR/model_scale" \
       --device "$DEVICE" --seed 0 $SCALE_ARGS
     cp "$SCRCL_BENCH_DIR/model_scale/scrcl_model.json" "$RESULTS/model_scale_manifest.json" 2>/dev/null
-    $PY - "$BIG" "$SCRCL_BENCH_DIR/model_scale" >> "$SUMMARY" 2>&1 <<'EOF'
+    $PY - "$BIG" "$SCRCL_BENCH_DIR/model_scale" "$RESULTS/train_scale.json" >> "$SUMMARY" 2>&1 <<'EOF'
 import csv, json, sys
 import anndata
 from scrcl_cli.metrics import ari, nmi
-big, model = sys.argv[1:3]
+big, model, run = sys.argv[1:4]
+r = json.load(open(run))
+print(f"\ntrain command: {r['wall_s']:.1f} s wall, peak host RSS {r['peak_rss'] / 2**30:.1f} GiB")
 truth = anndata.read_h5ad(big, backed="r").obs["cell_type"].astype(str).to_numpy()  # evaluation only
 with open(f"{model}/train_clusters.csv") as fh:
     pred = [row["cluster"] for row in csv.DictReader(fh)]
@@ -163,6 +165,24 @@ print(f"\ntrain on {len(pred)} cells: K {m['clusters']['n_clusters']} ({m['clust
       f"training {m['training']['seconds']} s on {m['training']['device']}, batch {m['training']['batch_size']}, "
       f"peak GPU memory {(m['training'].get('peak_gpu_bytes') or 0) / 2**30:.1f} GiB")
 EOF
+    # `cluster` of the same cells with the model just trained (ONNX Runtime on the host's CPU cores),
+    # timed apart from `train`, then scored the same way.
+    if [ "$(left)" -ge 90 ] && [ -f "$SCRCL_BENCH_DIR/model_scale/scrcl_model.json" ]; then
+      step cluster_scale $(( $(left) - 15 )) $PY benchmarks/benchutil.py --json "$RESULTS/cluster_scale.json" -- \
+        scrcl-cli --log-file "$RESULTS/cluster_scale_events.log" cluster "$BIG" -m "$SCRCL_BENCH_DIR/model_scale" \
+        -o "$SCRCL_BENCH_DIR/clustered_scale.h5ad" --overwrite
+      $PY - "$BIG" "$SCRCL_BENCH_DIR/clustered_scale.h5ad" "$RESULTS/cluster_scale.json" >> "$SUMMARY" 2>&1 <<'EOF'
+import json, sys
+import anndata
+from scrcl_cli.metrics import ari
+big, out, run = sys.argv[1:4]
+truth = anndata.read_h5ad(big, backed="r").obs["cell_type"].astype(str).to_numpy()  # evaluation only
+pred = anndata.read_h5ad(out, backed="r").obs["scrcl_cluster"].astype(str).to_numpy()
+r = json.load(open(run))
+print(f"\ncluster of {len(pred)} cells with that model: {r['wall_s']:.1f} s wall, peak RSS "
+      f"{r['peak_rss'] / 2**30:.1f} GiB, ARI {ari(truth, pred):.4f}")
+EOF
+    fi
     if [ "$(left)" -ge 80 ]; then
       step gpu_tests $(( $(left) - 10 )) $PY -m pytest -q -s -m gpu -p no:cacheprovider tests/test_determinism.py
     fi
