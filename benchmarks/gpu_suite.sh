@@ -17,6 +17,8 @@
 #   training step at 40,000 cells against dense (SCALE_STEP=0 leaves it out), then every-default
 #   `train` of SCALE_N (1,000,000) resampled cells with a timestamped --log-file, scored against
 #   the source cells' types; BUDGET_S as for SUITE=short.
+# SUITE=minibatch: every-default `train` of MB_N (100,000) resampled cells full batch and with
+#   --batch-size MB_BATCH (12,500), same seed, both scored against the source types and each other.
 # SUITE=short fits a short GPU allocation (BUDGET_S seconds, default 540, checked before each step):
 #   a. benchmarks/accuracy.py at the full defaults (H 1500, 100 epochs) on CUDA, three seeds, with the
 #      baselines taken from BASELINES_JSON (a CPU run of `accuracy.py --json`), so the GPU host needs
@@ -74,7 +76,7 @@ say "suite=$SUITE results=$RESULTS data=$SRC"
   echo '```'; cat "$RESULTS/env.txt"; echo '```'
 } > "$SUMMARY"
 
-if [ "$SUITE" = short ] || [ "$SUITE" = scale ] || [ "$SUITE" = ddp ]; then
+if [ "$SUITE" = short ] || [ "$SUITE" = scale ] || [ "$SUITE" = ddp ] || [ "$SUITE" = minibatch ]; then
   START=$SECONDS
   BUDGET_S=${BUDGET_S:-540}
   left() { echo $(( BUDGET_S - (SECONDS - START) )); }
@@ -124,6 +126,50 @@ for w, t in rows:
     print(f"| {w} | {t['device']} | {t['batch_size']} | {t['seconds']:.1f} | {speed} | {t['final_loss'][0]:.4g} |")
 EOF
     say "ddp suite done after $(( SECONDS - START )) s: $SUMMARY"
+    exit 0
+  fi
+  if [ "$SUITE" = minibatch ]; then
+    # Full batch against mini-batches where both fit: every-default `train` of MB_N (100,000)
+    # resampled cells, once full batch and once with --batch-size MB_BATCH (12,500), same seed,
+    # no ONNX export; both scored against the source cells' types and against each other.
+    MB_N=${MB_N:-100000}; MB_BATCH=${MB_BATCH:-12500}
+    BIG="$SCRCL_BENCH_DIR/pbmc_${MB_N}.h5ad"
+    [ -f "$BIG" ] || $PY benchmarks/make_large.py -n "$MB_N" -o "$BIG" --source "$SRC" > "$RESULTS/make_large.log" 2>&1
+    echo >> "$SUMMARY"; echo "## Steps" >> "$SUMMARY"; echo >> "$SUMMARY"
+    for run in full mini; do
+      opt=(); [ "$run" = mini ] && opt=(--batch-size "$MB_BATCH")
+      rm -rf "$SCRCL_BENCH_DIR/model_mb_$run"
+      step "train_$run" $(( $(left) - 15 )) $PY benchmarks/benchutil.py --json "$RESULTS/train_$run.json" -- \
+        scrcl-cli --log-file "$RESULTS/train_${run}_events.log" train "$BIG" -o "$SCRCL_BENCH_DIR/model_mb_$run" \
+        --device "$DEVICE" --seed 0 --no-export -q "${opt[@]}" $SCALE_ARGS
+    done
+    $PY - "$BIG" "$SCRCL_BENCH_DIR" "$RESULTS" >> "$SUMMARY" 2>&1 <<'EOF'
+import csv, json, sys
+from pathlib import Path
+import anndata
+from scrcl_cli.metrics import ari
+big, bench, res = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+truth = anndata.read_h5ad(big, backed="r").obs["cell_type"].astype(str).to_numpy()  # evaluation only
+print("\n| run | batch | K | ARI | training s | command s | peak GPU memory | peak host RSS |")
+print("|---|---|---|---|---|---|---|---|")
+preds = {}
+for run in ("full", "mini"):
+    try:
+        m = json.loads((bench / f"model_mb_{run}" / "scrcl_model.json").read_text())
+        w = json.loads((res / f"train_{run}.json").read_text())
+        with open(bench / f"model_mb_{run}" / "train_clusters.csv") as fh:
+            preds[run] = [row["cluster"] for row in csv.DictReader(fh)]
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"| {run} | no result ({type(exc).__name__}) | | | | | | |")
+        continue
+    t = m["training"]
+    print(f"| {run} | {t['batch_size'] or 'full'} | {m['clusters']['n_clusters']} | {ari(truth, preds[run]):.4f} | "
+          f"{t['seconds']:.1f} | {w['wall_s']:.1f} | {(t.get('peak_gpu_bytes') or 0) / 2**30:.1f} GiB | "
+          f"{w['peak_rss'] / 2**30:.1f} GiB |")
+if len(preds) == 2:
+    print(f"\nARI between the two clusterings: {ari(preds['full'], preds['mini']):.4f}")
+EOF
+    say "minibatch suite done after $(( SECONDS - START )) s: $SUMMARY"
     exit 0
   fi
   if [ "$SUITE" = scale ]; then
