@@ -118,11 +118,16 @@ def check_encoder_output(z: np.ndarray, rows: int, width: int) -> np.ndarray:
 
 @dataclass
 class QueryData:
-    """Query cells aligned to the model: model_input and lognorm are CSR (N, G)."""
+    """Query cells aligned to the model: model_input and lognorm are CSR (N, G).
+
+    lognorm_gram: `graphs.gram_matrix(lognorm)`, (G, G), once the query graph has summed it;
+    `cluster --denovo` reuses it for the scaled PCA when the model input is lognorm itself.
+    """
 
     model_input: sp.csr_matrix
     lognorm: sp.csr_matrix
     n_genes_found: int
+    lognorm_gram: np.ndarray | None = None
 
 
 def _prepare_rows(x: sp.csr_matrix, sel: sp.csr_matrix, pre: Preprocessing) -> tuple[sp.csr_matrix, sp.csr_matrix]:
@@ -207,9 +212,11 @@ def query_graph(
     graph_params: GraphParams,
     progress: Progress | None = None,
     coords: np.ndarray | None = None,
+    gram: np.ndarray | None = None,
 ) -> sp.csr_matrix:
     """Normalised adjacency Â of the query's own graph, CSR (N, N): cosine kNN on expression, or
-    the spatial kNN graph of `coords` for spatial models."""
+    the spatial kNN graph of `coords` for spatial models. gram: `graphs.gram_matrix(lognorm)`
+    when the caller has it."""
     n = lognorm.shape[0]
     k = graph_params.n_neighbors
     if n < 2:
@@ -225,7 +232,7 @@ def query_graph(
         if coords is None:
             raise ScrclError("this is a spatial model and the query has no obsm['spatial']", "Pass a section with coordinates")
         return graphs.gcn_norm(spatial_graph(coords, min(k, n - 1)))
-    adj = graphs.cell_graph(lognorm, min(k, n), pca_threshold=graph_params.pca_threshold, progress=progress)
+    adj = graphs.cell_graph(lognorm, min(k, n), pca_threshold=graph_params.pca_threshold, progress=progress, gram=gram)
     return graphs.gcn_norm(adj)
 
 
@@ -426,7 +433,10 @@ def _embed_query(
         )
     need_graph = view == "fused" or params.t0 > 0
     session, provider = session if session is not None else open_session(bundle, view, device=device, threads=threads)
-    a_hat = query_graph(query.lognorm, params, coords=coords) if need_graph else None
+    if need_graph and not params.is_spatial and query.lognorm_gram is None and n > 1:
+        # The graph's PCA needs it; kept so that `cluster --denovo` does not sum it again.
+        query.lognorm_gram = graphs.gram_matrix(query.lognorm)
+    a_hat = query_graph(query.lognorm, params, coords=coords, gram=query.lognorm_gram) if need_graph else None
     width = bundle.manifest.model.width(view)
     if stages.has_stages(bundle.manifest.files, view):
         emb, provider = run_staged_encoder(
@@ -669,6 +679,7 @@ def _cluster_query(
             metric=metric,
             unsmoothed=rep.query.model_input,
             unsmoothed_weight=unsmoothed_weight(bundle.manifest.unsmoothed_weight, k_given=n_clusters is not None),
+            unsmoothed_gram=rep.query.lognorm_gram if rep.query.model_input is rep.query.lognorm else None,
         )
         labels = res.labels
         conf = clustering.assignment_confidence(emb, res.centroids, labels, metric)

@@ -32,6 +32,29 @@ def test_cluster_on_training_cells_reproduces_training_clusters(trained_model):
     assert ari(trained.obs["scrcl_cluster"].to_numpy(), q.obs["scrcl_cluster"].to_numpy()) >= 0.99
 
 
+def test_denovo_with_k_given_sums_the_query_gram_once(trained_model, monkeypatch):
+    """The query graph's PCA and the K-given cut's scaled PCA both need X^T X of the lognorm
+    input: `cluster --denovo` sums it once, and its labels equal the cut computed apart."""
+    from scrcl_cli import clustering, graphs
+    from scrcl_cli.config import unsmoothed_weight
+
+    model = bundle.read_bundle(trained_model)
+    assert model.manifest.preprocessing.input_mode == "lognorm"  # the model input is lognorm itself
+    summed = []
+    real = graphs.gram_matrix
+    monkeypatch.setattr(graphs, "gram_matrix", lambda x, *a, **k: summed.append(x.shape) or real(x, *a, **k))
+    q = _query()
+    rep = inference.cluster(q, model, denovo=True, n_clusters=5, seed=3)
+    assert len(summed) == 1, summed
+    monkeypatch.undo()
+    apart = clustering.cluster_embedding(
+        q.obsm["X_scrcl"], 5, seed=3, metric=model.manifest.clusters.metric, unsmoothed=rep.embed.query.model_input,
+        unsmoothed_weight=unsmoothed_weight(model.manifest.unsmoothed_weight, k_given=True),
+    )
+    assert unsmoothed_weight(model.manifest.unsmoothed_weight, k_given=True) > 0  # the scaled PCA ran
+    np.testing.assert_array_equal(q.obs["scrcl_cluster"].astype(int).to_numpy(), apart.labels)
+
+
 def test_shuffled_gene_order_gives_identical_embedding(trained_model):
     model = bundle.read_bundle(trained_model)
     a, b = _query(), _query()
