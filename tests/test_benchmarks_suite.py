@@ -222,3 +222,28 @@ def test_cut_seed_sources_separate_training_from_clustering_seeds(bench_pkg: Non
     assert 0.0 < got["both"] <= 1.0
     md = cut.seed_sources_report({"pollen_log_simlr": got}, [], "python -m benchmarks cut --seed-sources")
     assert "| pollen_log_simlr | confirmation | " in md and "**mean**" in md
+
+
+@pytest.mark.parametrize("suite", ["minibatch", "scale"])
+def test_gpu_suite_rehearses_on_the_cpu(suite: str, tmp_path: Path):
+    """`benchmarks/gpu_suite.sh` is what a GPU host runs unchanged; with DEVICE=cpu and tiny sizes
+    the same script trains, scores and writes its summary here."""
+    from conftest import shared
+
+    data = shared("pbmc_10x_4k_top2000.h5ad").parent
+    env = {**ENV, "SUITE": suite, "DEVICE": "cpu", "SCRCL_DATA": str(data), "SCRCL_BENCH_DIR": str(tmp_path / "bench"),
+           "PYTHON": sys.executable, "BUDGET_S": "400", "SCALE_STEP": "0", "MB_N": "1200", "MB_BATCH": "300",
+           "SCALE_N": "1200", "SCALE_ARGS": "--epochs 2 --hidden-dim 32 --n-top-genes 300",
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    res = subprocess.run(["bash", "benchmarks/gpu_suite.sh", str(tmp_path / "results")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    summary = (tmp_path / "results" / "summary.md").read_text()
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    if suite == "minibatch":
+        rows = [line for line in summary.splitlines() if line.startswith(("| full |", "| mini |"))]
+        assert len(rows) == 2 and "| 300 |" in rows[1], summary
+        assert "ARI between the two clusterings" in summary
+    else:
+        assert "- gpu_checks: exit 0" in summary and "- train_scale: exit 0" in summary, summary
+        assert "train on 1200 cells" in summary and "- cluster_scale: exit 0" in summary, summary
+        assert "cluster of 1200 cells with that model" in summary, summary
