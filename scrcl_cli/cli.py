@@ -720,7 +720,7 @@ def train(
     )
 
 
-def _distributed_env(ctx: click.Context, requested: bool, timeout_s: int, backend_choice: str = "auto") -> Any:
+def _distributed_env(ctx: click.Context, requested: bool, timeout_s: int, backend_choice: str) -> Any:
     """This process's `distributed.DistEnv`, or None for an ordinary single-process run.
 
     torchrun's variables decide: --distributed without them is an error, and more than one

@@ -433,8 +433,9 @@ def _embed_query(
         )
     need_graph = view == "fused" or params.t0 > 0
     session, provider = session if session is not None else open_session(bundle, view, device=device, threads=threads)
-    if need_graph and not params.is_spatial and query.lognorm_gram is None and n > 1:
-        # The graph's PCA needs it; kept so that `cluster --denovo` does not sum it again.
+    if need_graph and not params.is_spatial and query.lognorm_gram is None and n >= max(params.pca_threshold, 2):
+        # Exactly when `query_graph` runs the cell graph's PCA, which needs it; kept so that
+        # `cluster --denovo` does not sum it again.
         query.lognorm_gram = graphs.gram_matrix(query.lognorm)
     a_hat = query_graph(query.lognorm, params, coords=coords, gram=query.lognorm_gram) if need_graph else None
     width = bundle.manifest.model.width(view)
