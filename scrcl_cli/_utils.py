@@ -21,3 +21,10 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS and Windows have no affinity call
         return max(1, os.cpu_count() or 1)
+
+
+def human_bytes(n: float) -> str:
+    """A byte count for a message: '3.2 GiB' from 1 GiB up, else '740 MiB' (at least '1 MiB')."""
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{max(1, round(n / 2**20))} MiB"

@@ -656,7 +656,7 @@ def train(
             f"--n-clusters {n_clusters} is more than the {adata.n_obs} cells of {input_h5ad.name}",
             f"Pass --n-clusters between 1 and {adata.n_obs}, or leave it out to choose it from the data",
         )
-    check_fits(config, adata.n_obs, adata.n_vars, batch_size=batch_size)
+    check_fits(config, adata.n_obs, adata.n_vars, batch_size=batch_size, out_of_core=output if out_of_core else None)
     from .workflow import phase_line, train_model, train_worker
 
     if dist is not None and not dist.is_main:

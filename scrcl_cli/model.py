@@ -68,30 +68,49 @@ def gcn_head(h: Tensor, w: Tensor, b: Tensor) -> Tensor:
     return F.leaky_relu(F.linear(h, w, b), GCN_SLOPE)
 
 
+class HiddenMoments:
+    """Running first and second moments of the L2-normalised rows of one view's hidden output,
+    accumulated in float64 over row blocks, so no normalised or centred copy of a whole (N, H)
+    array is ever held (`hidden_pca_basis`; the streamed whole-graph pass of out-of-core training).
+    """
+
+    def __init__(self, width: int, device: torch.device) -> None:
+        self.n = 0
+        self.second = torch.zeros(width, width, dtype=torch.float64, device=device)
+        self.total = torch.zeros(width, dtype=torch.float64, device=device)
+
+    def add(self, h: Tensor) -> None:
+        """Add the rows of h (B, H)."""
+        u = F.normalize(h, dim=1)
+        self.second += (u.T @ u).double()
+        self.total += u.sum(0).double()
+        self.n += h.shape[0]
+
+    def basis(self, n_comps: int) -> tuple[Tensor, Tensor]:
+        """Mean (H,) and components (H, D), float32, D = min(n_comps, N - 1, H), by decreasing
+        variance, each component's largest-magnitude loading positive (so the basis does not
+        depend on the eigensolver's signs)."""
+        width = self.total.shape[0]
+        d = max(1, min(n_comps, self.n - 1, width))
+        mean = self.total / self.n
+        cov = self.second / self.n - torch.outer(mean, mean)
+        _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+        comps = vecs[:, -d:].flip(1)
+        sign = torch.sign(comps.gather(0, comps.abs().argmax(0, keepdim=True)))
+        comps = comps * torch.where(sign == 0, torch.ones_like(sign), sign)
+        return mean.float(), comps.float()
+
+
 def hidden_pca_basis(h: Tensor, n_comps: int, block: int = 65_536) -> tuple[Tensor, Tensor]:
     """PCA basis of the L2-normalised rows of one view's hidden output.
 
     h: (N, H) float32 on any device. Returns mean (H,) and components (H, D), float32 on h's
-    device, D = min(n_comps, N - 1, H), ordered by decreasing variance, each component's
-    largest-magnitude loading positive (so the basis does not depend on the eigensolver's signs).
-    The (H, H) second-moment matrix is accumulated in float64 over row blocks, so no normalised
-    or centred copy of h is ever held whole.
+    device (`HiddenMoments.basis`), the moments summed over row blocks of `block`.
     """
-    n, width = h.shape
-    d = max(1, min(n_comps, n - 1, width))
-    second = torch.zeros(width, width, dtype=torch.float64, device=h.device)
-    total = torch.zeros(width, dtype=torch.float64, device=h.device)
-    for start in range(0, n, block):
-        u = F.normalize(h[start : start + block], dim=1)
-        second += (u.T @ u).double()
-        total += u.sum(0).double()
-    mean = total / n
-    cov = second / n - torch.outer(mean, mean)
-    _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
-    comps = vecs[:, -d:].flip(1)
-    sign = torch.sign(comps.gather(0, comps.abs().argmax(0, keepdim=True)))
-    comps = comps * torch.where(sign == 0, torch.ones_like(sign), sign)
-    return mean.float(), comps.float()
+    moments = HiddenMoments(h.shape[1], h.device)
+    for start in range(0, h.shape[0], block):
+        moments.add(h[start : start + block])
+    return moments.basis(n_comps)
 
 
 def embed_hidden(h: Tensor, mean: Tensor, comps: Tensor) -> Tensor:

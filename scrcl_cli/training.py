@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import graphs
+from ._utils import human_bytes
 from .config import EMBED_DIM, EMBEDDINGS, TrainConfig
 from .errors import ScrclError
 from .losses import LossTerms, scrcl_loss
@@ -41,6 +42,9 @@ class TrainInputs:
     loops; a_hat: its GCN normalisation CSR (N, N); gene_prop: gene-graph propagation CSR (G, G);
     model_gram: X^T X of the unsmoothed model input X, float64 (G, G), which the gene graph needed
     and the K-given cut's scaled PCA reuses (`clustering.cluster_embedding`); None when not kept.
+    x_hop: Â^(t1+1) X, float32 (N, G), out of core only: the GCN view's first aggregation folded
+    into the inputs, so the whole-graph pass after training (`embed_streamed`) needs one (N, H)
+    array on the device instead of several; None in memory.
     """
 
     x0: np.ndarray
@@ -49,6 +53,7 @@ class TrainInputs:
     a_hat: sp.csr_matrix
     gene_prop: sp.csr_matrix
     model_gram: np.ndarray | None = None
+    x_hop: np.ndarray | None = None
 
 
 def build_inputs(
@@ -77,12 +82,48 @@ def build_inputs(
     a_hat = graphs.gcn_norm(adj)
     model_gram = gram if shared else graphs.gram_matrix(model_input, device=graph_device)
     gene_prop = graphs.gene_graph(model_input, config.gene_neighbors, gram=model_gram)
+    powers = scratch_powers(config) if scratch_dir is not None else (config.t0, config.t1)
+    if scratch_dir is not None:
+        check_scratch_space(scratch_dir, model_input.shape, powers)
     smoothed = graphs.smooth_powers(
-        sp.csr_matrix(model_input, dtype=np.float32), a_hat, (config.t0, config.t1), device=graph_device, out_dir=scratch_dir
+        sp.csr_matrix(model_input, dtype=np.float32), a_hat, powers, device=graph_device, out_dir=scratch_dir
     )
     return TrainInputs(
-        x0=smoothed[config.t0], x1=smoothed[config.t1], adj=adj, a_hat=a_hat, gene_prop=gene_prop, model_gram=model_gram
+        x0=smoothed[config.t0],
+        x1=smoothed[config.t1],
+        adj=adj,
+        a_hat=a_hat,
+        gene_prop=gene_prop,
+        model_gram=model_gram,
+        x_hop=smoothed[config.t1 + 1] if scratch_dir is not None else None,
     )
+
+
+def scratch_powers(config: TrainConfig) -> tuple[int, ...]:
+    """Powers t of Â^t X that out-of-core training keeps on disk: t0, t1 and t1 + 1 (`TrainInputs.x_hop`)."""
+    return tuple(sorted({config.t0, config.t1, config.t1 + 1}))
+
+
+def scratch_bytes(n_cells: int, n_genes: int, powers: tuple[int, ...]) -> int:
+    """Disk bytes of the out-of-core smoothed inputs: one float32 (N, G) file per distinct power."""
+    return 4 * n_cells * n_genes * len(set(powers))
+
+
+def check_scratch_space(directory: Any, shape: tuple[int, int], powers: tuple[int, ...]) -> None:
+    """Refuse, before any smoothing, out-of-core inputs that would not fit on the scratch disk.
+
+    A full disk half way through writing would fail late, after the graphs, with a bare OSError.
+    """
+    import shutil
+
+    need = scratch_bytes(shape[0], shape[1], powers)
+    free = shutil.disk_usage(directory).free
+    if need > free:
+        raise ScrclError(
+            f"--out-of-core needs {human_bytes(need)} of disk beside the output for the smoothed inputs "
+            f"({len(set(powers))} float32 arrays of {shape[0]} cells x {shape[1]} genes) and {human_bytes(free)} are free there",
+            "Write the output (-o) to a larger local disk, or lower --n-top-genes",
+        )
 
 
 @contextlib.contextmanager
@@ -143,16 +184,20 @@ def free_memory_bytes(device: torch.device) -> int:
         return 1 << 62
 
 
-def check_fits(config: TrainConfig, n_cells: int, n_genes: int, *, batch_size: int | None = None) -> None:
-    """Refuse, before any work, a run whose host memory need exceeds what is available.
+def check_fits(
+    config: TrainConfig, n_cells: int, n_genes: int, *, batch_size: int | None = None, out_of_core: Any = None
+) -> None:
+    """Refuse, before any work, a run whose host memory or scratch disk need exceeds what is free.
 
     Counted: what mini-batches cannot shrink (parameters of both views with their gradients and
     Adam state, 8 x (G, H) float32 each, and the two dense smoothed inputs, 2 x (N, G)), plus
-    one step on the smallest batch the run could use. The message states the estimate.
+    one step on the smallest batch the run could use. `out_of_core` (the output path): the
+    smoothed inputs go to disk beside it instead (`check_scratch_space`), not into memory. The
+    message states the estimate.
     """
     g = max(1, min(int(config.n_top_genes), n_genes))
     h = int(config.hidden_dim)
-    fixed = 4 * (2 * 4 * g * h) + 4 * 2 * n_cells * g
+    fixed = 4 * (2 * 4 * g * h) + (0 if out_of_core is not None else 4 * 2 * n_cells * g)
     step = estimate_full_batch_bytes(min(n_cells, batch_size or 1024), g, h)
     need = fixed + step
     free = free_memory_bytes(torch.device("cpu"))
@@ -162,6 +207,11 @@ def check_fits(config: TrainConfig, n_cells: int, n_genes: int, *, batch_size: i
             f"and {free / 2**30:.1f} GiB are available",
             "Lower --hidden-dim or --n-top-genes, or use a machine with more memory",
         )
+    if out_of_core is not None:
+        where = Path(out_of_core).resolve().parent
+        while not where.exists() and where != where.parent:  # the output's folder may not exist yet
+            where = where.parent
+        check_scratch_space(where, (n_cells, g), scratch_powers(config))
 
 
 def choose_batch_size(n: int, g: int, h: int, device: torch.device, requested: int | None) -> int | None:
@@ -220,7 +270,7 @@ def fit(
         log_t[epoch] = torch.stack([terms.total, terms.eda, terms.nca, terms.cvc]).detach().double()
         if on_epoch is not None:
             on_epoch(epoch, terms)
-    return _finish(model, x0, x1, a_hat, gene_prop, log_t, t_start, device, config)
+    return _finish(model, inputs, x0, x1, gene_prop, log_t, t_start, device, config, a_hat=a_hat)
 
 
 def _loss(out: Any, adj: Tensor, config: TrainConfig) -> LossTerms:
@@ -256,87 +306,164 @@ def _setup(inputs: TrainInputs, config: TrainConfig, device: torch.device, *, st
     return model, gen, x0, x1, gene_prop, opt, log_t
 
 
-def _finish(
+@dataclass
+class WholeGraph:
+    """Eval-mode outputs of every training cell on the whole graph (`_finish`).
+
+    fused: concat(z1, z2) (N, 2*O); z1: (N, O); embedding, cell_embedding: the clustering
+    embeddings of the GCN and MLP views (N, D) (`config.embedding`); gene_emb: E (G, O);
+    bases: for the gcn-pca embedding, the PCA bases to store with the weights (name -> tensor).
+    """
+
+    fused: np.ndarray
+    z1: np.ndarray
+    embedding: np.ndarray
+    cell_embedding: np.ndarray
+    gene_emb: np.ndarray
+    bases: dict[str, Tensor]
+
+
+def _whole_graph_in_memory(out: Any, embedding: str, block: int = 65_536) -> WholeGraph:
+    """`WholeGraph` from one forward pass over every cell (`model.ScRCLOutput`)."""
+    fused, z1 = out.fused.cpu().numpy(), out.z1.cpu().numpy()
+    bases: dict[str, Tensor] = {}
+    if embedding == "gcn-pca":
+        views = {}
+        for view, h in (("fused", out.h2), ("cell", out.h1)):
+            mean, comps = hidden_pca_basis(h, EMBED_DIM)
+            bases[f"embed_{view}_mean"], bases[f"embed_{view}_components"] = mean.cpu(), comps.cpu()
+            # In row blocks: a normalised copy of a whole (N, H) view would not fit beside the
+            # model on a GPU at a million cells.
+            views[view] = np.concatenate(
+                [embed_hidden(h[i : i + block], mean, comps).cpu().numpy() for i in range(0, h.shape[0], block)]
+            )
+        emb, cell_emb = views["fused"], views["cell"]
+    elif embedding == "fused":
+        emb, cell_emb = fused, z1
+    else:
+        raise ValueError(f"unknown embedding {embedding!r}; one of {EMBEDDINGS}")
+    return WholeGraph(fused, z1, emb, cell_emb, out.gene_emb.cpu().numpy(), bases)
+
+
+def embed_streamed(
     model: ScRCL,
     x0: Tensor,
+    x_hop: Tensor,
+    a_hat: sp.csr_matrix,
+    gene_prop: Tensor,
+    device: torch.device,
+    embedding: str,
+    block: int = 65_536,
+) -> WholeGraph:
+    """`WholeGraph` of an eval-mode model with x0 and x_hop (N, G) read a row block at a time.
+
+    x0: Â^t0 X; x_hop: Â^(t1+1) X (`TrainInputs.x_hop`), so that the GCN view's first layer,
+    LeakyReLU(Â (Â^t1 X) W1ᵀ + b1), is per cell; both may stay on the host (memory-mapped).
+    a_hat: the normalised adjacency CSR (N, N), sent to the device a row block at a time.
+    The one (N, H) array held whole on `device` is S = h W2ᵀ of the GCN view's first layer; the
+    PCA bases come from moments summed over blocks (`model.HiddenMoments`), and the blocks are
+    recomputed for the second pass instead of kept. Equal to `_whole_graph_in_memory` of the
+    one-call forward to float32 rounding (sums run in another order). x0 is read twice.
+    """
+    from .model import HiddenMoments, gcn_activation, gcn_head
+
+    n, width = x0.shape[0], model.mlp_w.shape[0]
+    pca = embedding == "gcn-pca"
+    if not pca and embedding != "fused":
+        raise ValueError(f"unknown embedding {embedding!r}; one of {EMBEDDINGS}")
+    spans = [(s, min(n, s + block)) for s in range(0, n, block)]
+
+    def mlp_block(s: int, e: int) -> Tensor:
+        return model.mlp_view(_rows(x0, torch.arange(s, e), device))
+
+    def gcn_block(s: int, e: int, hidden: Tensor) -> Tensor:
+        a = graphs.torch_csr(a_hat[s:e], device)
+        return gcn_head(gcn_activation(a @ hidden, model.gcn2_b), model.fc_w, model.fc_b)
+
+    pre = torch.zeros(x0.shape[1], model.gene_w.shape[0], device=device)  # X0^T W_gene, (G, O)
+    m_cell = HiddenMoments(width, device)
+    for s, e in spans:
+        b0 = _rows(x0, torch.arange(s, e), device)
+        pre += b0.T @ model.gene_w[:, s:e].T
+        if pca:
+            m_cell.add(model.mlp_view(b0))
+    gene_emb = torch.nn.functional.relu(torch.sparse.mm(gene_prop, pre) + model.gene_b)
+    hidden = torch.empty(n, width, device=device)
+    for s, e in spans:
+        first = gcn_activation(_rows(x_hop, torch.arange(s, e), device) @ model.gcn1_w.T, model.gcn1_b)
+        hidden[s:e] = first @ model.gcn2_w.T
+    z1 = np.empty((n, gene_emb.shape[1]), dtype=np.float32)
+    z2 = np.empty_like(z1)
+    m_fused = HiddenMoments(width, device)
+    for s, e in spans:
+        h2 = gcn_block(s, e, hidden)
+        z2[s:e] = model.refine(h2, gene_emb).cpu().numpy()
+        if pca:
+            m_fused.add(h2)
+    bases: dict[str, Tensor] = {}
+    if pca:
+        basis_cell, basis_fused = m_cell.basis(EMBED_DIM), m_fused.basis(EMBED_DIM)
+        for view, (mean, comps) in (("fused", basis_fused), ("cell", basis_cell)):
+            bases[f"embed_{view}_mean"], bases[f"embed_{view}_components"] = mean.cpu(), comps.cpu()
+        emb = np.empty((n, basis_fused[1].shape[1]), dtype=np.float32)
+        cell_emb = np.empty((n, basis_cell[1].shape[1]), dtype=np.float32)
+    for s, e in spans:
+        h1 = mlp_block(s, e)
+        z1[s:e] = model.refine(h1, gene_emb).cpu().numpy()
+        if pca:
+            cell_emb[s:e] = embed_hidden(h1, *basis_cell).cpu().numpy()
+            emb[s:e] = embed_hidden(gcn_block(s, e, hidden), *basis_fused).cpu().numpy()
+    del hidden
+    fused = np.concatenate([z1, z2], axis=1)
+    if not pca:
+        emb, cell_emb = fused, z1
+    return WholeGraph(fused, z1, emb, cell_emb, gene_emb.cpu().numpy(), bases)
+
+
+def _finish(
+    model: ScRCL,
+    inputs: TrainInputs,
+    x0: Tensor,
     x1: Tensor,
-    a_hat: Tensor,
     gene_prop: Tensor,
     log_t: Tensor,
     t_start: float,
     device: torch.device,
     config: TrainConfig,
     extra: dict[str, Any] | None = None,
+    a_hat: Tensor | None = None,
 ) -> TrainResult:
-    """Eval-mode embeddings of every cell on the whole graph, and the result record."""
+    """Eval-mode embeddings of every cell on the whole graph, and the result record.
+
+    Out of core (`inputs.x_hop` set), `embed_streamed`; otherwise one forward pass over every
+    cell with `a_hat` (the normalised adjacency on the device, made here when None).
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t_start
     model.eval()
     with torch.no_grad():
-        out = (
-            model(x0, x1, a_hat, gene_prop) if x0.device == device else forward_streamed(model, x0, x1, a_hat, gene_prop, device)
-        )
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        fused, z1 = out.fused.cpu().numpy(), out.z1.cpu().numpy()
-        if config.embedding == "gcn-pca":
-            views = {}
-            for view, h in (("fused", out.h2), ("cell", out.h1)):
-                mean, comps = hidden_pca_basis(h, EMBED_DIM)
-                state[f"embed_{view}_mean"], state[f"embed_{view}_components"] = mean.cpu(), comps.cpu()
-                # In row blocks: a normalised copy of a whole (N, H) view would not fit beside the
-                # model on a GPU at a million cells.
-                views[view] = np.concatenate(
-                    [embed_hidden(h[i : i + 65_536], mean, comps).cpu().numpy() for i in range(0, h.shape[0], 65_536)]
-                )
-            embedding, cell_embedding = views["fused"], views["cell"]
-        elif config.embedding == "fused":
-            embedding, cell_embedding = fused, z1
+        if inputs.x_hop is not None:
+            whole = embed_streamed(model, x0, torch.from_numpy(inputs.x_hop), inputs.a_hat, gene_prop, device, config.embedding)
         else:
-            raise ValueError(f"unknown embedding {config.embedding!r}; one of {EMBEDDINGS}")
+            a_t = a_hat if a_hat is not None else to_torch_sparse(inputs.a_hat, device)
+            whole = _whole_graph_in_memory(model(x0, x1, a_t, gene_prop), config.embedding)
+        state.update(whole.bases)
     losses = log_t.cpu().numpy()
     if not np.all(np.isfinite(losses)):
         log.warning("the loss became non-finite during training; try a lower --lr")
     return TrainResult(
         state=state,
         losses=losses,
-        fused=fused,
-        z1=z1,
-        embedding=embedding,
-        cell_embedding=cell_embedding,
-        gene_emb=out.gene_emb.cpu().numpy(),
+        fused=whole.fused,
+        z1=whole.z1,
+        embedding=whole.embedding,
+        cell_embedding=whole.cell_embedding,
+        gene_emb=whole.gene_emb,
         seconds=seconds,
         extra=extra or {},
     )
-
-
-def forward_streamed(
-    model: ScRCL, x0: Tensor, x1: Tensor, a_hat: Tensor, gene_prop: Tensor, device: torch.device, block: int = 65_536
-) -> Any:
-    """Eval-mode `model(x0, x1, a_hat, gene_prop)` with x0, x1 (N, G) left on the host and sent
-    to `device` a row block at a time: only (N, H) arrays are whole on the device.
-
-    Same function as the one-call forward (equal to float32 rounding: the sums over cells of the
-    gene encoder run block by block). Returns a `model.ScRCLOutput`.
-    """
-    from .model import ScRCLOutput, gcn_activation, gcn_head
-
-    n = x0.shape[0]
-    pre = torch.zeros(x0.shape[1], model.gene_w.shape[0], device=device)  # X0^T W_gene, (G, O)
-    h1, p1 = [], []
-    for s in range(0, n, block):
-        rows = torch.arange(s, min(n, s + block))
-        b0 = _rows(x0, rows, device)
-        h1.append(model.mlp_view(b0))
-        pre += b0.T @ model.gene_w[:, s : s + rows.shape[0]].T
-        p1.append(_rows(x1, rows, device) @ model.gcn1_w.T)
-    e = torch.nn.functional.relu(torch.sparse.mm(gene_prop, pre) + model.gene_b)
-    h1_t = torch.cat(h1)
-    # gcn_view with its first product precomputed: the rest is on (N, H) arrays.
-    h = gcn_activation(torch.sparse.mm(a_hat, torch.cat(p1)), model.gcn1_b)
-    h = gcn_activation(torch.sparse.mm(a_hat, h @ model.gcn2_w.T), model.gcn2_b)
-    h2 = gcn_head(h, model.fc_w, model.fc_b)
-    return ScRCLOutput(h1=h1_t, h2=h2, z1=model.refine(h1_t, e), z2=model.refine(h2, e), gene_emb=e)
 
 
 def _edges(adj: sp.csr_matrix, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -641,9 +768,9 @@ class _MinibatchRun:
             extra["processes"] = self.dist.world_size
         return _finish(
             self.model,
+            self.inputs,
             self.x0,
             self.x1,
-            to_torch_sparse(self.inputs.a_hat, self.device),
             self.gene_prop,
             self.log_t,
             self.t_start,

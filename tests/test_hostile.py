@@ -441,6 +441,31 @@ def test_memory_estimate_is_checked_before_training_and_states_the_size(monkeypa
     training.check_fits(training.TrainConfig(hidden_dim=64, n_top_genes=200), 700, 765)  # the example fits
 
 
+def test_out_of_core_memory_estimate_leaves_the_smoothed_inputs_to_the_disk(monkeypatch: pytest.MonkeyPatch,
+                                                                           tmp_path: Path):
+    """Out of core, the two (N, G) smoothed inputs are not counted in memory; the three files are
+    counted on the disk beside the output, whose folder need not exist yet."""
+    pytest.importorskip("torch")
+    import shutil
+    from collections import namedtuple
+
+    from scrcl_cli import training
+    from scrcl_cli.errors import ScrclError
+
+    seen = []
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(training, "free_memory_bytes", lambda device: 8 << 30)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: seen.append(Path(path)) or usage(1 << 50, 0, 30 << 30))
+    config = training.TrainConfig(hidden_dim=64, n_top_genes=2000)
+    with pytest.raises(ScrclError, match=r"needs about 15\.0 GiB of memory"):  # 2 x 1e6 x 2000 x 4 bytes, and a little more
+        training.check_fits(config, 1_000_000, 5000)
+    out = tmp_path / "new" / "deeper" / "model"
+    training.check_fits(config, 1_000_000, 5000, out_of_core=out)  # 22.4 GiB of files: fits the memory and the disk
+    assert seen == [tmp_path]
+    with pytest.raises(ScrclError, match=r"--out-of-core needs 44\.7 GiB of disk .* 30\.0 GiB are free there"):
+        training.check_fits(config, 2_000_000, 5000, out_of_core=out, batch_size=4096)
+
+
 @pytest.mark.parametrize(("exc", "needle"), [
     (MemoryError(), "ran out of memory"),
     (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), "allocation of 2.00 GiB failed"),

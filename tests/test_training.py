@@ -213,35 +213,45 @@ def test_minibatch_epochs_count_passes_over_the_cells():
 
 def test_out_of_core_inputs_train_like_in_memory(tmp_path):
     """Smoothed inputs in memory-mapped files beside the output train exactly as in memory (the
-    same float32 values, the same CPU kernels), in mini-batches and full batch; the scratch
-    directory is removed afterwards."""
+    same float32 values, the same CPU kernels, the same losses), in mini-batches and full batch;
+    the whole-graph pass after training runs streamed (`embed_streamed`), equal to float32
+    rounding; the scratch directory is removed afterwards."""
     from scrcl_cli.preprocessing import prepare
     from scrcl_cli.training import is_out_of_core, scratch_inputs
 
     ad = _example()
     prep = prepare(ad.X, list(ad.var_names), n_top_genes=300)
-    cfg = TrainConfig(**{**CFG.as_dict(), "epochs": 4, "lr": 1e-3, "t0": 3, "t1": 2})
+    cfg = TrainConfig(**{**CFG.as_dict(), "epochs": 4, "lr": 1e-3, "t0": 4, "t1": 2})
     mem = build_inputs(prep.model_input, prep.lognorm, cfg)
     with scratch_inputs(tmp_path / "model") as scratch:
         assert scratch.parent == tmp_path
         ooc = build_inputs(prep.model_input, prep.lognorm, cfg, scratch_dir=scratch)
-        assert is_out_of_core(ooc) and not is_out_of_core(mem)
-        assert sorted(p.name for p in scratch.iterdir()) == ["smoothed_t2.npy", "smoothed_t3.npy"]
+        assert is_out_of_core(ooc) and not is_out_of_core(mem) and mem.x_hop is None
+        # t0, t1 and t1 + 1, the GCN view's first aggregation folded in.
+        assert sorted(p.name for p in scratch.iterdir()) == ["smoothed_t2.npy", "smoothed_t3.npy", "smoothed_t4.npy"]
         np.testing.assert_array_equal(np.asarray(ooc.x0), mem.x0)
+        np.testing.assert_allclose(np.asarray(ooc.x_hop), mem.a_hat @ mem.x1, rtol=1e-4, atol=1e-6)
         for b in (256, None):
             a = fit(mem, cfg, device=torch.device("cpu"), batch_size=b)
             o = fit(ooc, cfg, device=torch.device("cpu"), batch_size=b)
             # On the CPU the batches gather their rows straight from the files.
             np.testing.assert_array_equal(a.losses, o.losses)
-            np.testing.assert_array_equal(a.embedding, o.embedding)
+            for key in a.state:
+                _assert_same_weights_or_basis(key, o.state[key], a.state[key])
+            np.testing.assert_allclose(o.embedding, a.embedding, rtol=1e-3, atol=1e-3)
+            np.testing.assert_allclose(o.fused, a.fused, rtol=1e-3, atol=1e-5)
         del ooc
     assert list(tmp_path.iterdir()) == []
 
 
-def test_streamed_forward_equals_one_call_forward():
+@pytest.mark.parametrize("embedding", ["gcn-pca", "fused"])
+def test_streamed_whole_graph_pass_equals_one_forward_pass(embedding):
+    """`embed_streamed` (blocks of 97 cells, the GCN view's first aggregation read from
+    Â^(t1+1) X) gives the embeddings, bases and gene embedding of one forward pass over every
+    cell."""
     from scrcl_cli.model import ScRCL, to_torch_sparse
     from scrcl_cli.preprocessing import prepare
-    from scrcl_cli.training import forward_streamed
+    from scrcl_cli.training import _whole_graph_in_memory, embed_streamed
 
     ad = _example()
     prep = prepare(ad.X, list(ad.var_names), n_top_genes=300)
@@ -249,12 +259,51 @@ def test_streamed_forward_equals_one_call_forward():
     n, g = inputs.x0.shape
     model = ScRCL(g, n, 32, 6, 0.3, seed=0).eval()
     x0, x1 = torch.from_numpy(inputs.x0), torch.from_numpy(inputs.x1)
+    x_hop = torch.from_numpy((inputs.a_hat @ inputs.x1).astype(np.float32))
     a_hat, gp = to_torch_sparse(inputs.a_hat), to_torch_sparse(inputs.gene_prop)
     with torch.no_grad():
-        one = model(x0, x1, a_hat, gp)
-        blk = forward_streamed(model, x0, x1, a_hat, gp, torch.device("cpu"), block=97)
-    for name in ("h1", "h2", "z1", "z2", "gene_emb"):
-        assert torch.allclose(getattr(one, name), getattr(blk, name), atol=1e-5, rtol=1e-4), name
+        one = _whole_graph_in_memory(model(x0, x1, a_hat, gp), embedding)
+        blk = embed_streamed(model, x0, x_hop, inputs.a_hat, gp, torch.device("cpu"), embedding, block=97)
+    assert n % 97 and n > 3 * 97  # several blocks, the last one short
+    for name in ("fused", "z1", "gene_emb"):
+        np.testing.assert_allclose(getattr(blk, name), getattr(one, name), rtol=1e-4, atol=2e-5, err_msg=name)
+    for name in ("embedding", "cell_embedding"):  # the trailing PCA components turn with rounding
+        np.testing.assert_allclose(getattr(blk, name), getattr(one, name), rtol=1e-3, atol=1e-3, err_msg=name)
+    assert sorted(blk.bases) == sorted(one.bases) == (
+        ["embed_cell_components", "embed_cell_mean", "embed_fused_components", "embed_fused_mean"]
+        if embedding == "gcn-pca" else []
+    )
+    for key in one.bases:
+        _assert_same_weights_or_basis(key, blk.bases[key], one.bases[key])
+
+
+def _assert_same_weights_or_basis(key, got, want):
+    """Weights and PCA means to float32 rounding; of the PCA components the eight of largest
+    variance, since the trailing ones have nearly equal eigenvalues and turn with rounding."""
+    if key.endswith("_components"):
+        got, want = got[:, :8], want[:, :8]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=key)
+
+
+def test_out_of_core_refuses_a_disk_too_small_before_smoothing(tmp_path, monkeypatch):
+    """The disk check names the need, what is free and the fix, and writes nothing."""
+    import shutil
+    from collections import namedtuple
+
+    from scrcl_cli.errors import ScrclError
+    from scrcl_cli.preprocessing import prepare
+    from scrcl_cli.training import scratch_bytes, scratch_powers
+
+    ad = _example()
+    prep = prepare(ad.X, list(ad.var_names), n_top_genes=300)
+    n, g = prep.model_input.shape
+    assert scratch_powers(CFG) == (2, 3, 4) and scratch_bytes(n, g, (2, 3, 4)) == 3 * 4 * n * g
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 40, 3 * 4 * n * g - 1))
+    with pytest.raises(ScrclError, match=r"--out-of-core needs 2 MiB of disk .*\(3 float32 arrays .* 2 MiB are free there\. "
+                                         r"Write the output \(-o\) to a larger local disk"):
+        build_inputs(prep.model_input, prep.lognorm, CFG, scratch_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_train_out_of_core_cli_leaves_no_scratch(tmp_path):
@@ -269,6 +318,25 @@ def test_train_out_of_core_cli_leaves_no_scratch(tmp_path):
     assert res.exit_code == 0, res.output
     assert (out / "weights.pt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_train_out_of_core_on_a_full_disk_is_one_error_line_and_writes_nothing(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from click.testing import CliRunner
+
+    from scrcl_cli.cli import cli
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 40, 1 << 20))
+    out = tmp_path / "m"
+    res = CliRunner().invoke(cli, ["-q", "train", str(EXAMPLE), "-o", str(out), "--epochs", "3", "--hidden-dim", "32",
+                                   "--batch-size", "300", "--out-of-core", "--no-export", "--device", "cpu"])
+    assert res.exit_code == 1
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --out-of-core needs ") and "1 MiB are free there" in lines[0]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_train_model_reports_every_phase_in_run_order():
