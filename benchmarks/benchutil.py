@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.stdout.write(g.stdout)
     sys.stderr.write(g.stderr)
     args.json.write_text(json.dumps({"cmd": cmd, "status": g.status(), "returncode": g.returncode,
-                                     "wall_s": round(g.wall_s, 3), "peak_rss": g.peak_rss}))
+                                     "wall_s": round(g.wall_s, 3), "peak_rss": g.peak_rss,
+                                     "peak_anon": g.peak_anon}))
     sys.exit(0 if g.returncode == 0 else 1)
 
 

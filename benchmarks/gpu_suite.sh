@@ -19,6 +19,11 @@
 #   the source cells' types; BUDGET_S as for SUITE=short.
 # SUITE=minibatch: every-default `train` of MB_N (100,000) resampled cells full batch and with
 #   --batch-size MB_BATCH (12,500), same seed, both scored against the source types and each other.
+# SUITE=ooc: `train --out-of-core` of OOC_N (10,000,000) resampled cells on one GPU, every default
+#   but OOC_EPOCHS (2) epochs: host peak RSS and anonymous memory, GPU peak, phases and seconds per
+#   epoch. It first checks the local disk (the resampled file and three float32 (N, 2,000)
+#   smoothed inputs: about 25 GB per million cells) and stops with the sizes when it is short.
+#   OOC_N=2000000 fits a machine with 64 GB of disk.
 # SUITE=short fits a short GPU allocation (BUDGET_S seconds, default 540, checked before each step):
 #   a. benchmarks/accuracy.py at the full defaults (H 1500, 100 epochs) on CUDA, three seeds, with the
 #      baselines taken from BASELINES_JSON (a CPU run of `accuracy.py --json`), so the GPU host needs
@@ -76,7 +81,7 @@ say "suite=$SUITE results=$RESULTS data=$SRC"
   echo '```'; cat "$RESULTS/env.txt"; echo '```'
 } > "$SUMMARY"
 
-if [ "$SUITE" = short ] || [ "$SUITE" = scale ] || [ "$SUITE" = ddp ] || [ "$SUITE" = minibatch ]; then
+if [ "$SUITE" = short ] || [ "$SUITE" = scale ] || [ "$SUITE" = ddp ] || [ "$SUITE" = minibatch ] || [ "$SUITE" = ooc ]; then
   START=$SECONDS
   BUDGET_S=${BUDGET_S:-540}
   left() { echo $(( BUDGET_S - (SECONDS - START) )); }
@@ -170,6 +175,51 @@ if len(preds) == 2:
     print(f"\nARI between the two clusterings: {ari(preds['full'], preds['mini']):.4f}")
 EOF
     say "minibatch suite done after $(( SECONDS - START )) s: $SUMMARY"
+    exit 0
+  fi
+  if [ "$SUITE" = ooc ]; then
+    # Out of core on one GPU: the host's memory must not grow as N x G. A few epochs measure every
+    # phase's memory (reading, graphs, smoothing to disk, steps, the whole-graph pass, clustering);
+    # the peaks, not the accuracy, are the result.
+    OOC_N=${OOC_N:-10000000}; OOC_EPOCHS=${OOC_EPOCHS:-2}
+    BIG="$SCRCL_BENCH_DIR/pbmc_${OOC_N}.h5ad"
+    echo >> "$SUMMARY"; echo "## Steps" >> "$SUMMARY"; echo >> "$SUMMARY"
+    if ! $PY - "$OOC_N" "$SCRCL_BENCH_DIR" "$BIG" >> "$SUMMARY" 2>&1 <<'EOF'
+import os, shutil, sys
+from scrcl_cli.config import TrainConfig
+from scrcl_cli.training import scratch_bytes, scratch_powers
+n, where, big = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+smoothed = scratch_bytes(n, 2000, scratch_powers(TrainConfig()))
+data = 0 if os.path.exists(big) else 1300 * n  # the resampled file: about 1.3 kB per cell
+free = shutil.disk_usage(where).free
+print(f"- disk: {(smoothed + data) / 1e9:.1f} GB needed in {where} ({smoothed / 1e9:.1f} GB of smoothed "
+      f"inputs, {data / 1e9:.1f} GB of resampled cells), {free / 1e9:.1f} GB free")
+sys.exit(0 if smoothed + data < 0.95 * free else 1)
+EOF
+    then
+      say "ooc: not enough local disk for $OOC_N cells (see $SUMMARY); lower OOC_N or point SCRCL_BENCH_DIR at a larger disk"
+      exit 1
+    fi
+    [ -f "$BIG" ] || step make_large $(( $(left) - 60 )) $PY benchmarks/make_large.py -n "$OOC_N" -o "$BIG" --source "$SRC"
+    rm -rf "$SCRCL_BENCH_DIR/model_ooc"
+    step train_ooc $(( $(left) - 15 )) $PY benchmarks/benchutil.py --json "$RESULTS/train_ooc.json" -- \
+      scrcl-cli --log-file "$RESULTS/train_ooc_events.log" train "$BIG" -o "$SCRCL_BENCH_DIR/model_ooc" \
+      --device "$DEVICE" --seed 0 --out-of-core --epochs "$OOC_EPOCHS" --no-export $SCALE_ARGS
+    $PY - "$SCRCL_BENCH_DIR/model_ooc" "$RESULTS/train_ooc.json" >> "$SUMMARY" 2>&1 <<'EOF'
+import json, sys
+model, run = sys.argv[1:3]
+r = json.load(open(run))
+print(f"\ntrain --out-of-core: exit {r['returncode']}, {r['wall_s']:.1f} s wall, peak host RSS "
+      f"{r['peak_rss'] / 2**30:.1f} GiB, peak anonymous memory {r.get('peak_anon', 0) / 2**30:.1f} GiB")
+m = json.load(open(f"{model}/scrcl_model.json"))
+t = m["training"]
+e = m["config"]["epochs"]
+print(f"\n{t['n_cells']} cells: {e} epochs on batches of {t['batch_size'] or 'every cell (full batch)'}, "
+      f"training {t['seconds']:.1f} s ({t['seconds'] / e:.1f} s per epoch) on {t['device']}, "
+      f"peak GPU memory {(t.get('peak_gpu_bytes') or 0) / 2**30:.1f} GiB; K {m['clusters']['n_clusters']}")
+EOF
+    grep -E "phases" "$RESULTS/train_ooc_events.log" | tail -n 1 >> "$SUMMARY"
+    say "ooc suite done after $(( SECONDS - START )) s: $SUMMARY"
     exit 0
   fi
   if [ "$SUITE" = scale ]; then

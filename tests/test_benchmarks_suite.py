@@ -224,7 +224,7 @@ def test_cut_seed_sources_separate_training_from_clustering_seeds(bench_pkg: Non
     assert "| pollen_log_simlr | confirmation | " in md and "**mean**" in md
 
 
-@pytest.mark.parametrize("suite", ["minibatch", "scale"])
+@pytest.mark.parametrize("suite", ["minibatch", "scale", "ooc"])
 def test_gpu_suite_rehearses_on_the_cpu(suite: str, tmp_path: Path):
     """`benchmarks/gpu_suite.sh` is what a GPU host runs unchanged; with DEVICE=cpu and tiny sizes
     the same script trains, scores and writes its summary here."""
@@ -233,7 +233,7 @@ def test_gpu_suite_rehearses_on_the_cpu(suite: str, tmp_path: Path):
     data = shared("pbmc_10x_4k_top2000.h5ad").parent
     env = {**ENV, "SUITE": suite, "DEVICE": "cpu", "SCRCL_DATA": str(data), "SCRCL_BENCH_DIR": str(tmp_path / "bench"),
            "PYTHON": sys.executable, "BUDGET_S": "400", "SCALE_STEP": "0", "MB_N": "1200", "MB_BATCH": "300",
-           "SCALE_N": "1200", "SCALE_ARGS": "--epochs 2 --hidden-dim 32 --n-top-genes 300",
+           "SCALE_N": "1200", "OOC_N": "1200", "SCALE_ARGS": "--epochs 2 --hidden-dim 32 --n-top-genes 300",
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     res = subprocess.run(["bash", "benchmarks/gpu_suite.sh", str(tmp_path / "results")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600, check=False)
@@ -243,7 +243,27 @@ def test_gpu_suite_rehearses_on_the_cpu(suite: str, tmp_path: Path):
         rows = [line for line in summary.splitlines() if line.startswith(("| full |", "| mini |"))]
         assert len(rows) == 2 and "| 300 |" in rows[1], summary
         assert "ARI between the two clusterings" in summary
+    elif suite == "ooc":
+        assert "- make_large: exit 0" in summary and "- train_ooc: exit 0" in summary, summary
+        assert "train --out-of-core: exit 0" in summary and "peak anonymous memory" in summary, summary
+        assert "1200 cells: 2 epochs" in summary and "phases: preprocess " in summary, summary
     else:
         assert "- gpu_checks: exit 0" in summary and "- train_scale: exit 0" in summary, summary
         assert "train on 1200 cells" in summary and "- cluster_scale: exit 0" in summary, summary
         assert "cluster of 1200 cells with that model" in summary, summary
+
+
+def test_gpu_suite_ooc_stops_before_any_work_when_the_disk_is_short(tmp_path: Path):
+    """SUITE=ooc checks the disk for the resampled file and the smoothed inputs first: at 10^10
+    cells it stops with the sizes and makes nothing."""
+    from conftest import shared
+
+    data = shared("pbmc_10x_4k_top2000.h5ad").parent
+    env = {**ENV, "SUITE": "ooc", "DEVICE": "cpu", "SCRCL_DATA": str(data), "SCRCL_BENCH_DIR": str(tmp_path / "bench"),
+           "PYTHON": sys.executable, "OOC_N": str(10**10)}
+    res = subprocess.run(["bash", "benchmarks/gpu_suite.sh", str(tmp_path / "results")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300, check=False)
+    summary = (tmp_path / "results" / "summary.md").read_text()
+    assert res.returncode == 1 and "not enough local disk for 10000000000 cells" in res.stdout, res.stdout + res.stderr
+    assert "- disk: 253000.0 GB needed in " in summary and "(240000.0 GB of smoothed inputs, 13000.0 GB" in summary
+    assert list((tmp_path / "bench").iterdir()) == []
