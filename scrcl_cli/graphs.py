@@ -433,24 +433,35 @@ def smooth_powers(
     return out
 
 
+# Rows per copy of a smoothed column block back to the host: keeps the host's transient copy at
+# (65,536, block) instead of (N, block), 10 GB at ten million cells.
+_ROWS_TO_HOST = 65_536
+
+
 def _smooth_powers_torch(
     x: sp.spmatrix | np.ndarray, a_hat: sp.csr_matrix, wanted: list[int], out: dict[int, np.ndarray], block: int, device: Any
 ) -> None:
-    """`smooth_powers` on a torch device: fills `out` (t -> float32 (N, G)) in place."""
+    """`smooth_powers` on a torch device: fills `out` (t -> float32 (N, G)) in place.
+
+    Each column block travels sparse and is made dense on the device, and comes back in row
+    chunks, so the host holds no dense (N, block) array and no column-major copy of x.
+    """
     import torch
 
     a_t = torch_csr(a_hat, device)
-    xc = sp.csc_matrix(x, dtype=np.float32) if sp.issparse(x) else np.asarray(x, dtype=np.float32)
-    g = x.shape[1]
+    n, g = x.shape
     for c0 in range(0, g, block):
         c1 = min(g, c0 + block)
-        cols = xc[:, c0:c1]
-        y = torch.from_numpy(cols.toarray() if sp.issparse(cols) else np.ascontiguousarray(cols)).to(device)  # type: ignore[union-attr]
+        if sp.issparse(x):
+            y = torch_csr(sp.csr_matrix(x)[:, c0:c1], device).to_dense()
+        else:
+            y = torch.from_numpy(np.ascontiguousarray(np.asarray(x)[:, c0:c1], dtype=np.float32)).to(device)
         for step in range(wanted[-1] + 1):
             if step:
                 y = a_t @ y
             if step in out:
-                out[step][:, c0:c1] = y.cpu().numpy()
+                for r0 in range(0, n, _ROWS_TO_HOST):
+                    out[step][r0 : r0 + _ROWS_TO_HOST, c0:c1] = y[r0 : r0 + _ROWS_TO_HOST].cpu().numpy()
 
 
 def padded_neighbours(a_hat: sp.csr_matrix, self_cols: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

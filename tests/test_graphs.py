@@ -186,21 +186,23 @@ def test_approximate_knn_is_deterministic_given_the_seed(monkeypatch):
 
 
 @pytest.mark.parametrize("where", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_torch_graph_algebra_matches_scipy(where):
+def test_torch_graph_algebra_matches_scipy(where, monkeypatch):
     """The CUDA path (Gram matrix in dense row blocks, smoothing with torch sparse products,
     exact kNN) equals the scipy path to float32 rounding; on hosts without a GPU it runs on
-    torch's CPU device."""
+    torch's CPU device. The smoothed blocks come back in row chunks (here of 64 rows)."""
     torch = pytest.importorskip("torch")
+    monkeypatch.setattr(graphs, "_ROWS_TO_HOST", 64)
     if where == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     dev = torch.device(where)
     x = sp.random(300, 80, density=0.1, format="csr", dtype=np.float32, random_state=4)
     np.testing.assert_allclose(graphs.gram_matrix(x, device=dev), graphs.gram_matrix(x), rtol=1e-5, atol=1e-5)
     a_hat = graphs.gcn_norm(graphs.knn_to_adjacency(graphs.knn_cosine(x.toarray(), 6)))
-    got = graphs.smooth_powers(x, a_hat, (2, 4), block=32, device=dev)
     want = graphs.smooth_powers(x, a_hat, (2, 4), block=32)
-    for t in (2, 4):
-        np.testing.assert_allclose(got[t], want[t], rtol=1e-5, atol=1e-6)
+    for xin in (x, x.toarray()):
+        got = graphs.smooth_powers(xin, a_hat, (2, 4), block=32, device=dev)
+        for t in (2, 4):
+            np.testing.assert_allclose(got[t], want[t], rtol=1e-5, atol=1e-6)
     got_nb, want_nb = graphs.knn_cosine(x.toarray(), 6, device=dev), graphs.knn_cosine(x.toarray(), 6)
     # Sets, not order: a GPU matmul may swap two neighbours whose similarities tie to rounding.
     assert np.mean([len(set(a) & set(b)) for a, b in zip(got_nb, want_nb)]) / want_nb.shape[1] > 0.99
