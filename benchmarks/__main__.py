@@ -11,6 +11,7 @@ SUITES = {
     "mapping": ("mapping", "train on some donors, cluster the others with the model, against PCA projection and ingest"),
     "spatial": ("spatial", "spatial mode against expression and spatial baselines (docs/spatial.md)"),
     "scaling": ("train_memory", "training memory and time against N, linear vs dense losses (docs/benchmarks.md, 'Training memory and time against N')"),
+    "whole-graph": ("whole_graph", "memory of the whole-graph pass after training: one forward call against the streamed pass"),
     "inference": ("inference", "embed throughput and peak RSS against N (docs/benchmarks.md, 'Inference throughput')"),
     "end-to-end": ("end_to_end", "train + cluster against N (docs/benchmarks.md, 'End to end')"),
     "minibatch": ("minibatch", "mini-batch against full-batch training on shared datasets (docs/benchmarks.md, 'Mini-batch and out-of-core training')"),

@@ -574,7 +574,8 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
 @_opt(
     "--out-of-core",
     is_flag=True,
-    help="Keep the smoothed inputs in memory-mapped files beside OUTPUT while training (removed afterwards), for atlases larger than memory.",
+    help="Keep the smoothed inputs in memory-mapped files beside OUTPUT while training (removed afterwards), for atlases larger than memory; "
+    "needs 3 x cells x genes x 4 bytes of free disk there, checked before any work.",
 )
 @_opt("--no-export", is_flag=True, help="Skip the ONNX export (weights only).")
 @_opt(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +23,8 @@ def test_no_sys_path_edits_in_benchmarks():
 
 
 @pytest.mark.parametrize("suite", ["accuracy", "spatial", "scaling", "inference", "end-to-end", "minibatch",
-                                   "clustering", "knn", "make-large", "run", "cut", "mapping", "libraries"])
+                                   "clustering", "knn", "make-large", "run", "cut", "mapping", "libraries",
+                                   "whole-graph"])
 def test_every_suite_answers_help(suite: str):
     res = subprocess.run([sys.executable, "-m", "benchmarks", suite, "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=240, check=False, env=ENV)
@@ -36,6 +38,19 @@ def test_clustering_suite_runs_and_prints_its_table():
     assert res.returncode == 0, res.stderr[-2000:]
     row = [line for line in res.stdout.splitlines() if line.startswith("| 1,500 |")]
     assert row and row[0].rstrip().endswith("|"), res.stdout
+
+
+def test_whole_graph_suite_measures_both_passes_on_the_same_cells(tmp_path: Path):
+    """Both variants run on the same resampled real cells and the table reports each one's memory."""
+    res = subprocess.run([sys.executable, "-m", "benchmarks", "whole-graph", "--sizes", "1500", "--hidden-dim", "32",
+                          "--threads", "1", "--json", str(tmp_path / "wg.jsonl")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, check=False, env={**ENV, "SCRCL_BENCH_DIR": str(tmp_path / "bench")})
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "wg.jsonl").read_text().splitlines()]
+    assert [(r["variant"], r["status"], r["embedding_shape"][0], r["finite"]) for r in rows] == [
+        ("one-call", "ok", 1500, True), ("streamed", "ok", 1500, True)]
+    assert all(r["mem"] > 0 for r in rows)
+    assert [line for line in res.stdout.splitlines() if line.startswith("| 1,500 |")], res.stdout
 
 
 @pytest.fixture
