@@ -106,8 +106,11 @@ class Guarded:
 
 def run_guarded(cmd: list[str], *, timeout: float, rss_limit: int, poll_s: float = 0.05,
                 env: dict[str, str] | None = None) -> Guarded:
-    """Run `cmd`, kill it past `timeout` seconds or `rss_limit` bytes of RSS; report its peak RSS.
+    """Run `cmd`, kill it past `timeout` seconds or `rss_limit` bytes of anonymous memory; report
+    its peak RSS and peak anonymous memory.
 
+    The guard watches anonymous memory (RssAnon), not RSS: resident pages of memory-mapped files
+    (`train --out-of-core`) count in RSS but the kernel reclaims them under pressure.
     env: extra environment variables for the child.
     """
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -122,10 +125,10 @@ def run_guarded(cmd: list[str], *, timeout: float, rss_limit: int, poll_s: float
             if pid:
                 break
             elapsed = time.perf_counter() - t0
-            rss = rss_now(proc.pid)
-            peak_anon = max(peak_anon, rss_now(proc.pid, "RssAnon"))
-            if killed is None and rss > rss_limit:
-                killed = f"killed: RSS passed the {rss_limit / 2**30:.1f} GiB guard after {elapsed:.0f} s"
+            anon = rss_now(proc.pid, "RssAnon")
+            peak_anon = max(peak_anon, anon)
+            if killed is None and anon > rss_limit:
+                killed = f"killed: anonymous memory passed the {rss_limit / 2**30:.1f} GiB guard after {elapsed:.0f} s"
                 proc.kill()
             elif killed is None and elapsed > timeout:
                 killed = f"timeout after {timeout:.0f} s"

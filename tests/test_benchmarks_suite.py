@@ -282,3 +282,20 @@ def test_gpu_suite_ooc_stops_before_any_work_when_the_disk_is_short(tmp_path: Pa
     assert res.returncode == 1 and "not enough local disk for 10000000000 cells" in res.stdout, res.stdout + res.stderr
     assert "- disk: 253000.0 GB needed in " in summary and "(240000.0 GB of smoothed inputs, 13000.0 GB" in summary
     assert list((tmp_path / "bench").iterdir()) == []
+
+
+def test_guard_kills_on_anonymous_memory_not_on_mapped_file_pages(tmp_path: Path):
+    """The runner's memory guard: 300 MiB of a memory-mapped file, resident, are not a reason to
+    kill (the kernel can drop them); 300 MiB of the process's own memory are."""
+    from benchmarks.benchutil import run_guarded
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\1" * (300 << 20))
+    mapped = (f"import mmap, time; f = open({str(big)!r}, 'rb'); m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ); "
+              "s = sum(m[i] for i in range(0, len(m), 4096)); time.sleep(1.0); print(s)")
+    own = "import time; b = bytearray(300 << 20); b[::4096] = b'\\1' * len(b[::4096]); time.sleep(1.0)"
+    limit = 200 << 20
+    kept = run_guarded([sys.executable, "-c", mapped], timeout=60, rss_limit=limit, poll_s=0.02)
+    killed = run_guarded([sys.executable, "-c", own], timeout=60, rss_limit=limit, poll_s=0.02)
+    assert kept.returncode == 0 and kept.peak_rss > limit and kept.peak_anon < limit, (kept.peak_rss, kept.peak_anon)
+    assert killed.status().startswith("killed: anonymous memory passed the 0.2 GiB guard"), killed.status()
