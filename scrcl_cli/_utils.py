@@ -24,7 +24,7 @@ def usable_cores() -> int:
 
 
 def human_bytes(n: float) -> str:
-    """A byte count for a message: '3.2 GiB' from 1 GiB up, else '740 MiB' (at least '1 MiB')."""
+    """A byte count for a message: '3.21 GiB' from 1 GiB up, else '740.2 MiB'."""
     if n >= 2**30:
-        return f"{n / 2**30:.1f} GiB"
-    return f"{max(1, round(n / 2**20))} MiB"
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB"

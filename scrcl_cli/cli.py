@@ -575,7 +575,7 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
     "--out-of-core",
     is_flag=True,
     help="Keep the smoothed inputs in memory-mapped files beside OUTPUT while training (removed afterwards), for atlases larger than memory; "
-    "needs 3 x cells x genes x 4 bytes of free disk there, checked before any work.",
+    "needs 4 bytes x cells x kept genes per file (3 files with the default --t0/--t1) of free disk there, checked before any work.",
 )
 @_opt("--no-export", is_flag=True, help="Skip the ONNX export (weights only).")
 @_opt(
@@ -657,7 +657,14 @@ def train(
             f"--n-clusters {n_clusters} is more than the {adata.n_obs} cells of {input_h5ad.name}",
             f"Pass --n-clusters between 1 and {adata.n_obs}, or leave it out to choose it from the data",
         )
-    check_fits(config, adata.n_obs, adata.n_vars, batch_size=batch_size, out_of_core=output if out_of_core else None)
+    check_fits(
+        config,
+        adata.n_obs,
+        adata.n_vars,
+        batch_size=batch_size,
+        out_of_core=output if out_of_core else None,
+        processes=dist.world_size if dist is not None else 1,
+    )
     from .workflow import phase_line, train_model, train_worker
 
     if dist is not None and not dist.is_main:

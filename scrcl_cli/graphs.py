@@ -386,6 +386,23 @@ def smooth(x: sp.csr_matrix | np.ndarray, a_hat: sp.csr_matrix, t: int) -> sp.cs
     return x
 
 
+def _reserve_disk(path: Any) -> None:
+    """Allocate a memory-mapped file's blocks now: a full disk is then an OSError (ENOSPC) here,
+    not a SIGBUS that kills the process when a page of the map is first written. File systems
+    without allocation (or systems without posix_fallocate) keep the file sparse."""
+    import errno
+    import os
+
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from None
+
+
 def smooth_powers(
     x: sp.spmatrix | np.ndarray,
     a_hat: sp.csr_matrix,
@@ -414,10 +431,10 @@ def smooth_powers(
     else:
         from pathlib import Path
 
-        out = {
-            t: np.lib.format.open_memmap(Path(out_dir) / f"smoothed_t{t}.npy", mode="w+", dtype=np.float32, shape=(n, g))
-            for t in wanted
-        }
+        out = {}
+        for t in wanted:
+            out[t] = np.lib.format.open_memmap(Path(out_dir) / f"smoothed_t{t}.npy", mode="w+", dtype=np.float32, shape=(n, g))
+            _reserve_disk(Path(out_dir) / f"smoothed_t{t}.npy")
     if device is not None:
         _smooth_powers_torch(x, a_hat, wanted, out, block, device)
         return out

@@ -109,19 +109,23 @@ def scratch_bytes(n_cells: int, n_genes: int, powers: tuple[int, ...]) -> int:
     return 4 * n_cells * n_genes * len(set(powers))
 
 
-def check_scratch_space(directory: Any, shape: tuple[int, int], powers: tuple[int, ...]) -> None:
+def check_scratch_space(directory: Any, shape: tuple[int, int], powers: tuple[int, ...], *, processes: int = 1) -> None:
     """Refuse, before any smoothing, out-of-core inputs that would not fit on the scratch disk.
 
-    A full disk half way through writing would fail late, after the graphs, with a bare OSError.
+    A full disk half way through writing would fail late, after the graphs. processes: how many
+    training processes each keep their own copy there (torchrun: every process writes beside the
+    same output path).
     """
     import shutil
 
-    need = scratch_bytes(shape[0], shape[1], powers)
+    need = processes * scratch_bytes(shape[0], shape[1], powers)
     free = shutil.disk_usage(directory).free
     if need > free:
+        copies = f", for each of {processes} processes" if processes > 1 else ""
         raise ScrclError(
             f"--out-of-core needs {human_bytes(need)} of disk beside the output for the smoothed inputs "
-            f"({len(set(powers))} float32 arrays of {shape[0]} cells x {shape[1]} genes) and {human_bytes(free)} are free there",
+            f"({len(set(powers))} float32 arrays of {shape[0]} cells x {shape[1]} genes{copies}) and "
+            f"{human_bytes(free)} are free there, {human_bytes(need - free)} short",
             "Write the output (-o) to a larger local disk, or lower --n-top-genes",
         )
 
@@ -185,15 +189,21 @@ def free_memory_bytes(device: torch.device) -> int:
 
 
 def check_fits(
-    config: TrainConfig, n_cells: int, n_genes: int, *, batch_size: int | None = None, out_of_core: Any = None
+    config: TrainConfig,
+    n_cells: int,
+    n_genes: int,
+    *,
+    batch_size: int | None = None,
+    out_of_core: Any = None,
+    processes: int = 1,
 ) -> None:
     """Refuse, before any work, a run whose host memory or scratch disk need exceeds what is free.
 
     Counted: what mini-batches cannot shrink (parameters of both views with their gradients and
     Adam state, 8 x (G, H) float32 each, and the two dense smoothed inputs, 2 x (N, G)), plus
     one step on the smallest batch the run could use. `out_of_core` (the output path): the
-    smoothed inputs go to disk beside it instead (`check_scratch_space`), not into memory. The
-    message states the estimate.
+    smoothed inputs go to disk beside it instead (`check_scratch_space`, one copy per process of
+    a torchrun launch), not into memory. The message states the estimate.
     """
     g = max(1, min(int(config.n_top_genes), n_genes))
     h = int(config.hidden_dim)
@@ -211,7 +221,7 @@ def check_fits(
         where = Path(out_of_core).resolve().parent
         while not where.exists() and where != where.parent:  # the output's folder may not exist yet
             where = where.parent
-        check_scratch_space(where, (n_cells, g), scratch_powers(config))
+        check_scratch_space(where, (n_cells, g), scratch_powers(config), processes=processes)
 
 
 def choose_batch_size(n: int, g: int, h: int, device: torch.device, requested: int | None) -> int | None:
@@ -281,10 +291,9 @@ def _loss(out: Any, adj: Tensor, config: TrainConfig) -> LossTerms:
 
 
 def _rows(x: Tensor, nodes: Tensor, device: torch.device) -> Tensor:
-    """Rows `nodes` of x on `device`; x may stay on the host (streamed, out of core)."""
-    if x.device == nodes.device:
-        return x[nodes]
-    return x[nodes.to(x.device)].to(device, non_blocking=True)
+    """Rows `nodes` of x on `device`; x and nodes may be on the host (streamed, out of core)."""
+    rows = x[nodes.to(x.device)]
+    return rows if rows.device == device else rows.to(device, non_blocking=True)
 
 
 def _setup(inputs: TrainInputs, config: TrainConfig, device: torch.device, *, stream: bool = False) -> tuple[Any, ...]:

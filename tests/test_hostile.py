@@ -462,7 +462,7 @@ def test_out_of_core_memory_estimate_leaves_the_smoothed_inputs_to_the_disk(monk
     out = tmp_path / "new" / "deeper" / "model"
     training.check_fits(config, 1_000_000, 5000, out_of_core=out)  # 22.4 GiB of files: fits the memory and the disk
     assert seen == [tmp_path]
-    with pytest.raises(ScrclError, match=r"--out-of-core needs 44\.7 GiB of disk .* 30\.0 GiB are free there"):
+    with pytest.raises(ScrclError, match=r"--out-of-core needs 44\.70 GiB of disk .* 30\.00 GiB are free there, 14\.70 GiB short"):
         training.check_fits(config, 2_000_000, 5000, out_of_core=out, batch_size=4096)
 
 

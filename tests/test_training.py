@@ -300,10 +300,77 @@ def test_out_of_core_refuses_a_disk_too_small_before_smoothing(tmp_path, monkeyp
     assert scratch_powers(CFG) == (2, 3, 4) and scratch_bytes(n, g, (2, 3, 4)) == 3 * 4 * n * g
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 40, 3 * 4 * n * g - 1))
-    with pytest.raises(ScrclError, match=r"--out-of-core needs 2 MiB of disk .*\(3 float32 arrays .* 2 MiB are free there\. "
-                                         r"Write the output \(-o\) to a larger local disk"):
+    with pytest.raises(ScrclError, match=r"--out-of-core needs 2\.4 MiB of disk .*\(3 float32 arrays .* 2\.4 MiB are free "
+                                         r"there, 0\.0 MiB short\. Write the output \(-o\) to a larger local disk"):
         build_inputs(prep.model_input, prep.lognorm, CFG, scratch_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+    from scrcl_cli.training import check_scratch_space
+
+    with pytest.raises(ScrclError, match=r"needs 4\.8 MiB .* genes, for each of 2 processes\) and 2\.4 MiB are free there, "
+                                         r"2\.4 MiB short"):
+        check_scratch_space(tmp_path, (n, g), (2, 3, 4), processes=2)
+
+
+def test_rows_land_on_the_requested_device_wherever_the_inputs_and_indices_are():
+    """Streamed inputs stay on the host and so may the indices (the whole-graph pass makes them
+    there); the rows must still reach the device (the meta device stands in for a GPU here)."""
+    from scrcl_cli.training import _rows
+
+    x = torch.arange(15.0).reshape(5, 3)
+    got = _rows(x, torch.tensor([4, 1]), torch.device("meta"))
+    assert got.device.type == "meta" and got.shape == (2, 3)
+    torch.testing.assert_close(_rows(x, torch.tensor([4, 1]), torch.device("cpu")), x[[4, 1]])
+
+
+def test_out_of_core_disk_filling_up_is_one_error_line_and_leaves_no_scratch(tmp_path, monkeypatch):
+    """The smoothed inputs' files are allocated when they are made, so a disk that fills up after
+    the check is a clean error there, not a crash when a page of the map is first written."""
+    import errno
+    import os
+
+    from click.testing import CliRunner
+
+    from scrcl_cli.cli import cli
+
+    calls = []
+
+    def full(fd, offset, length):
+        calls.append(length)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    out = tmp_path / "m"
+    res = CliRunner().invoke(cli, ["-q", "train", str(EXAMPLE), "-o", str(out), "--epochs", "3", "--hidden-dim", "32",
+                                   "--batch-size", "300", "--out-of-core", "--no-export", "--device", "cpu"])
+    assert res.exit_code == 1 and calls and calls[0] > 700 * 4
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: the disk is full writing ") and "smoothed_t" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.gpu
+def test_out_of_core_on_cuda_trains_and_embeds_like_in_memory(tmp_path):
+    """On a GPU the streamed inputs stay on the host: mini-batches and the whole-graph pass must
+    move their rows to the device and give the in-memory run's embedding."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from scrcl_cli.preprocessing import prepare
+    from scrcl_cli.training import scratch_inputs
+
+    ad = _example()
+    prep = prepare(ad.X, list(ad.var_names), n_top_genes=300)
+    cfg = TrainConfig(**{**CFG.as_dict(), "epochs": 4, "lr": 1e-3})
+    mem = build_inputs(prep.model_input, prep.lognorm, cfg)
+    with scratch_inputs(tmp_path / "model") as scratch:
+        ooc = build_inputs(prep.model_input, prep.lognorm, cfg, scratch_dir=scratch)
+        for b in (256, None):
+            a = fit(mem, cfg, device=torch.device("cuda"), batch_size=b)
+            o = fit(ooc, cfg, device=torch.device("cuda"), batch_size=b)
+            np.testing.assert_allclose(o.losses, a.losses, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(o.fused, a.fused, rtol=1e-3, atol=1e-4)
+            print(f"batch {b}: out of core against in memory on CUDA, max |fused| difference "
+                  f"{float(np.abs(o.fused - a.fused).max()):.2g}")
+        del ooc
 
 
 def test_train_out_of_core_cli_leaves_no_scratch(tmp_path):
@@ -335,7 +402,7 @@ def test_train_out_of_core_on_a_full_disk_is_one_error_line_and_writes_nothing(t
                                    "--batch-size", "300", "--out-of-core", "--no-export", "--device", "cpu"])
     assert res.exit_code == 1
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: --out-of-core needs ") and "1 MiB are free there" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: --out-of-core needs ") and "1.0 MiB are free there" in lines[0]
     assert list(tmp_path.iterdir()) == []
 
 
