@@ -455,6 +455,17 @@ def smooth_powers(
 _ROWS_TO_HOST = 65_536
 
 
+def block_width(n: int, g: int, block: int, free_bytes: int) -> int:
+    """Columns per smoothing pass on a GPU with `free_bytes` free: at least `block`, at most G, and
+    as many as two dense float32 (N, width) arrays (the block and its product) in 40 % of it.
+
+    Fewer passes mean fewer sparse products and, out of core, fewer rewrites of every page of the
+    row-major files: with all G columns in one pass each file is written once, front to back.
+    """
+    fit = int(0.4 * free_bytes) // (2 * 4 * max(n, 1))
+    return max(1, min(g, max(block, fit)))
+
+
 def _smooth_powers_torch(
     x: sp.spmatrix | np.ndarray, a_hat: sp.csr_matrix, wanted: list[int], out: dict[int, np.ndarray], block: int, device: Any
 ) -> None:
@@ -467,6 +478,8 @@ def _smooth_powers_torch(
 
     a_t = torch_csr(a_hat, device)
     n, g = x.shape
+    if getattr(device, "type", None) == "cuda":
+        block = block_width(n, g, block, int(torch.cuda.mem_get_info(device)[0]))
     for c0 in range(0, g, block):
         c1 = min(g, c0 + block)
         if sp.issparse(x):

@@ -206,3 +206,14 @@ def test_torch_graph_algebra_matches_scipy(where, monkeypatch):
     got_nb, want_nb = graphs.knn_cosine(x.toarray(), 6, device=dev), graphs.knn_cosine(x.toarray(), 6)
     # Sets, not order: a GPU matmul may swap two neighbours whose similarities tie to rounding.
     assert np.mean([len(set(a) & set(b)) for a, b in zip(got_nb, want_nb)]) / want_nb.shape[1] > 0.99
+
+
+def test_block_width_fills_the_device_within_bounds():
+    """Columns per GPU smoothing pass: the whole G where two (N, G) float32 arrays fit in 40 % of
+    the free memory (one pass), else what fits, never below the CPU's block nor above G."""
+    gib = 2**30
+    assert graphs.block_width(1_000_000, 2000, 256, 130 * gib) == 2000  # an H200 at a million cells
+    assert graphs.block_width(10_000_000, 2000, 256, 130 * gib) == 697  # ten million: 3 passes
+    assert graphs.block_width(10_000_000, 2000, 256, 70 * gib) == 375
+    assert graphs.block_width(10_000_000, 2000, 256, 1 * gib) == 256
+    assert graphs.block_width(10, 3, 256, 0) == 3
