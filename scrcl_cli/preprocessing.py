@@ -41,7 +41,10 @@ def normalize_log1p(x: sp.csr_matrix, target_sum: float = TARGET_SUM) -> sp.csr_
     x = sp.csr_matrix(x, dtype=np.float32, copy=True)
     totals = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-    x.data = np.log1p(x.data * np.repeat(scale, np.diff(x.indptr)).astype(np.float32)).astype(np.float32)
+    # In place on the copy, with one float32 temporary the size of the nonzeros: at ten million
+    # cells each further nonzero-sized array would be 6 GB (12 GB in float64).
+    x.data *= np.repeat(scale.astype(np.float32), np.diff(x.indptr))
+    np.log1p(x.data, out=x.data)
     return x
 
 
@@ -147,13 +150,17 @@ def prepare(
         log.info("dropped %d all-zero cells and %d all-zero genes", n_cells_dropped, n_genes_dropped)
     if not cells.any() or not genes.any():
         raise ScrclError("every cell or every gene has zero counts", "Check that X holds expression values")
-    xf = sp.csr_matrix(x[cells][:, genes])
+    # Only the rows and columns that go: each copy of X is 12 GB at ten million cells.
+    xf = sp.csr_matrix(x if cells.all() else x[cells])
+    xf = xf if genes.all() else sp.csr_matrix(xf[:, genes])
     names = [n for n, keep in zip(var_names, genes) if keep]
     lognorm = lognormalize(xf, expression)
     hvg = highly_variable_seurat(lognorm, n_top_genes)
     idx = np.flatnonzero(hvg)
     log.info("selected %d highly variable genes of %d", idx.size, len(names))
-    lognorm_hvg = sp.csr_matrix(lognorm[:, idx])
+    # Never the caller's X itself (log input may pass through unchanged): the result is ours to keep.
+    whole = idx.size == lognorm.shape[1] and not np.may_share_memory(lognorm.data, xf.data)
+    lognorm_hvg = lognorm if whole else sp.csr_matrix(lognorm[:, idx])
     model_input = lognorm_hvg if input_mode == "lognorm" else sp.csr_matrix(xf[:, idx], dtype=np.float32)
     return Prepared(
         genes=[names[i] for i in idx],

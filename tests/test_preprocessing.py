@@ -57,3 +57,22 @@ def test_highly_variable_seurat_returns_all_genes_when_fewer_than_asked():
     x = sp.csr_matrix(rng.poisson(2.0, size=(50, 12)).astype(np.float32))
     mask = highly_variable_seurat(normalize_log1p(x), 2000)
     assert mask.sum() == 12
+
+
+@pytest.mark.parametrize("expression", ["counts", "log"])
+def test_prepare_keeps_every_gene_without_copying_x_and_never_hands_back_x_itself(expression):
+    """With every cell and gene kept and every gene asked for, prepare skips the filtering copies,
+    but its matrices are never the caller's X (which the caller keeps and may change); the values
+    equal the filtered route's."""
+    rng = np.random.default_rng(0)
+    dense = rng.poisson(0.6, size=(300, 40)).astype(np.float32)
+    dense[:, 0] += 1.0  # every cell and gene has counts
+    x = sp.csr_matrix(np.log1p(dense) if expression == "log" else dense)
+    before = x.copy()
+    prep = prepare(x, [f"g{i}" for i in range(40)], n_top_genes=40, expression=expression)
+    assert prep.model_input.shape == (300, 40) and prep.cell_mask.all()
+    assert prep.model_input is not x and not np.shares_memory(prep.model_input.data, x.data)
+    want = normalize_log1p(x) if expression == "counts" else x
+    np.testing.assert_array_equal(prep.model_input.toarray(), want.toarray())
+    prep.model_input.data[:] = -1.0
+    np.testing.assert_array_equal(x.toarray(), before.toarray())
