@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -20,6 +21,10 @@ log = logging.getLogger(__name__)
 TARGET_SUM = 1e4
 
 
+# Stored values per block of the per-gene sums (2**24: 128 MiB of float64).
+_NNZ_BLOCK = 1 << 24
+
+
 def nonzero_masks(x: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     """Cells with at least one count and genes seen in at least one cell.
 
@@ -27,9 +32,14 @@ def nonzero_masks(x: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     """
     x = sp.csr_matrix(x)
     nz = x.data != 0
-    cells = np.bincount(np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))[nz], minlength=x.shape[0]) > 0
-    genes = np.bincount(x.indices[nz], minlength=x.shape[1]) > 0
-    return cells, genes
+    if nz.all():  # no stored zeros (the usual case): a cell with entries has counts
+        cells = np.diff(x.indptr) > 0
+    else:
+        cells = np.bincount(np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))[nz], minlength=x.shape[0]) > 0
+    seen = np.zeros(x.shape[1], dtype=np.int64)
+    for a in range(0, x.nnz, _NNZ_BLOCK):  # bincount widens the indices to int64: by blocks
+        seen += np.bincount(x.indices[a : a + _NNZ_BLOCK][nz[a : a + _NNZ_BLOCK]], minlength=x.shape[1])
+    return cells, seen > 0
 
 
 def normalize_log1p(x: sp.csr_matrix, target_sum: float = TARGET_SUM) -> sp.csr_matrix:
@@ -48,12 +58,25 @@ def normalize_log1p(x: sp.csr_matrix, target_sum: float = TARGET_SUM) -> sp.csr_
     return x
 
 
-def mean_var(x: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene mean and unbiased variance, float64 (G,) each, of x: CSR (N, G); scanpy's ``_get_mean_var`` formula."""
-    n = x.shape[0]
-    data = x.data.astype(np.float64)
-    mean = np.bincount(x.indices, weights=data, minlength=x.shape[1]) / n
-    var = np.bincount(x.indices, weights=data * data, minlength=x.shape[1]) / n - mean**2
+def mean_var(x: sp.csr_matrix, transform: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and unbiased variance, float64 (G,) each, of x: CSR (N, G); scanpy's ``_get_mean_var`` formula.
+
+    transform: an elementwise function applied to the stored values in float64 first (it must map
+    0 to 0), e.g. np.expm1. The sums run over blocks of stored values, so the float64 copies are
+    128 MiB each, not 8 bytes per stored value (12 GB at ten million cells).
+    """
+    n, g = x.shape
+    total = np.zeros(g)
+    squares = np.zeros(g)
+    for a in range(0, x.nnz, _NNZ_BLOCK):
+        data = x.data[a : a + _NNZ_BLOCK].astype(np.float64)
+        if transform is not None:
+            data = transform(data)
+        idx = x.indices[a : a + _NNZ_BLOCK]
+        total += np.bincount(idx, weights=data, minlength=g)
+        squares += np.bincount(idx, weights=data * data, minlength=g)
+    mean = total / n
+    var = squares / n - mean**2
     if n > 1:
         var *= n / (n - 1)
     return mean, var
@@ -66,9 +89,8 @@ def highly_variable_seurat(lognorm: sp.csr_matrix, n_top_genes: int, n_bins: int
     Returns a boolean mask, shape (n_genes,). Genes are ranked by dispersion normalised within
     20 equal-width bins of log mean expression; ties at the cut-off are all kept, as scanpy does.
     """
-    x = sp.csr_matrix(lognorm, dtype=np.float64, copy=True)
-    x.data = np.expm1(x.data)
-    mean, var = mean_var(x)
+    x = sp.csr_matrix(lognorm)
+    mean, var = mean_var(x, np.expm1)
     mean[mean == 0] = 1e-12
     with np.errstate(divide="ignore", invalid="ignore"):
         disp = var / mean

@@ -253,6 +253,11 @@ def _check_unique_genes(var_names: Any, name: str) -> None:
 LOG_INTEGER_MAX = 20.0
 
 
+# Stored entries per block of the whole-matrix checks: their float64 and int64 temporaries stay at
+# 128 MiB each instead of 8 bytes per entry of X.
+_CHECK_BLOCK = 1 << 24
+
+
 def check_sparse_structure(
     indptr: np.ndarray, indices: np.ndarray | None, n_major: int, n_minor: int, nnz: int, name: str
 ) -> None:
@@ -280,15 +285,25 @@ def check_no_duplicate_entries(indptr: np.ndarray, indices: np.ndarray, name: st
     two values, which no writer of .h5ad files intends.
     """
     indptr, indices = np.asarray(indptr, dtype=np.int64), np.asarray(indices)
-    if indices.shape[0] < 2:
+    nnz = indices.shape[0]
+    if nnz < 2:
         return
-    step = np.diff(indices.astype(np.int64))
     # the step from one major index's last entry to the next one's first may go down or repeat
     first = indptr[1:-1]
-    first = first[(first > 0) & (first < indices.shape[0])]
-    within = np.ones(step.shape[0], dtype=bool)
-    within[first - 1] = False
-    if bool(np.all(step[within] > 0)):
+    first = first[(first > 0) & (first < nnz)]
+    # In blocks of stored entries: whole, the int64 steps would be 8 bytes per entry (80 GB at ten
+    # million cells). Entry p's step is indices[p] - indices[p - 1], skipped where p starts a row.
+    sorted_rows = True
+    for a in range(1, nnz, _CHECK_BLOCK):
+        b = min(nnz, a + _CHECK_BLOCK)
+        step = np.diff(indices[a - 1 : b].astype(np.int64))
+        within = np.ones(step.shape[0], dtype=bool)
+        starts = first[(first >= a) & (first < b)]
+        within[starts - a] = False
+        if not bool(np.all(step[within] > 0)):
+            sorted_rows = False
+            break
+    if sorted_rows:
         return  # sorted within each row, hence no repeats
     major = np.repeat(np.arange(indptr.shape[0] - 1), np.diff(indptr))
     order = np.lexsort((indices, major))
@@ -394,9 +409,11 @@ class ValueCheck:
 
 
 def checked_matrix(
-    x: Any, var_names: Any, *, name: str, expression: Expression = "counts", from_model: bool = False
+    x: Any, var_names: Any, *, name: str, expression: Expression = "counts", from_model: bool = False, copy: bool = True
 ) -> sp.csr_matrix:
     """X (n_obs, n_vars) checked for scRCL and returned as a new float32 CSR; `x` itself is not modified.
+
+    copy=False may return x itself when it already is a float32 CSR (for a caller that replaces x).
 
     Checks: shape, sparse structure (as stored: converting a damaged matrix can crash), dtype, the
     values (`ValueCheck`) and unique gene names. Raises ScrclError.
@@ -419,21 +436,24 @@ def checked_matrix(
             check_sparse_structure(x.indptr, x.indices, major, minor, x.data.shape[0], name)
     _check_dtype(x.dtype, name)
     check = ValueCheck(name, expression=expression, from_model=from_model)
-    check.update(x.data if sp.issparse(x) else np.asarray(x))
+    values = x.data if sp.issparse(x) else np.asarray(x).reshape(-1)
+    for a in range(0, values.shape[0], _CHECK_BLOCK):  # the checks make float64 copies: by blocks
+        check.update(values[a : a + _CHECK_BLOCK])
     check.raise_first()
     _check_unique_genes(var_names, name)
-    return _as_float32_csr(x)
+    return _as_float32_csr(x, copy=copy)
 
 
 def validate_adata(adata: AnnData, *, name: str, expression: Expression = "counts", from_model: bool = False) -> None:
     """`checked_matrix` on `adata.X`, which is then replaced by the checked float32 CSR. Raises ScrclError."""
-    adata.X = checked_matrix(adata.X, adata.var_names, name=name, expression=expression, from_model=from_model)
+    adata.X = checked_matrix(adata.X, adata.var_names, name=name, expression=expression, from_model=from_model, copy=False)
 
 
-def _as_float32_csr(x: Any) -> sp.csr_matrix:
-    """A new float32 CSR of a checked sparse or dense block; the one conversion used for whole and chunked reads."""
+def _as_float32_csr(x: Any, *, copy: bool = True) -> sp.csr_matrix:
+    """A new float32 CSR of a checked sparse or dense block; the one conversion used for whole and
+    chunked reads. copy=False returns x itself when it already is one."""
     if sp.issparse(x):
-        return sp.csr_matrix(x, dtype=np.float32, copy=True)
+        return sp.csr_matrix(x, dtype=np.float32, copy=copy)
     return sp.csr_matrix(np.asarray(x, dtype=np.float32))
 
 
