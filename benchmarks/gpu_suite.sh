@@ -185,8 +185,9 @@ EOF
     OOC_N=${OOC_N:-10000000}; OOC_EPOCHS=${OOC_EPOCHS:-2}
     BIG="$SCRCL_BENCH_DIR/pbmc_${OOC_N}.h5ad"
     echo >> "$SUMMARY"; echo "## Steps" >> "$SUMMARY"; echo >> "$SUMMARY"
-    # Scratch folders of an earlier run of this suite that a timeout killed (SIGKILL leaves them).
-    rm -rf "$SCRCL_BENCH_DIR"/.scrcl-smoothed-*
+    # The scratch folder of an earlier run of this suite that a timeout killed (SIGKILL leaves it;
+    # train itself removes it too, but only after this disk check).
+    rm -rf "$SCRCL_BENCH_DIR"/.model_ooc.scrcl-tmp-*
     $PY - "$OOC_N" "$SCRCL_BENCH_DIR" "$BIG" >> "$SUMMARY" 2>&1 <<'EOF'
 import os, shutil, sys
 from scrcl_cli.config import TrainConfig

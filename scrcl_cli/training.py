@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -134,11 +133,20 @@ def check_scratch_space(directory: Any, shape: tuple[int, int], powers: tuple[in
 def scratch_inputs(near: Any) -> Iterator[Path]:
     """A temporary directory beside `near` (the output path) for out-of-core smoothed inputs,
     removed on exit, also after an error. Local disk next to the output, not /tmp, which is often
-    a small RAM disk."""
-    parent = Path(near).resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".scrcl-smoothed-", dir=parent) as tmp:
-        yield Path(tmp)
+    a small RAM disk. Named as the output's temporaries are (`io.output.temporary_name`), so the
+    next run with that output removes what a killed run left (hundreds of GB at atlas scale)."""
+    import shutil
+
+    from .io.output import temporary_name
+
+    near = Path(near).resolve()
+    near.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(near)
+    tmp.mkdir(mode=0o700)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_out_of_core(inputs: TrainInputs) -> bool:

@@ -406,6 +406,36 @@ def test_train_out_of_core_on_a_full_disk_is_one_error_line_and_writes_nothing(t
     assert list(tmp_path.iterdir()) == []
 
 
+def test_next_out_of_core_run_removes_the_scratch_a_killed_run_left(tmp_path):
+    """A killed run (SIGKILL runs no cleanup) leaves its scratch folder of smoothed inputs beside
+    the output; the next run with that output removes it, and never a look-alike holding anything
+    else."""
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from scrcl_cli.cli import cli
+    from scrcl_cli.io.output import TMP_TAG
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    out = tmp_path / "m"
+    stale = tmp_path / f".m{TMP_TAG}{proc.pid}-0badc0de"
+    stale.mkdir()
+    for t in (2, 3, 4):
+        (stale / f"smoothed_t{t}.npy").write_bytes(b"\0" * 4096)
+    foreign = tmp_path / f".m{TMP_TAG}{proc.pid}-0badc0df"
+    foreign.mkdir()
+    (foreign / "smoothed_t2.npy").write_bytes(b"\0")
+    (foreign / "notes.txt").write_text("mine")
+    res = CliRunner().invoke(cli, ["-q", "train", str(EXAMPLE), "-o", str(out), "--epochs", "2", "--hidden-dim", "32",
+                                   "--batch-size", "300", "--out-of-core", "--no-export", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert not stale.exists() and (foreign / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m", foreign.name])
+
+
 def test_train_model_reports_every_phase_in_run_order():
     """The phase table `train` prints: every step, in the order it ran, within the wall time."""
     import time

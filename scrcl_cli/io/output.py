@@ -234,9 +234,17 @@ def stale_temporaries(dest: Path) -> list[Path]:
     return sorted(dest.parent.glob(f".{dest.name}{TMP_TAG}*"))
 
 
-# Model folder file names a killed `train` may have left in its temporary folder.
+def temporary_name(dest: Path) -> Path:
+    """A new name for a temporary beside `dest` that `remove_stale_temporaries` recognises once
+    its run is dead (the out-of-core scratch folder of `train` is one)."""
+    return _tmp_name(Path(dest))
+
+
+# File names a killed `train` may have left in its temporary folders: the model folder's, and the
+# out-of-core scratch folder's smoothed inputs (t up to the largest --t0/--t1 plus one).
 _MODEL_FILES = frozenset(
     {
+        *(f"smoothed_t{t}.npy" for t in range(66)),
         MANIFEST_NAME,
         "genes.txt",
         "weights.pt",
