@@ -99,12 +99,22 @@ if [ "$SUITE" = short ] || [ "$SUITE" = scale ] || [ "$SUITE" = ddp ] || [ "$SUI
     say "$name: exit $rc after $(( SECONDS - t0 )) s"
     echo "- $name: exit $rc after $(( SECONDS - t0 )) s (limit ${cap} s)" >> "$SUMMARY"
   }
+  steps_header() { echo >> "$SUMMARY"; echo "## Steps" >> "$SUMMARY"; echo >> "$SUMMARY"; }
+  # timed_train NAME MODEL_DIR ARGS...: `scrcl-cli train ARGS -o MODEL_DIR` (a fresh folder) as the step
+  # NAME with the time left less 15 s; wall time and memory peaks in RESULTS/NAME.json, the
+  # timestamped phases in RESULTS/NAME_events.log.
+  timed_train() {
+    local name=$1 model=$2; shift 2
+    rm -rf "$model"
+    step "$name" $(( $(left) - 15 )) $PY benchmarks/benchutil.py --json "$RESULTS/$name.json" -- \
+      scrcl-cli --log-file "$RESULTS/${name}_events.log" train "$@" -o "$model"
+  }
   if [ "$SUITE" = ddp ]; then
     DDP_N=${DDP_N:-200000}; DDP_BATCH=${DDP_BATCH:-20000}; DDP_EPOCHS=${DDP_EPOCHS:-20}
     NPROC=${DDP_PROCS:-$($PY -c "import torch; print(torch.cuda.device_count())")}  # DEVICE=cpu DDP_PROCS=2: gloo rehearsal
     BIG="$SCRCL_BENCH_DIR/pbmc_${DDP_N}.h5ad"
     [ -f "$BIG" ] || $PY benchmarks/make_large.py -n "$DDP_N" -o "$BIG" --source "$SRC" > "$RESULTS/make_large.log" 2>&1
-    echo >> "$SUMMARY"; echo "## Steps" >> "$SUMMARY"; echo >> "$SUMMARY"
+    steps_header
     W=1
     while [ "$W" -le "$NPROC" ]; do
       rm -rf "$SCRCL_BENCH_DIR/model_ddp_$W"
@@ -141,13 +151,11 @@ EOF
     MB_N=${MB_N:-100000}; MB_BATCH=${MB_BATCH:-12500}
     BIG="$SCRCL_BENCH_DIR/pbmc_${MB_N}.h5ad"
     [ -f "$BIG" ] || $PY benchmarks/make_large.py -n "$MB_N" -o "$BIG" --source "$SRC" > "$RESULTS/make_large.log" 2>&1
-    echo >> "$SUMMARY"; echo "## Steps" >> "$SUMMARY"; echo >> "$SUMMARY"
+    steps_header
     for run in full mini; do
       opt=(); [ "$run" = mini ] && opt=(--batch-size "$MB_BATCH")
-      rm -rf "$SCRCL_BENCH_DIR/model_mb_$run"
-      step "train_$run" $(( $(left) - 15 )) $PY benchmarks/benchutil.py --json "$RESULTS/train_$run.json" -- \
-        scrcl-cli --log-file "$RESULTS/train_${run}_events.log" train "$BIG" -o "$SCRCL_BENCH_DIR/model_mb_$run" \
-        --device "$DEVICE" --seed 0 --no-export -q "${opt[@]}" $SCALE_ARGS
+      timed_train "train_$run" "$SCRCL_BENCH_DIR/model_mb_$run" "$BIG" --device "$DEVICE" --seed 0 --no-export -q \
+        "${opt[@]}" $SCALE_ARGS
     done
     $PY - "$BIG" "$SCRCL_BENCH_DIR" "$RESULTS" >> "$SUMMARY" 2>&1 <<'EOF'
 import csv, json, sys
@@ -184,7 +192,7 @@ EOF
     # the peaks, not the accuracy, are the result.
     OOC_N=${OOC_N:-10000000}; OOC_EPOCHS=${OOC_EPOCHS:-2}
     BIG="$SCRCL_BENCH_DIR/pbmc_${OOC_N}.h5ad"
-    echo >> "$SUMMARY"; echo "## Steps" >> "$SUMMARY"; echo >> "$SUMMARY"
+    steps_header
     # The scratch folder of an earlier run of this suite that a timeout killed (SIGKILL leaves it;
     # train itself removes it too, but only after this disk check).
     rm -rf "$SCRCL_BENCH_DIR"/.model_ooc.scrcl-tmp-*
@@ -208,10 +216,8 @@ EOF
       say "ooc: the disk check failed (see $SUMMARY)"; exit 1
     fi
     [ -f "$BIG" ] || step make_large $(( $(left) - 60 )) $PY benchmarks/make_large.py -n "$OOC_N" -o "$BIG" --source "$SRC"
-    rm -rf "$SCRCL_BENCH_DIR/model_ooc"
-    step train_ooc $(( $(left) - 15 )) $PY benchmarks/benchutil.py --json "$RESULTS/train_ooc.json" -- \
-      scrcl-cli --log-file "$RESULTS/train_ooc_events.log" train "$BIG" -o "$SCRCL_BENCH_DIR/model_ooc" \
-      --device "$DEVICE" --seed 0 --out-of-core --epochs "$OOC_EPOCHS" --no-export $SCALE_ARGS
+    timed_train train_ooc "$SCRCL_BENCH_DIR/model_ooc" "$BIG" --device "$DEVICE" --seed 0 --out-of-core \
+      --epochs "$OOC_EPOCHS" --no-export $SCALE_ARGS
     $PY - "$SCRCL_BENCH_DIR/model_ooc" "$RESULTS/train_ooc.json" >> "$SUMMARY" 2>&1 <<'EOF'
 import json, sys
 model, run = sys.argv[1:3]
@@ -237,7 +243,7 @@ EOF
     BIG="$SCRCL_BENCH_DIR/pbmc_${SCALE_N}.h5ad"
     $PY benchmarks/make_large.py -n "$SCALE_N" -o "$BIG" --source "$SRC" > "$RESULTS/make_large.log" 2>&1 &
     MK=$!
-    echo >> "$SUMMARY"; echo "## Steps" >> "$SUMMARY"; echo >> "$SUMMARY"
+    steps_header
     # The CUDA graph algebra against scipy, and DDP with two processes sharing GPU 0 (gloo)
     # against one process's gradient averaging.
     step gpu_checks 90 $PY -m pytest -q -s -m gpu -p no:cacheprovider tests/test_graphs.py tests/test_distributed.py \
@@ -248,10 +254,7 @@ EOF
         --json "$RESULTS/train_memory_40k.jsonl" --md "$RESULTS/train_memory_40k.md"
     fi
     wait "$MK"; say "make_large: exit $? ($(tail -n 1 "$RESULTS/make_large.log"))"
-    rm -rf "$SCRCL_BENCH_DIR/model_scale"
-    step train_scale $(( $(left) - 15 )) $PY benchmarks/benchutil.py --json "$RESULTS/train_scale.json" -- \
-      scrcl-cli --log-file "$RESULTS/train_scale_events.log" train "$BIG" -o "$SCRCL_BENCH_DIR/model_scale" \
-      --device "$DEVICE" --seed 0 $SCALE_ARGS
+    timed_train train_scale "$SCRCL_BENCH_DIR/model_scale" "$BIG" --device "$DEVICE" --seed 0 $SCALE_ARGS
     cp "$SCRCL_BENCH_DIR/model_scale/scrcl_model.json" "$RESULTS/model_scale_manifest.json" 2>/dev/null
     $PY - "$BIG" "$SCRCL_BENCH_DIR/model_scale" "$RESULTS/train_scale.json" >> "$SUMMARY" 2>&1 <<'EOF'
 import csv, json, sys
@@ -294,7 +297,7 @@ EOF
     exit 0
   fi
   BASE=${BASELINES_JSON:-$DATA/../accuracy_baselines.json}
-  echo >> "$SUMMARY"; echo "## Steps" >> "$SUMMARY"; echo >> "$SUMMARY"
+  steps_header
   # Three scrcl-cli runs at once, five CPU threads each (--threads caps the BLAS pools too): their
   # CPU phases (reading, graphs, export, k-means) overlap the short GPU phases of the others. The
   # datasets that cannot train at full width on a 2-core CPU go first.

@@ -122,9 +122,7 @@ def run_child(args: argparse.Namespace, n: int, variant: str, common: list[str])
 
 
 def render(results: list[dict[str, Any]], args: argparse.Namespace, device: str) -> str:
-    def mib(v: float | None) -> str:
-        return "–" if v is None else f"{v / 2**20:,.0f}"
-
+    mib = train_memory.mib
     what = "peak GPU allocation minus before the pass" if args.device == "cuda" else "peak anonymous memory minus before the pass"
     lines = [f"Device: {device}; H = {args.hidden_dim}, O = {args.out_dim}, t0 = {args.t0}, t1 = {args.t1}, "
              f"gcn-pca embedding; mem = {what}, MiB.", "",

@@ -6,6 +6,10 @@ from typing import Any
 
 import numpy as np
 
+# Stored values per block where a whole-matrix pass would otherwise make float64 or int64 copies of
+# every stored value of X (8 bytes each: 12 GB at ten million cells); 2**24 values are 128 MiB.
+VALUE_BLOCK = 1 << 24
+
 
 def unit_rows(x: np.ndarray, dtype: Any = np.float64) -> np.ndarray:
     """Rows scaled to unit L2 norm (zero rows stay zero); x: (N, d) -> `dtype` (N, d)."""

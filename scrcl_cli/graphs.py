@@ -480,12 +480,13 @@ def _smooth_powers_torch(
     n, g = x.shape
     if getattr(device, "type", None) == "cuda":
         block = block_width(n, g, block, int(torch.cuda.mem_get_info(device)[0]))
+    xs = sp.csr_matrix(x) if sp.issparse(x) else np.asarray(x)
     for c0 in range(0, g, block):
         c1 = min(g, c0 + block)
-        if sp.issparse(x):
-            y = torch_csr(sp.csr_matrix(x)[:, c0:c1], device).to_dense()
+        if sp.issparse(xs):
+            y = torch_csr(xs[:, c0:c1], device).to_dense()
         else:
-            y = torch.from_numpy(np.ascontiguousarray(np.asarray(x)[:, c0:c1], dtype=np.float32)).to(device)
+            y = torch.from_numpy(np.ascontiguousarray(xs[:, c0:c1], dtype=np.float32)).to(device)
         for step in range(wanted[-1] + 1):
             if step:
                 y = a_t @ y

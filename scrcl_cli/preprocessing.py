@@ -13,16 +13,13 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from ._utils import VALUE_BLOCK
 from .config import Expression, InputMode
 from .errors import ScrclError
 
 log = logging.getLogger(__name__)
 
 TARGET_SUM = 1e4
-
-
-# Stored values per block of the per-gene sums (2**24: 128 MiB of float64).
-_NNZ_BLOCK = 1 << 24
 
 
 def nonzero_masks(x: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
@@ -37,8 +34,8 @@ def nonzero_masks(x: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     else:
         cells = np.bincount(np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))[nz], minlength=x.shape[0]) > 0
     seen = np.zeros(x.shape[1], dtype=np.int64)
-    for a in range(0, x.nnz, _NNZ_BLOCK):  # bincount widens the indices to int64: by blocks
-        seen += np.bincount(x.indices[a : a + _NNZ_BLOCK][nz[a : a + _NNZ_BLOCK]], minlength=x.shape[1])
+    for a in range(0, x.nnz, VALUE_BLOCK):  # bincount widens the indices to int64: by blocks
+        seen += np.bincount(x.indices[a : a + VALUE_BLOCK][nz[a : a + VALUE_BLOCK]], minlength=x.shape[1])
     return cells, seen > 0
 
 
@@ -68,11 +65,11 @@ def mean_var(x: sp.csr_matrix, transform: Any = None) -> tuple[np.ndarray, np.nd
     n, g = x.shape
     total = np.zeros(g)
     squares = np.zeros(g)
-    for a in range(0, x.nnz, _NNZ_BLOCK):
-        data = x.data[a : a + _NNZ_BLOCK].astype(np.float64)
+    for a in range(0, x.nnz, VALUE_BLOCK):
+        data = x.data[a : a + VALUE_BLOCK].astype(np.float64)
         if transform is not None:
             data = transform(data)
-        idx = x.indices[a : a + _NNZ_BLOCK]
+        idx = x.indices[a : a + VALUE_BLOCK]
         total += np.bincount(idx, weights=data, minlength=g)
         squares += np.bincount(idx, weights=data * data, minlength=g)
     mean = total / n

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
+from .._utils import VALUE_BLOCK
 from ..config import Expression
 from ..errors import ScrclError
 from .output import atomic_path, check_stop, copy_file
@@ -253,11 +254,6 @@ def _check_unique_genes(var_names: Any, name: str) -> None:
 LOG_INTEGER_MAX = 20.0
 
 
-# Stored entries per block of the whole-matrix checks: their float64 and int64 temporaries stay at
-# 128 MiB each instead of 8 bytes per entry of X.
-_CHECK_BLOCK = 1 << 24
-
-
 def check_sparse_structure(
     indptr: np.ndarray, indices: np.ndarray | None, n_major: int, n_minor: int, nnz: int, name: str
 ) -> None:
@@ -294,8 +290,8 @@ def check_no_duplicate_entries(indptr: np.ndarray, indices: np.ndarray, name: st
     # In blocks of stored entries: whole, the int64 steps would be 8 bytes per entry (80 GB at ten
     # million cells). Entry p's step is indices[p] - indices[p - 1], skipped where p starts a row.
     sorted_rows = True
-    for a in range(1, nnz, _CHECK_BLOCK):
-        b = min(nnz, a + _CHECK_BLOCK)
+    for a in range(1, nnz, VALUE_BLOCK):
+        b = min(nnz, a + VALUE_BLOCK)
         step = np.diff(indices[a - 1 : b].astype(np.int64))
         within = np.ones(step.shape[0], dtype=bool)
         starts = first[(first >= a) & (first < b)]
@@ -437,8 +433,8 @@ def checked_matrix(
     _check_dtype(x.dtype, name)
     check = ValueCheck(name, expression=expression, from_model=from_model)
     values = x.data if sp.issparse(x) else np.asarray(x).reshape(-1)
-    for a in range(0, values.shape[0], _CHECK_BLOCK):  # the checks make float64 copies: by blocks
-        check.update(values[a : a + _CHECK_BLOCK])
+    for a in range(0, values.shape[0], VALUE_BLOCK):  # the checks make float64 copies: by blocks
+        check.update(values[a : a + VALUE_BLOCK])
     check.raise_first()
     _check_unique_genes(var_names, name)
     return _as_float32_csr(x, copy=copy)
