@@ -36,6 +36,7 @@ Examples:
   scrcl-cli train pbmc.h5ad -o pbmc_model/
   scrcl-cli train pbmc.h5ad -o pbmc_model/ --out-h5ad pbmc_scrcl.h5ad --n-clusters 8
   scrcl-cli train atlas.h5ad -o atlas_model/ --device cuda --seed 1
+  scrcl-cli train atlas.h5ad -o atlas_model/ --device cuda --matmul-precision high
   scrcl-cli train tpm.h5ad -o m/ --expression continuous --epochs 200
   torchrun --nproc_per_node 4 -m scrcl_cli train atlas.h5ad -o atlas_model/ --distributed --batch-size 20000
 
@@ -538,6 +539,14 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
     "(Euclidean k-means), or the reference's concat(z1, z2) (cosine k-means) (docs/defaults.md).",
 )
 @_opt(
+    "--matmul-precision",
+    type=click.Choice(C.CHOICES["matmul_precision"]),
+    default=C.TRAIN_DEFAULTS.matmul_precision,
+    help="float32 matrix products while training: highest is exact and reproducible; high lets NVIDIA "
+    "tensor cores use TF32 and medium also bfloat16 where the hardware has it, faster but not bitwise "
+    "reproducible (torch.set_float32_matmul_precision).",
+)
+@_opt(
     "--unsmoothed-weight",
     type=_range("unsmoothed_weight"),
     default=C.TRAIN_DEFAULTS.unsmoothed_weight,
@@ -719,13 +728,17 @@ def train(
             ("cells", f"{int((trained.labels >= 0).sum())} used of {adata.n_obs}"),
             ("genes used", str(trained.n_genes)),
             ("clusters", f"{trained.manifest.clusters.n_clusters} ({trained.manifest.clusters.method})"),
-            ("device", trained.device),
+            ("device", trained.device + _precision_note(config.matmul_precision)),
             ("final loss", f"{trained.manifest.training['final_loss'][0]:.5g}"),
             ("time", f"{time.perf_counter() - t:.1f} s (training {trained.seconds:.1f} s)"),
             ("phases", phase_line(trained.phases)),
             ("written", ", ".join(outputs)),
         ],
     )
+
+
+def _precision_note(precision: str) -> str:
+    return "" if precision == C.TRAIN_DEFAULTS.matmul_precision else f", float32 matmul precision {precision}"
 
 
 def _distributed_env(ctx: click.Context, requested: bool, timeout_s: int, backend_choice: str) -> Any:

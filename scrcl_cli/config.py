@@ -41,6 +41,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "input_mode": ("counts", "lognorm"),
     "expression": ("counts", "continuous", "log"),
     "embedding": ("gcn-pca", "fused"),
+    # torch.set_float32_matmul_precision while training: "highest" keeps float32 products exact and
+    # CPU runs reproducible; "high" lets NVIDIA tensor cores use TF32, "medium" also bfloat16 where
+    # the hardware has it (docs/benchmarks.md, "What bounds the training time").
+    "matmul_precision": ("highest", "high", "medium"),
 }
 
 
@@ -90,6 +94,7 @@ class TrainConfig:
     # Weight of the unsmoothed PCA clustered beside the embedding (0: the embedding alone); None:
     # UNSMOOTHED_WEIGHT_K_GIVEN with K given, 0 label-free (`unsmoothed_weight`).
     unsmoothed_weight: float | None = None
+    matmul_precision: str = "highest"
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -253,6 +253,22 @@ def choose_batch_size(n: int, g: int, h: int, device: torch.device, requested: i
     return b
 
 
+@contextlib.contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """torch's float32 matmul precision (`torch.set_float32_matmul_precision`) set to `precision`
+    inside the block and restored after it, so that training alone, not the caller's process,
+    runs with it. "highest" (the default) is exact float32; "high" and "medium" let the hardware
+    round the factors of float32 products (TF32 on NVIDIA tensor cores, bfloat16 where supported)."""
+    before = torch.get_float32_matmul_precision()
+    if precision != before:
+        log.info("float32 matrix products at precision %r while training (torch's default: %r)", precision, before)
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def fit(
     inputs: TrainInputs,
     config: TrainConfig,
@@ -266,14 +282,23 @@ def fit(
 
     Full batch unless `batch_size` (or the memory estimate) asks for mini-batches, see
     `_fit_minibatch` (minibatch_lr_power: its learning-rate rule, for benchmarks). The last
-    epoch is the result: there is no selection against anything.
+    epoch is the result: there is no selection against anything. Matrix products run at
+    `config.matmul_precision` (`matmul_precision`), the whole-graph pass after training included.
     """
     n, g = inputs.x0.shape
     if n < 2:
         raise ValueError("scRCL needs at least 2 cells")
     b = choose_batch_size(n, g, config.hidden_dim, device, batch_size)
-    if b is not None:
-        return _fit_minibatch(inputs, config, device=device, batch_size=b, on_epoch=on_epoch, lr_power=minibatch_lr_power)
+    with matmul_precision(config.matmul_precision):
+        if b is not None:
+            return _fit_minibatch(inputs, config, device=device, batch_size=b, on_epoch=on_epoch, lr_power=minibatch_lr_power)
+        return _fit_full_batch(inputs, config, device, on_epoch)
+
+
+def _fit_full_batch(
+    inputs: TrainInputs, config: TrainConfig, device: torch.device, on_epoch: Callable[[int, LossTerms], None] | None
+) -> TrainResult:
+    """Full-batch training: every epoch one step on all cells and the whole graph."""
     model, gen, x0, x1, gene_prop, opt, log_t = _setup(inputs, config, device)
     a_hat = to_torch_sparse(inputs.a_hat, device)
     adj = to_torch_sparse(inputs.adj, device)
@@ -691,12 +716,13 @@ def fit_distributed(
         device,
     )
     b = distributed_batch_size(n, g, config.hidden_dim, device, dist.world_size, batch_size)
-    run = _MinibatchRun(inputs, config, device, b, None, dist)
-    run.train(on_epoch)
-    # Each process logged the mean loss of its own batches: the record is their mean.
-    tdist.all_reduce(run.log_t)
-    run.log_t /= dist.world_size
-    return run.finish() if dist.is_main else None
+    with matmul_precision(config.matmul_precision):
+        run = _MinibatchRun(inputs, config, device, b, None, dist)
+        run.train(on_epoch)
+        # Each process logged the mean loss of its own batches: the record is their mean.
+        tdist.all_reduce(run.log_t)
+        run.log_t /= dist.world_size
+        return run.finish() if dist.is_main else None
 
 
 def distributed_batch_size(n: int, g: int, h: int, device: torch.device, world_size: int, requested: int | None) -> int:

@@ -178,3 +178,18 @@ def test_threads_option_caps_blas_pools_as_well_as_torch() -> None:
         assert all(p["num_threads"] == 1 for p in pools)
         assert torch.get_num_threads() == 1
     torch.set_num_threads(before)
+
+
+def test_train_matmul_precision_is_reported_and_recorded_in_the_model(tmp_path):
+    torch = pytest.importorskip("torch")
+    from conftest import EXAMPLE
+
+    out = tmp_path / "model"
+    res = CliRunner().invoke(cli, ["train", str(EXAMPLE), "-o", str(out), *FAST, "--n-clusters", "5",
+                                   "--no-export", "--matmul-precision", "medium"])
+    assert res.exit_code == 0, res.output
+    assert "float32 matmul precision medium" in res.output
+    assert bundle.read_bundle(out).manifest.config["matmul_precision"] == "medium"
+    assert torch.get_float32_matmul_precision() == "highest"
+    bad = CliRunner().invoke(cli, ["train", str(EXAMPLE), "-o", str(tmp_path / "m2"), "--matmul-precision", "low"])
+    assert bad.exit_code == 2 and "'low' is not one of 'highest', 'high', 'medium'" in bad.output

@@ -450,3 +450,44 @@ def test_train_model_reports_every_phase_in_run_order():
     assert sum(trained.phases.values()) <= wall
     assert trained.phases["training"] >= trained.seconds  # fit's own clock runs inside the phase
     assert phase_line(trained.phases).startswith("preprocess ") and phase_line(trained.phases).endswith(" s")
+
+
+@pytest.mark.parametrize("batch_size", [None, 256])
+def test_matmul_precision_holds_while_training_and_is_restored_after(batch_size):
+    from scrcl_cli.preprocessing import prepare
+
+    ad = _example()
+    prep = prepare(ad.X, list(ad.var_names), n_top_genes=300)
+    cfg = TrainConfig(**{**CFG.as_dict(), "epochs": 3, "matmul_precision": "medium"})
+    inputs = build_inputs(prep.model_input, prep.lognorm, cfg)
+    before = torch.get_float32_matmul_precision()
+    seen = []
+    fit(inputs, cfg, device=torch.device("cpu"), batch_size=batch_size,
+        on_epoch=lambda epoch, terms: seen.append(torch.get_float32_matmul_precision()))
+    assert seen == ["medium"] * 3
+    assert torch.get_float32_matmul_precision() == before == "highest"
+
+    def interrupt(epoch, terms):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(inputs, cfg, device=torch.device("cpu"), batch_size=batch_size, on_epoch=interrupt)
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_reduced_matmul_precision_clusters_real_cells_like_float32():
+    from scrcl_cli.clustering import cluster_embedding
+    from scrcl_cli.metrics import ari
+    from scrcl_cli.preprocessing import prepare
+
+    ad = _example()
+    prep = prepare(ad.X, list(ad.var_names), n_top_genes=300)
+    inputs = build_inputs(prep.model_input, prep.lognorm, CFG)
+    runs = {p: fit(inputs, TrainConfig(**{**CFG.as_dict(), "matmul_precision": p}), device=torch.device("cpu"))
+            for p in ("highest", "medium")}
+    diff = np.abs(runs["highest"].embedding - runs["medium"].embedding).max()
+    if diff == 0:
+        pytest.skip("this CPU computes float32 products exactly at 'medium' too (no bfloat16 path)")
+    labels = {p: cluster_embedding(r.embedding, 8, seed=0, metric="euclidean").labels for p, r in runs.items()}
+    assert ari(labels["highest"], labels["medium"]) >= 0.9
+    np.testing.assert_allclose(runs["highest"].losses[-1], runs["medium"].losses[-1], rtol=1e-3)
