@@ -11,6 +11,7 @@ SUITES = {
     "mapping": ("mapping", "train on some donors, cluster the others with the model, against PCA projection and ingest"),
     "spatial": ("spatial", "spatial mode against expression and spatial baselines (docs/spatial.md)"),
     "scaling": ("train_memory", "training memory and time against N, linear vs dense losses (docs/benchmarks.md, 'Training memory and time against N')"),
+    "step-cost": ("step_cost", "dense work per cell and training step, its lower bound on a GPU, and float32 matmul precision (docs/benchmarks.md, 'What bounds the training time')"),
     "whole-graph": ("whole_graph", "memory of the whole-graph pass after training: one forward call against the streamed pass"),
     "inference": ("inference", "embed throughput and peak RSS against N (docs/benchmarks.md, 'Inference throughput')"),
     "end-to-end": ("end_to_end", "train + cluster against N (docs/benchmarks.md, 'End to end')"),

@@ -672,7 +672,7 @@ def _fit_minibatch(
     is unbiased for any batch composition (the ReLU after it is applied to the estimate). The
     final embedding is computed on the whole graph. The loss log holds each epoch's mean step.
     """
-    run = _MinibatchRun(inputs, config, device, batch_size, lr_power, None)
+    run = MinibatchRun(inputs, config, device, batch_size, lr_power, None)
     run.train(on_epoch)
     return run.finish()
 
@@ -717,7 +717,7 @@ def fit_distributed(
     )
     b = distributed_batch_size(n, g, config.hidden_dim, device, dist.world_size, batch_size)
     with matmul_precision(config.matmul_precision):
-        run = _MinibatchRun(inputs, config, device, b, None, dist)
+        run = MinibatchRun(inputs, config, device, b, None, dist)
         run.train(on_epoch)
         # Each process logged the mean loss of its own batches: the record is their mean.
         tdist.all_reduce(run.log_t)
@@ -734,7 +734,7 @@ def distributed_batch_size(n: int, g: int, h: int, device: torch.device, world_s
     return choose_batch_size(share, g, h, device, None) or share
 
 
-class _MinibatchRun:
+class MinibatchRun:
     """One mini-batch training run, alone (`dist` None) or as one process of a DDP run."""
 
     def __init__(
@@ -793,17 +793,23 @@ class _MinibatchRun:
         self.model.train()
         for epoch in range(config.epochs):
             for _ in range(plan.steps):
-                nodes = _batch_nodes(self.indptr, self.indices, next(self.seeds))
-                adj_b, a_hat_b = induced_subgraph(self.row, self.col, nodes, self.n)
-                self.opt.zero_grad(set_to_none=True)
-                x0_b, x1_b = _rows(self.x0, nodes, device), _rows(self.x1, nodes, device)
-                out = self.step_model(x0_b, x1_b, a_hat_b, self.gene_prop, self.gen, cells=nodes, cell_weights=self.inv_pi[nodes])
-                terms = _loss(out, adj_b, config)
-                terms.total.backward()  # under DDP, returns with the gradients averaged over the processes
-                self.opt.step()
+                terms, _ = self.step()
                 self.log_t[epoch] += torch.stack([terms.total, terms.eda, terms.nca, terms.cvc]).detach().double() / plan.steps
             if on_epoch is not None:
                 on_epoch(epoch, terms)
+
+    def step(self) -> tuple[LossTerms, int]:
+        """One Adam step on the next batch: its loss terms and its number of cells."""
+        device = self.device
+        nodes = _batch_nodes(self.indptr, self.indices, next(self.seeds))
+        adj_b, a_hat_b = induced_subgraph(self.row, self.col, nodes, self.n)
+        self.opt.zero_grad(set_to_none=True)
+        x0_b, x1_b = _rows(self.x0, nodes, device), _rows(self.x1, nodes, device)
+        out = self.step_model(x0_b, x1_b, a_hat_b, self.gene_prop, self.gen, cells=nodes, cell_weights=self.inv_pi[nodes])
+        terms = _loss(out, adj_b, self.config)
+        terms.total.backward()  # under DDP, returns with the gradients averaged over the processes
+        self.opt.step()
+        return terms, int(nodes.shape[0])
 
     def finish(self) -> TrainResult:
         extra: dict[str, Any] = {"batch_size": self.batch_size, "steps_per_epoch": self.plan.steps, "lr": self.plan.lr}

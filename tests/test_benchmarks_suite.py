@@ -24,7 +24,7 @@ def test_no_sys_path_edits_in_benchmarks():
 
 @pytest.mark.parametrize("suite", ["accuracy", "spatial", "scaling", "inference", "end-to-end", "minibatch",
                                    "clustering", "knn", "make-large", "run", "cut", "mapping", "libraries",
-                                   "whole-graph"])
+                                   "whole-graph", "step-cost"])
 def test_every_suite_answers_help(suite: str):
     res = subprocess.run([sys.executable, "-m", "benchmarks", suite, "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=240, check=False, env=ENV)
@@ -299,3 +299,31 @@ def test_guard_kills_on_anonymous_memory_not_on_mapped_file_pages(tmp_path: Path
     killed = run_guarded([sys.executable, "-c", own], timeout=60, rss_limit=limit, poll_s=0.02)
     assert kept.returncode == 0 and kept.peak_rss > limit and kept.peak_anon < limit, (kept.peak_rss, kept.peak_anon)
     assert killed.status().startswith("killed: anonymous memory passed the 0.2 GiB guard"), killed.status()
+
+
+def test_step_cost_counts_a_real_step_as_its_closed_form_and_leaves_sparse_products_out(bench_pkg: None):
+    torch = pytest.importorskip("torch")
+    import anndata
+    import scipy.sparse as sp
+    from conftest import EXAMPLE
+
+    from benchmarks.step_cost import DenseFlops, dense_flops_per_cell
+    from scrcl_cli.preprocessing import prepare
+    from scrcl_cli.training import MinibatchRun, TrainConfig, build_inputs
+
+    a = anndata.read_h5ad(EXAMPLE)
+    prep = prepare(sp.csr_matrix(a.X, dtype=np.float32), list(a.var_names), n_top_genes=300)
+    cfg = TrainConfig(hidden_dim=64, out_dim=8, n_top_genes=300, seed=0)
+    run = MinibatchRun(build_inputs(prep.model_input, prep.lognorm, cfg), cfg, torch.device("cpu"), 128, None, None)
+    run.model.train()
+    with DenseFlops() as counted:
+        _, cells = run.step()
+    assert counted.total / cells == pytest.approx(dense_flops_per_cell(300, 64, 8), rel=0.01)
+
+    # A sparse product and its backward count nothing; the dense product before it counts 2 x B x G x H
+    # forward and again for the weight's gradient.
+    x, w = torch.randn(50, 30), torch.randn(20, 30, requires_grad=True)
+    adj = torch.eye(50).to_sparse()
+    with DenseFlops() as counted:
+        torch.sparse.mm(adj, x @ w.T).sum().backward()
+    assert counted.total == 2 * (2 * 50 * 30 * 20)
