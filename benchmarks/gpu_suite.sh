@@ -16,7 +16,8 @@
 # SUITE=scale: the GPU-marked graph and DDP tests (two processes sharing GPU 0 through gloo), the
 #   training step at 40,000 cells against dense (SCALE_STEP=0 leaves it out), then every-default
 #   `train` of SCALE_N (1,000,000) resampled cells with a timestamped --log-file, scored against
-#   the source cells' types; BUDGET_S as for SUITE=short.
+#   the source cells' types; BUDGET_S as for SUITE=short. SCALE_ARGS adds options to that `train`
+#   (and to the minibatch and ooc ones), e.g. SCALE_ARGS="--matmul-precision high" for TF32.
 # SUITE=minibatch: every-default `train` of MB_N (100,000) resampled cells full batch and with
 #   --batch-size MB_BATCH (12,500), same seed, both scored against the source types and each other.
 # SUITE=ooc: `train --out-of-core` of OOC_N (10,000,000) resampled cells on one GPU, every default
