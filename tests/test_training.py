@@ -463,9 +463,11 @@ def test_matmul_precision_holds_while_training_and_is_restored_after(batch_size)
     before = torch.get_float32_matmul_precision()
     seen = []
     fit(inputs, cfg, device=torch.device("cpu"), batch_size=batch_size,
-        on_epoch=lambda epoch, terms: seen.append(torch.get_float32_matmul_precision()))
-    assert seen == ["medium"] * 3
+        on_epoch=lambda epoch, terms: seen.append((torch.get_float32_matmul_precision(),
+                                                   torch.backends.cuda.matmul.fp32_precision)))
+    assert seen == [("medium", "tf32")] * 3  # what CUDA products would use: TF32 on the tensor cores
     assert torch.get_float32_matmul_precision() == before == "highest"
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
 
     def interrupt(epoch, terms):
         raise KeyboardInterrupt
