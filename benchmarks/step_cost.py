@@ -9,8 +9,10 @@
    shows every cell about E times (an epoch is a pass), so the loop does about N x E x that work;
    the report divides it by the datasheet peaks of a GPU (--peaks) to bound the loop's seconds
    from below, whatever the implementation.
-2. Speed on this machine. --steps steps at each --precisions (torch.set_float32_matmul_precision,
-   `train --matmul-precision`), seconds per step and the dense GFLOP/s they reach.
+2. Speed on this machine. --steps steps at each --precisions (`train --matmul-precision`),
+   seconds per step and the dense GFLOP/s they reach, and the relative error of one of the step's
+   products, (B, G) x (G, H), against float64 at each precision: what the precision really
+   does on this machine's CPU.
 3. Accuracy. With --fit-datasets, full-batch `training.fit` on those shared datasets at each
    precision and seed (reduced width by default: 2 CPU cores), clustered at the annotated K
    (labels read only to score): ARI against the annotation, ARI between the precisions' clusterings,
@@ -36,8 +38,9 @@ from benchmarks.accuracy import DEFAULT_DATA as DATA
 from benchmarks.accuracy import detect_expression
 
 # Dense peak TFLOP/s of one NVIDIA H100 SXM (the H200 has the same compute), from NVIDIA's
-# datasheet; the tensor-core figures there are quoted with 2:4 sparsity, halved here to dense.
-DEFAULT_PEAKS = "H100/H200 FP32=67,H100/H200 TF32=494,H100/H200 BF16=989"
+# datasheet; its tensor-core figure is quoted with 2:4 sparsity, halved here to dense. TF32 is what
+# `train --matmul-precision high` (and medium) gives float32 products on CUDA.
+DEFAULT_PEAKS = "H100 SXM FP32=67,H100 SXM TF32=494"
 
 
 def dense_flops_per_cell(g: int, h: int, o: int) -> int:
@@ -87,13 +90,31 @@ class DenseFlops:
         self._mode.__exit__(*exc)
 
 
-def _load(name: str, n_top_genes: int) -> tuple[Any, np.ndarray, str]:
+def rounded_product_errors(x: Any, w: Any) -> dict[str, float]:
+    """Relative max error against float64 of x @ w (float32 (B, G), (G, H)) when both factors are
+    first rounded to nearest TF32 (10 mantissa bits) or bfloat16 (7), as tensor cores round them;
+    the products are summed in float64, so only the factors' rounding counts."""
+    import torch
+
+    exact = x.double() @ w.double()
+
+    def tf32(t: Any) -> Any:
+        bits = t.contiguous().view(torch.int32)
+        return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)  # round to nearest, drop 13 of 23 bits
+
+    out = {}
+    for name, r in (("TF32 factors", tf32), ("bfloat16 factors", lambda t: t.bfloat16().float())):
+        out[name] = float((r(x).double() @ r(w).double() - exact).abs().max() / exact.abs().max())
+    return out
+
+
+def _load(name: str, n_top_genes: int, data: Path = DATA) -> tuple[Any, np.ndarray, str]:
     import anndata
     import scipy.sparse as sp
 
     from scrcl_cli.preprocessing import prepare
 
-    a = anndata.read_h5ad(DATA / f"{name}.h5ad")
+    a = anndata.read_h5ad(data / f"{name}.h5ad")
     expression = detect_expression(a.X)[0]
     prep = prepare(sp.csr_matrix(a.X, dtype=np.float32), [str(v) for v in a.var_names], n_top_genes=n_top_genes,
                    expression=expression)
@@ -106,7 +127,7 @@ def measure_steps(args: argparse.Namespace) -> dict[str, Any]:
 
     from scrcl_cli.training import MinibatchRun, TrainConfig, build_inputs, matmul_precision
 
-    prep, _, expression = _load(args.source, args.n_top_genes)
+    prep, _, expression = _load(args.source, args.n_top_genes, args.data_dir)
     cfg = TrainConfig(hidden_dim=args.hidden_dim, out_dim=args.out_dim, n_top_genes=args.n_top_genes,
                       expression=expression, seed=0)
     inputs = build_inputs(prep.model_input, prep.lognorm, cfg)
@@ -119,8 +140,13 @@ def measure_steps(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"source": args.source, "genes": g, "hidden": args.hidden_dim, "out": args.out_dim,
                            "batch_cells": cells, "flops": flops, "per_cell": flops / cells,
                            "closed_form": dense_flops_per_cell(g, args.hidden_dim, args.out_dim), "speed": []}
+    x = torch.from_numpy(np.ascontiguousarray(inputs.x0[: args.batch_size]))
+    w = run.model.mlp_w.detach().T.contiguous()
+    exact = x.double() @ w.double()
+    out["rounded"] = rounded_product_errors(x, w)
     for precision in args.precisions.split(","):
         with matmul_precision(precision):
+            error = float((x @ w - exact).abs().max() / exact.abs().max())
             run.step()  # warm-up
             cells_seen, clock = 0, time.perf_counter()
             for _ in range(args.steps):
@@ -128,7 +154,7 @@ def measure_steps(args: argparse.Namespace) -> dict[str, Any]:
             seconds = (time.perf_counter() - clock) / args.steps
         rate = out["per_cell"] * cells_seen / args.steps / seconds / 1e9
         out["speed"].append({"precision": precision, "s_per_step": seconds, "cells": cells_seen / args.steps,
-                             "gflops": rate})
+                             "gflops": rate, "product_error": error})
         print(json.dumps(out["speed"][-1]), flush=True)
     return out
 
@@ -142,10 +168,10 @@ def measure_fits(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     rows = []
     for name in args.fit_datasets.split(","):
-        if not (DATA / f"{name}.h5ad").exists():
-            print(f"skip {name}: {DATA / name}.h5ad missing (../shared/data beside the checkout)", file=sys.stderr)
+        if not (args.data_dir / f"{name}.h5ad").exists():
+            print(f"skip {name}: {name}.h5ad is not in --data-dir", file=sys.stderr)
             continue
-        prep, truth, expression = _load(name, args.fit_n_top_genes)
+        prep, truth, expression = _load(name, args.fit_n_top_genes, args.data_dir)
         k = len(set(truth))
         inputs = None
         for seed in range(args.fit_seeds):
@@ -174,9 +200,13 @@ def render(steps: dict[str, Any], fits: list[dict[str, Any]], args: argparse.Nam
          f"One mini-batch step on {steps['batch_cells']:,} cells of {steps['source']} (G {steps['genes']:,}, "
          f"H {steps['hidden']:,}, O {steps['out']}): {steps['flops'] / 1e9:,.1f} GFLOP of dense products, "
          f"**{steps['per_cell'] / 1e6:.2f} MFLOP per batch cell** (closed form {steps['closed_form'] / 1e6:.2f}).", "",
-         "| precision | s per step | cells per step | dense GFLOP/s |", "|---|---|---|---|"]
+         "| precision | s per step | cells per step | dense GFLOP/s | (B, G) x (G, H) error vs float64 |",
+         "|---|---|---|---|---|"]
     for r in steps["speed"]:
-        L.append(f"| {r['precision']} | {r['s_per_step']:.3f} | {r['cells']:,.0f} | {r['gflops']:,.0f} |")
+        L.append(f"| {r['precision']} | {r['s_per_step']:.3f} | {r['cells']:,.0f} | {r['gflops']:,.0f} | "
+                 f"{r['product_error']:.1e} |")
+    L += ["", "For scale, the same product with its factors rounded first (summed in float64): "
+          + ", ".join(f"{k} {v:.1e}" for k, v in steps["rounded"].items()) + "."]
     L += ["", "Lower bound of the training loop (every cell seen once per epoch) at the peaks:", "",
           "| cells × epochs | PFLOP | " + " | ".join(p.split("=")[0] for p in args.peaks.split(",")) + " |",
           "|---|---|" + "---|" * len(args.peaks.split(","))]
@@ -218,11 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit-hidden-dim", type=int, default=256)
     ap.add_argument("--fit-n-top-genes", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--data-dir", type=Path, default=DATA, help="folder with the shared .h5ad files")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=None)
     args = ap.parse_args(argv)
-    if not (DATA / f"{args.source}.h5ad").exists():
-        raise SystemExit(f"error: {DATA / args.source}.h5ad not found. Put the shared datasets beside the checkout")
+    if not (args.data_dir / f"{args.source}.h5ad").exists():
+        raise SystemExit(f"error: {args.source}.h5ad is not in {args.data_dir}. Pass --data-dir with the shared datasets")
     import torch
 
     if args.threads:
@@ -231,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = measure_steps(args)
     fits = measure_fits(args) if args.fit_datasets else []
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"steps": steps, "fits": fits}, indent=1))
     benchutil.emit_markdown(render(steps, fits, args, command), args.md)
     return 0

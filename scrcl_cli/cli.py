@@ -543,8 +543,8 @@ def _summary(title: str, rows: list[tuple[str, str]]) -> None:
     type=click.Choice(C.CHOICES["matmul_precision"]),
     default=C.TRAIN_DEFAULTS.matmul_precision,
     help="float32 matrix products while training: highest is exact and reproducible; high lets NVIDIA "
-    "tensor cores use TF32 and medium also bfloat16 where the hardware has it, faster but not bitwise "
-    "reproducible (torch.set_float32_matmul_precision).",
+    "tensor cores use TF32, faster but not bitwise reproducible; medium is TF32 on GPUs too and lets "
+    "CPUs with bfloat16 support use it (torch.set_float32_matmul_precision).",
 )
 @_opt(
     "--unsmoothed-weight",

@@ -41,9 +41,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "input_mode": ("counts", "lognorm"),
     "expression": ("counts", "continuous", "log"),
     "embedding": ("gcn-pca", "fused"),
-    # torch.set_float32_matmul_precision while training: "highest" keeps float32 products exact and
-    # CPU runs reproducible; "high" lets NVIDIA tensor cores use TF32, "medium" also bfloat16 where
-    # the hardware has it (docs/benchmarks.md, "What bounds the training time").
+    # Float32 matrix products while training (`training.matmul_precision`): "highest" keeps them exact
+    # and CPU runs reproducible; "high" lets NVIDIA tensor cores use TF32; "medium" is TF32 on CUDA
+    # too, and bfloat16 in oneDNN on CPUs that have it (docs/benchmarks.md, "What bounds the training time").
     "matmul_precision": ("highest", "high", "medium"),
 }
 

@@ -253,20 +253,41 @@ def choose_batch_size(n: int, g: int, h: int, device: torch.device, requested: i
     return b
 
 
+# What each `TrainConfig.matmul_precision` sets for float32 products on CUDA and in oneDNN (CPU),
+# in torch's per-backend terms; the same as torch.set_float32_matmul_precision of that name.
+_BACKEND_PRECISION = {"highest": ("ieee", "ieee"), "high": ("tf32", "tf32"), "medium": ("tf32", "bf16")}
+
+
 @contextlib.contextmanager
 def matmul_precision(precision: str) -> Iterator[None]:
-    """torch's float32 matmul precision (`torch.set_float32_matmul_precision`) set to `precision`
-    inside the block and restored after it, so that training alone, not the caller's process,
-    runs with it. "highest" (the default) is exact float32; "high" and "medium" let the hardware
-    round the factors of float32 products (TF32 on NVIDIA tensor cores, bfloat16 where supported)."""
-    before = torch.get_float32_matmul_precision()
-    if precision != before:
-        log.info("float32 matrix products at precision %r while training (torch's default: %r)", precision, before)
-    torch.set_float32_matmul_precision(precision)
+    """Float32 matrix products at `precision` inside the block, the process's setting restored after.
+
+    "highest" is exact float32; "high" lets NVIDIA tensor cores use TF32; "medium" is TF32 on
+    CUDA as well, and bfloat16 in oneDNN on CPUs that have it (`_BACKEND_PRECISION`). Training
+    sets its own precision whatever the caller's, so the model's config records what ran. Uses
+    torch's per-backend switches where they exist (torch >= 2.9), which a caller may have set
+    directly, and `torch.set_float32_matmul_precision` on older torch.
+    """
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    if not all(hasattr(b, "fp32_precision") for b in backends):
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(precision)
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(old)
+        return
+    before = tuple(b.fp32_precision for b in backends)
+    wanted = _BACKEND_PRECISION[precision]
+    if precision != "highest":
+        log.info("float32 matrix products at precision %r while training (CUDA %s, oneDNN %s)", precision, *wanted)
+    for b, value in zip(backends, wanted):
+        b.fp32_precision = value
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(before)
+        for b, value in zip(backends, before):
+            b.fp32_precision = value
 
 
 def fit(
@@ -779,7 +800,7 @@ class MinibatchRun:
         self.t_start = 0.0
 
     def train(self, on_epoch: Callable[[int, LossTerms], None] | None) -> None:
-        config, plan, device = self.config, self.plan, self.device
+        config, plan = self.config, self.plan
         who = "" if self.dist is None else f" per process ({self.dist.world_size} processes)"
         log.info(
             "mini-batch training: %d epochs of %d steps on batches of about %.0f cells%s, lr %.3g",

@@ -327,3 +327,19 @@ def test_step_cost_counts_a_real_step_as_its_closed_form_and_leaves_sparse_produ
     with DenseFlops() as counted:
         torch.sparse.mm(adj, x @ w.T).sum().backward()
     assert counted.total == 2 * (2 * 50 * 30 * 20)
+
+
+def test_step_cost_rounds_factors_as_tensor_cores_do(bench_pkg: None):
+    torch = pytest.importorskip("torch")
+    from benchmarks.step_cost import rounded_product_errors
+
+    # Exactly representable in TF32 (10 mantissa bits): no error; one more bit: rounded to nearest.
+    x = torch.tensor([[1.0 + 2.0**-10, -3.0]])
+    w = torch.tensor([[1.0], [0.0]])
+    assert rounded_product_errors(x, w)["TF32 factors"] == 0.0
+    x = torch.tensor([[1.0 + 2.0**-10 + 2.0**-11 + 2.0**-13, 0.0]])  # nearest TF32: 1 + 2^-9
+    exact = 1.0 + 2.0**-10 + 2.0**-11 + 2.0**-13
+    assert rounded_product_errors(x, w)["TF32 factors"] == pytest.approx(abs(1.0 + 2.0**-9 - exact) / exact)
+    g = torch.Generator().manual_seed(0)
+    errors = rounded_product_errors(torch.rand(64, 200, generator=g), torch.randn(200, 30, generator=g))
+    assert 0 < errors["TF32 factors"] < errors["bfloat16 factors"] < 2.0**-6

@@ -460,21 +460,33 @@ def test_matmul_precision_holds_while_training_and_is_restored_after(batch_size)
     prep = prepare(ad.X, list(ad.var_names), n_top_genes=300)
     cfg = TrainConfig(**{**CFG.as_dict(), "epochs": 3, "matmul_precision": "medium"})
     inputs = build_inputs(prep.model_input, prep.lognorm, cfg)
-    before = torch.get_float32_matmul_precision()
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    before = [b.fp32_precision for b in backends]
     seen = []
     fit(inputs, cfg, device=torch.device("cpu"), batch_size=batch_size,
-        on_epoch=lambda epoch, terms: seen.append((torch.get_float32_matmul_precision(),
-                                                   torch.backends.cuda.matmul.fp32_precision)))
-    assert seen == [("medium", "tf32")] * 3  # what CUDA products would use: TF32 on the tensor cores
-    assert torch.get_float32_matmul_precision() == before == "highest"
-    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        on_epoch=lambda epoch, terms: seen.append([b.fp32_precision for b in backends]))
+    assert seen == [["tf32", "bf16"]] * 3  # CUDA products on the tensor cores in TF32, CPU ones in bfloat16
+    assert [b.fp32_precision for b in backends] == before
+    assert torch.get_float32_matmul_precision() == "highest"  # the process's setting, readable as before
 
     def interrupt(epoch, terms):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         fit(inputs, cfg, device=torch.device("cpu"), batch_size=batch_size, on_epoch=interrupt)
-    assert torch.get_float32_matmul_precision() == "highest"
+    assert [b.fp32_precision for b in backends] == before
+
+
+def test_training_sets_its_own_precision_and_gives_back_the_callers(monkeypatch):
+    from scrcl_cli.training import matmul_precision
+
+    # A caller that set TF32 through torch's per-backend switches (the legacy getter then refuses to answer).
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32")
+    monkeypatch.setattr(torch.backends.mkldnn.matmul, "fp32_precision", "ieee")
+    with matmul_precision("highest"):
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
 
 
 def test_reduced_matmul_precision_clusters_real_cells_like_float32():
