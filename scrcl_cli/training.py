@@ -268,7 +268,8 @@ def matmul_precision(precision: str) -> Iterator[None]:
     torch's per-backend switches where they exist (torch >= 2.9), which a caller may have set
     directly, and `torch.set_float32_matmul_precision` on older torch.
     """
-    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    # mkldnn.matmul exists from torch 2.9 on and is not in torch's type stubs.
+    backends: tuple[Any, ...] = (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
     if not all(hasattr(b, "fp32_precision") for b in backends):
         old = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision(precision)
