@@ -477,16 +477,20 @@ def test_matmul_precision_holds_while_training_and_is_restored_after(batch_size)
     assert [b.fp32_precision for b in backends] == before
 
 
-def test_training_sets_its_own_precision_and_gives_back_the_callers(monkeypatch):
+def test_training_sets_its_own_precision_and_gives_back_the_callers():
     from scrcl_cli.training import matmul_precision
 
     # A caller that set TF32 through torch's per-backend switches (the legacy getter then refuses to answer).
-    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32")
-    monkeypatch.setattr(torch.backends.mkldnn.matmul, "fp32_precision", "ieee")
-    with matmul_precision("highest"):
-        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
-    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
-    assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    saved = [b.fp32_precision for b in backends]
+    try:
+        backends[0].fp32_precision, backends[1].fp32_precision = "tf32", "ieee"
+        with matmul_precision("highest"):
+            assert [b.fp32_precision for b in backends] == ["ieee", "ieee"]
+        assert [b.fp32_precision for b in backends] == ["tf32", "ieee"]
+    finally:
+        for b, value in zip(backends, saved):
+            b.fp32_precision = value
 
 
 def test_reduced_matmul_precision_clusters_real_cells_like_float32():
