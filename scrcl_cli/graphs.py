@@ -433,8 +433,9 @@ def smooth_powers(
 
         out = {}
         for t in wanted:
-            out[t] = np.lib.format.open_memmap(Path(out_dir) / f"smoothed_t{t}.npy", mode="w+", dtype=np.float32, shape=(n, g))
-            _reserve_disk(Path(out_dir) / f"smoothed_t{t}.npy")
+            path = Path(out_dir) / f"smoothed_t{t}.npy"
+            out[t] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, g))
+            _reserve_disk(path)
     if device is not None:
         _smooth_powers_torch(x, a_hat, wanted, out, block, device)
         return out

@@ -270,25 +270,27 @@ def matmul_precision(precision: str) -> Iterator[None]:
     """
     # mkldnn.matmul exists from torch 2.9 on and is not in torch's type stubs.
     backends: tuple[Any, ...] = (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
-    if not all(hasattr(b, "fp32_precision") for b in backends):
-        old = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision(precision)
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(old)
-        return
-    before = tuple(b.fp32_precision for b in backends)
-    wanted = _BACKEND_PRECISION[precision]
+    get: Callable[[], Any]
+    put: Callable[[Any], None]
+    if all(hasattr(b, "fp32_precision") for b in backends):
+        wanted: Any = _BACKEND_PRECISION[precision]
+
+        def get() -> Any:
+            return tuple(b.fp32_precision for b in backends)
+
+        def put(values: Any) -> None:
+            for b, value in zip(backends, values):
+                b.fp32_precision = value
+    else:
+        wanted, get, put = precision, torch.get_float32_matmul_precision, torch.set_float32_matmul_precision
     if precision != "highest":
-        log.info("float32 matrix products at precision %r while training (CUDA %s, oneDNN %s)", precision, *wanted)
-    for b, value in zip(backends, wanted):
-        b.fp32_precision = value
+        log.info("float32 matrix products at precision %r while training (%s)", precision, wanted)
+    before = get()
+    put(wanted)
     try:
         yield
     finally:
-        for b, value in zip(backends, before):
-            b.fp32_precision = value
+        put(before)
 
 
 def fit(
