@@ -176,6 +176,21 @@ def detect_expression(x: Any) -> tuple[str, str]:
                           "log1p as for counts; scrcl-cli gets `--expression continuous`")
 
 
+def prepared_cells(path: Path, n_top_genes: int) -> tuple[Any, np.ndarray, str]:
+    """A shared dataset preprocessed as `train` does (`preprocessing.prepare`), with what X holds
+    judged by `detect_expression`: (prepared cells, their annotation (scoring only), expression)."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from scrcl_cli.preprocessing import prepare
+
+    a = ad.read_h5ad(path)
+    expression = detect_expression(a.X)[0]
+    prep = prepare(sp.csr_matrix(a.X, dtype=np.float32), [str(v) for v in a.var_names], n_top_genes=n_top_genes,
+                   expression=expression)
+    return prep, a.obs["cell_type"].astype(str).to_numpy()[prep.cell_mask], expression
+
+
 def load_dataset(name: str, data_dir: Path, workdir: Path, *, stress: bool = False) -> tuple[Dataset, np.ndarray] | None:
     """Read labels, and write the label-free copy that every method reads.
 

@@ -27,7 +27,7 @@ REPO = HERE.parent
 
 from benchmarks import benchutil
 from benchmarks.accuracy import DEFAULT_DATA as DATA
-from benchmarks.accuracy import detect_expression
+from benchmarks.accuracy import prepared_cells
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,13 +45,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma list of mini-batch learning-rate rules lr * (B/N)**p to compare with full batch")
     ap.add_argument("--md", type=Path, default=None)
     args = ap.parse_args(argv)
-    import anndata
-    import scipy.sparse as sp
     import torch
 
     from scrcl_cli.clustering import EMBEDDING_METRIC, cluster_embedding
     from scrcl_cli.metrics import ari
-    from scrcl_cli.preprocessing import prepare
     from scrcl_cli.training import TrainConfig, build_inputs, fit
 
     torch.set_num_threads(args.threads)
@@ -62,11 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         if not path.exists():
             print(f"skip {name}: {path} missing (../shared/data beside the checkout)", file=sys.stderr)
             continue
-        a = anndata.read_h5ad(path)
-        expression = detect_expression(a.X)[0]  # what X holds, judged as the accuracy benchmark does
-        prep = prepare(sp.csr_matrix(a.X, dtype=np.float32), [str(v) for v in a.var_names],
-                       n_top_genes=args.n_top_genes, expression=expression)
-        truth = a.obs["cell_type"].astype(str).to_numpy()[prep.cell_mask]  # scoring only
+        prep, truth, expression = prepared_cells(path, args.n_top_genes)  # truth: scoring only
         k = len(set(truth))
         inputs = None
         powers = [float(p) for p in args.lr_powers.split(",")]

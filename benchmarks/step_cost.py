@@ -35,7 +35,7 @@ import numpy as np
 
 from benchmarks import benchutil
 from benchmarks.accuracy import DEFAULT_DATA as DATA
-from benchmarks.accuracy import detect_expression
+from benchmarks.accuracy import prepared_cells
 
 # Dense peak TFLOP/s of one NVIDIA H100 SXM (the H200 has the same compute), from NVIDIA's
 # datasheet; its tensor-core figure is quoted with 2:4 sparsity, halved here to dense. TF32 is what
@@ -90,36 +90,24 @@ class DenseFlops:
         self._mode.__exit__(*exc)
 
 
-def rounded_product_errors(x: Any, w: Any) -> dict[str, float]:
-    """Relative max error against float64 of x @ w (float32 (B, G), (G, H)) when both factors are
-    first rounded to nearest TF32 (10 mantissa bits) or bfloat16 (7), as tensor cores round them;
-    the products are summed in float64, so only the factors' rounding counts."""
-    import torch
+def relative_error(approx: Any, exact: Any) -> float:
+    """Largest absolute difference over the largest magnitude of `exact` (tensors of one shape)."""
+    return float((approx.double() - exact).abs().max() / exact.abs().max())
 
-    exact = x.double() @ w.double()
+
+def rounded_product_errors(x: Any, w: Any, exact: Any = None) -> dict[str, float]:
+    """`relative_error` of x @ w (float32 (B, G), (G, H)) against `exact` (float64; computed when None) when both
+    factors are first rounded to nearest TF32 (10 mantissa bits) or bfloat16 (7), as tensor cores
+    round them; the products are summed in float64, so only the factors' rounding counts."""
+    import torch
 
     def tf32(t: Any) -> Any:
         bits = t.contiguous().view(torch.int32)
         return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)  # round to nearest, drop 13 of 23 bits
 
-    out = {}
-    for name, r in (("TF32 factors", tf32), ("bfloat16 factors", lambda t: t.bfloat16().float())):
-        out[name] = float((r(x).double() @ r(w).double() - exact).abs().max() / exact.abs().max())
-    return out
-
-
-def _load(name: str, n_top_genes: int, data: Path = DATA) -> tuple[Any, np.ndarray, str]:
-    import anndata
-    import scipy.sparse as sp
-
-    from scrcl_cli.preprocessing import prepare
-
-    a = anndata.read_h5ad(data / f"{name}.h5ad")
-    expression = detect_expression(a.X)[0]
-    prep = prepare(sp.csr_matrix(a.X, dtype=np.float32), [str(v) for v in a.var_names], n_top_genes=n_top_genes,
-                   expression=expression)
-    truth = a.obs["cell_type"].astype(str).to_numpy()[prep.cell_mask]  # scoring only
-    return prep, truth, expression
+    exact = x.double() @ w.double() if exact is None else exact
+    rounding = (("TF32 factors", tf32), ("bfloat16 factors", lambda t: t.bfloat16().float()))
+    return {name: relative_error(r(x).double() @ r(w).double(), exact) for name, r in rounding}
 
 
 def measure_steps(args: argparse.Namespace) -> dict[str, Any]:
@@ -127,7 +115,7 @@ def measure_steps(args: argparse.Namespace) -> dict[str, Any]:
 
     from scrcl_cli.training import MinibatchRun, TrainConfig, build_inputs, matmul_precision
 
-    prep, _, expression = _load(args.source, args.n_top_genes, args.data_dir)
+    prep, _, expression = prepared_cells(args.data_dir / f"{args.source}.h5ad", args.n_top_genes)
     cfg = TrainConfig(hidden_dim=args.hidden_dim, out_dim=args.out_dim, n_top_genes=args.n_top_genes,
                       expression=expression, seed=0)
     inputs = build_inputs(prep.model_input, prep.lognorm, cfg)
@@ -143,10 +131,10 @@ def measure_steps(args: argparse.Namespace) -> dict[str, Any]:
     x = torch.from_numpy(np.ascontiguousarray(inputs.x0[: args.batch_size]))
     w = run.model.mlp_w.detach().T.contiguous()
     exact = x.double() @ w.double()
-    out["rounded"] = rounded_product_errors(x, w)
+    out["rounded"] = rounded_product_errors(x, w, exact)
     for precision in args.precisions.split(","):
         with matmul_precision(precision):
-            error = float((x @ w - exact).abs().max() / exact.abs().max())
+            error = relative_error(x @ w, exact)
             run.step()  # warm-up
             cells_seen, clock = 0, time.perf_counter()
             for _ in range(args.steps):
@@ -171,7 +159,7 @@ def measure_fits(args: argparse.Namespace) -> list[dict[str, Any]]:
         if not (args.data_dir / f"{name}.h5ad").exists():
             print(f"skip {name}: {name}.h5ad is not in --data-dir", file=sys.stderr)
             continue
-        prep, truth, expression = _load(name, args.fit_n_top_genes, args.data_dir)
+        prep, truth, expression = prepared_cells(args.data_dir / f"{name}.h5ad", args.fit_n_top_genes)
         k = len(set(truth))
         inputs = None
         for seed in range(args.fit_seeds):
